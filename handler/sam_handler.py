@@ -1,0 +1,112 @@
+"""TorchServe handler for SAM: a thin adapter from TorchServe's contract to samserve.
+
+All model, cache and protocol logic lives in the ``samserve`` package (which travels
+inside the archive); this module is the only one that imports ``ts``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from ts.torch_handler.base_handler import BaseHandler
+
+from samserve.engine import MIB, SamEngine
+from samserve.models import SamSpec, build_sam
+from samserve.service import Reply, SegmentService
+from samserve.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+JSON = "application/json"
+
+
+class SamHandler(BaseHandler):
+    """initialize / preprocess / inference / postprocess around ``SegmentService``."""
+
+    def initialize(self, context: Any) -> None:
+        """Build the model from the archive's spec and checkpoint, on CUDA when present."""
+        properties = context.system_properties
+        config = (getattr(context, "model_yaml_config", None) or {}).get("handler", {})
+        config = dict(config)
+        spec = SamSpec.from_dict(config.pop("spec", {"name": "vit_b"}))
+        settings = Settings.from_dict(config)
+
+        gpu_id = properties.get("gpu_id")
+        if torch.cuda.is_available() and gpu_id is not None:
+            self.device = torch.device(f"cuda:{gpu_id}")
+        else:
+            self.device = torch.device("cpu")
+            torch.set_num_threads(settings.torch_threads or _default_threads(context))
+
+        manifest = context.manifest
+        model_dir = Path(properties.get("model_dir"))
+        checkpoint = manifest["model"].get("serializedFile")
+        sam = build_sam(spec, model_dir / checkpoint if checkpoint else None).to(self.device)
+        engine = SamEngine(
+            sam,
+            embedding_cache_bytes=int(settings.embedding_cache_mb * MIB),
+            logits_cache_bytes=int(settings.logits_cache_mb * MIB),
+            encoder_batch_size=settings.encoder_batch_size,
+        )
+        self.service = SegmentService(engine, settings)
+        self.model = sam
+        self.manifest = manifest
+        self.initialized = True
+        logger.info(
+            "SAM %s on %s, %d torch threads, settings %s",
+            spec.name,
+            self.device,
+            torch.get_num_threads(),
+            settings,
+        )
+
+    def preprocess(self, data: list[dict[str, Any]]) -> list[tuple[Any, str | None]]:
+        """(body, content type) of each request in the batch."""
+        requests = []
+        for index, row in enumerate(data):
+            name = "body" if "body" in row else "data" if "data" in row else next(iter(row), None)
+            body = row.get(name) if name is not None else None
+            requests.append((body, self._content_type(index, name)))
+        return requests
+
+    def inference(self, data: list[tuple[Any, str | None]], *args: Any, **kwargs: Any) -> list:
+        return self.service.handle(data)
+
+    def postprocess(self, data: list[Reply]) -> list[bytes]:
+        """Compact JSON bodies; each request's own status (4xx for bad input)."""
+        out = []
+        for index, reply in enumerate(data):
+            self.context.set_response_content_type(index, JSON)
+            if reply.status != 200:
+                error = reply.body["error"]
+                self.context.set_response_status(reply.status, error["code"], index)
+            out.append(json.dumps(reply.body, separators=(",", ":")).encode("utf-8"))
+        return out
+
+    def describe_handle(self) -> str:
+        """Cache and encoder counters, shown by describe with ``?customized=true``."""
+        return json.dumps(self.service.stats())
+
+    def _content_type(self, index: int, name: str | None) -> str | None:
+        """Content type of the request's input: per-parameter first, then the header."""
+        processor = self.context.request_processor[index]
+        properties = processor.get_request_properties() if processor else {}
+        per_input = properties.get(name) if name else None
+        if isinstance(per_input, dict) and per_input.get("content-type"):
+            return per_input["content-type"]
+        for key, value in properties.items():
+            if key.lower() == "content-type" and isinstance(value, str):
+                return value
+        return None
+
+
+def _default_threads(context: Any) -> int:
+    """The machine's cores shared among the model's workers (at least one each)."""
+    config = getattr(context, "model_yaml_config", None) or {}
+    workers = int(config.get("minWorkers", 1) or 1)
+    return max(1, (os.cpu_count() or 1) // workers)

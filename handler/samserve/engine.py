@@ -1,0 +1,228 @@
+"""The SAM engine: embed an image once, cache the embedding, decode prompts against it.
+
+Numpy at the edges, torch inside, as in ``segment_anything.SamPredictor``: the image
+goes through SAM's own transforms (``ResizeLongestSide``, ``Sam.preprocess``) and the
+prompt encoder / mask decoder are called exactly as ``SamPredictor.predict_torch``
+calls them, so results match the predictor for the same model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from segment_anything.modeling import Sam
+from segment_anything.utils.transforms import ResizeLongestSide
+
+from .cache import LRUCache
+
+MIB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class ImageEmbedding:
+    """What decoding prompts on one image needs.
+
+    ``embedding`` is 1xCxhxw on the model's device (1x256x64x64 for official SAM);
+    ``input_size`` is (H, W) of the resized image before padding; ``original_size`` is
+    (H, W) of the image as decoded.
+    """
+
+    embedding: torch.Tensor
+    input_size: tuple[int, int]
+    original_size: tuple[int, int]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the embedding tensor (what the cache bound counts)."""
+        return self.embedding.element_size() * self.embedding.nelement()
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """One prompt, in SAM's names, in the original image frame.
+
+    ``point_coords`` is Nx2 (X, Y) pixels with ``point_labels`` N (1 foreground,
+    0 background); ``box`` is 4 (X0, Y0, X1, Y1); ``mask_input`` is 1xhxw low-res logits
+    from an earlier prediction on the same image (h = w = 4 x embedding side).
+    """
+
+    point_coords: np.ndarray | None = None
+    point_labels: np.ndarray | None = None
+    box: np.ndarray | None = None
+    mask_input: np.ndarray | None = None
+
+    @property
+    def signature(self) -> tuple[int, bool, bool]:
+        """Prompts with equal signatures have equal tensor shapes and batch together."""
+        n_points = 0 if self.point_coords is None else len(self.point_coords)
+        return n_points, self.box is not None, self.mask_input is not None
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """The decoder's answer to one prompt.
+
+    ``masks`` is CxHxW bool in the original frame (C = 3 with multimask, else 1),
+    ``scores`` is C predicted IoUs, ``low_res_logits`` is Cxhxw float32.
+    """
+
+    masks: np.ndarray
+    scores: np.ndarray
+    low_res_logits: np.ndarray
+
+
+@dataclass(frozen=True)
+class StoredLogits:
+    """Low-res logits kept so a later request can pass them back as ``mask_input``."""
+
+    image_id: str
+    logits: np.ndarray  # 1xhxw float32
+
+    @property
+    def nbytes(self) -> int:
+        return self.logits.nbytes
+
+
+class SamEngine:
+    """Runs one SAM model with an embedding cache keyed by ``image_id``.
+
+    The image encoder runs once per image; every later prompt on that image runs only
+    the prompt encoder and mask decoder against the cached embedding.
+    """
+
+    def __init__(
+        self,
+        model: Sam,
+        embedding_cache_bytes: int = 1024 * MIB,
+        logits_cache_bytes: int = 256 * MIB,
+        encoder_batch_size: int = 1,
+    ) -> None:
+        self.model = model.eval()
+        self.transform = ResizeLongestSide(model.image_encoder.img_size)
+        self.encoder_batch_size = max(1, encoder_batch_size)
+        self.embeddings: LRUCache[ImageEmbedding] = LRUCache(
+            embedding_cache_bytes, lambda e: e.nbytes
+        )
+        self.logits: LRUCache[StoredLogits] = LRUCache(logits_cache_bytes, lambda s: s.nbytes)
+        self.encoder_runs = 0  # images encoded, for tests and stats
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    def embed(self, images: dict[str, np.ndarray]) -> dict[str, ImageEmbedding]:
+        """Embed HxWx3 uint8 RGB images keyed by ``image_id`` and cache the results.
+
+        Images run through the encoder in chunks of ``encoder_batch_size``. Returns the
+        embedding of every key, including any the cache could not hold.
+        """
+        keys = list(images)
+        out: dict[str, ImageEmbedding] = {}
+        for start in range(0, len(keys), self.encoder_batch_size):
+            chunk = keys[start : start + self.encoder_batch_size]
+            for image_id, embedding in zip(chunk, self._encode([images[k] for k in chunk])):
+                self.embeddings.put(image_id, embedding)
+                out[image_id] = embedding
+        return out
+
+    def cached_embedding(self, image_id: str) -> ImageEmbedding | None:
+        """The cached embedding of ``image_id`` or None (counts a cache hit or miss)."""
+        return self.embeddings.get(image_id)
+
+    @torch.inference_mode()
+    def _encode(self, images: Sequence[np.ndarray]) -> list[ImageEmbedding]:
+        """Encode HxWx3 uint8 RGB images in one encoder call, as ``SamPredictor.set_image``."""
+        inputs, input_sizes = [], []
+        for image in images:
+            resized = self.transform.apply_image(image)
+            tensor = torch.as_tensor(resized, device=self.device).permute(2, 0, 1).contiguous()
+            inputs.append(self.model.preprocess(tensor[None]))
+            input_sizes.append(tuple(tensor.shape[-2:]))
+        features = self.model.image_encoder(torch.cat(inputs))
+        self.encoder_runs += len(images)
+        return [
+            ImageEmbedding(features[i : i + 1].clone(), input_sizes[i], tuple(image.shape[:2]))
+            for i, image in enumerate(images)
+        ]
+
+    @torch.inference_mode()
+    def predict(
+        self, embedding: ImageEmbedding, prompts: Sequence[Prompt], multimask: bool = True
+    ) -> list[Prediction]:
+        """Decode ``prompts`` on one embedded image; one prediction per prompt, in order.
+
+        Prompts of equal shape (same number of points, box or not, mask_input or not) go
+        through the prompt encoder and mask decoder in one batched call.
+        """
+        predictions: list[Prediction | None] = [None] * len(prompts)
+        groups: dict[tuple[int, bool, bool], list[int]] = {}
+        for index, prompt in enumerate(prompts):
+            groups.setdefault(prompt.signature, []).append(index)
+        for indices in groups.values():
+            batch = [prompts[i] for i in indices]
+            for i, prediction in zip(indices, self._predict_batch(embedding, batch, multimask)):
+                predictions[i] = prediction
+        return predictions  # type: ignore[return-value]
+
+    def _predict_batch(
+        self, embedding: ImageEmbedding, prompts: Sequence[Prompt], multimask: bool
+    ) -> list[Prediction]:
+        """Decode B prompts of one signature in one call, as ``SamPredictor.predict_torch``."""
+        first = prompts[0]
+        original_size = embedding.original_size
+        points = boxes = masks = None
+        if first.point_coords is not None:
+            coords = np.stack(
+                [self.transform.apply_coords(p.point_coords, original_size) for p in prompts]
+            )
+            labels = np.stack([p.point_labels for p in prompts])
+            points = (
+                torch.as_tensor(coords, dtype=torch.float, device=self.device),
+                torch.as_tensor(labels, dtype=torch.int, device=self.device),
+            )
+        if first.box is not None:
+            box = np.stack([self.transform.apply_boxes(p.box, original_size)[0] for p in prompts])
+            boxes = torch.as_tensor(box, dtype=torch.float, device=self.device)
+        if first.mask_input is not None:
+            mask = np.stack([p.mask_input for p in prompts])
+            masks = torch.as_tensor(mask, dtype=torch.float, device=self.device)
+
+        sparse, dense = self.model.prompt_encoder(points=points, boxes=boxes, masks=masks)
+        low_res, iou = self.model.mask_decoder(
+            image_embeddings=embedding.embedding,
+            image_pe=self.model.prompt_encoder.get_dense_pe(),
+            sparse_prompt_embeddings=sparse,
+            dense_prompt_embeddings=dense,
+            multimask_output=multimask,
+        )
+        predictions = []
+        for i in range(len(prompts)):
+            logits = self.model.postprocess_masks(
+                low_res[i : i + 1], embedding.input_size, original_size
+            )
+            predictions.append(
+                Prediction(
+                    masks=(logits[0] > self.model.mask_threshold).cpu().numpy(),
+                    scores=iou[i].float().cpu().numpy(),
+                    low_res_logits=low_res[i].float().cpu().numpy(),
+                )
+            )
+        return predictions
+
+    def store_logits(self, image_id: str, logits: np.ndarray) -> str:
+        """Keep 1xhxw (or hxw) low-res logits for reuse as ``mask_input``; returns their id.
+
+        The id is a content hash, so the same prompt on the same image gets the same id.
+        """
+        logits = np.ascontiguousarray(logits.reshape((1, *logits.shape[-2:])), dtype=np.float32)
+        digest = hashlib.sha256(image_id.encode() + logits.tobytes()).hexdigest()[:32]
+        self.logits.put(digest, StoredLogits(image_id, logits))
+        return digest
+
+    def stored_logits(self, logits_id: str) -> StoredLogits | None:
+        """Logits stored under ``logits_id``, or None if never stored or evicted."""
+        return self.logits.get(logits_id)

@@ -1,0 +1,184 @@
+"""SAM architectures by spec, and building them from a checkpoint.
+
+The official sizes (``vit_b``, ``vit_l``, ``vit_h``) are built through
+``segment_anything.sam_model_registry``; smaller specs used for tests and demos are
+built from the same ``segment_anything`` modules with other sizes. A spec is a plain
+dict in the archive's ``model-config.yaml``, so one handler serves every size.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import torch
+from segment_anything import sam_model_registry
+from segment_anything.modeling import (
+    ImageEncoderViT,
+    MaskDecoder,
+    PromptEncoder,
+    Sam,
+    TwoWayTransformer,
+)
+
+
+@dataclass(frozen=True)
+class SamSpec:
+    """The architecture of a SAM model; the defaults are the official vit_h decoder side.
+
+    ``image_size`` is the encoder's square input side in pixels; the image embedding is
+    ``image_size / patch_size`` per side and the low-res mask logits are 4x that.
+    """
+
+    name: str
+    encoder_embed_dim: int
+    encoder_depth: int
+    encoder_num_heads: int
+    encoder_global_attn_indexes: tuple[int, ...]
+    image_size: int = 1024
+    patch_size: int = 16
+    window_size: int = 14
+    prompt_embed_dim: int = 256
+    decoder_depth: int = 2
+    decoder_mlp_dim: int = 2048
+    decoder_num_heads: int = 8
+    iou_head_hidden_dim: int = 256
+    mask_in_chans: int = 16
+    pixel_mean: tuple[float, float, float] = (123.675, 116.28, 103.53)
+    pixel_std: tuple[float, float, float] = (58.395, 57.12, 57.375)
+
+    @property
+    def embedding_size(self) -> int:
+        """Side of the square image embedding (64 for official SAM)."""
+        return self.image_size // self.patch_size
+
+    @property
+    def is_official(self) -> bool:
+        """True when this spec is exactly one of segment_anything's registry models."""
+        official = OFFICIAL_SPECS.get(self.name)
+        return official is not None and official == self
+
+    def to_dict(self) -> dict[str, Any]:
+        """A YAML/JSON-friendly dict that ``from_dict`` reads back."""
+        data = dataclasses.asdict(self)
+        for key, value in data.items():
+            if isinstance(value, tuple):
+                data[key] = list(value)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SamSpec:
+        """Build a spec from ``to_dict`` output, or from ``{"name": "vit_b"}`` alone."""
+        if set(data) == {"name"}:
+            return spec_by_name(data["name"])
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown SamSpec fields: {sorted(unknown)}")
+        values = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+        return cls(**values)
+
+
+OFFICIAL_SPECS: dict[str, SamSpec] = {
+    "vit_h": SamSpec("vit_h", 1280, 32, 16, (7, 15, 23, 31)),
+    "vit_l": SamSpec("vit_l", 1024, 24, 16, (5, 11, 17, 23)),
+    "vit_b": SamSpec("vit_b", 768, 12, 12, (2, 5, 8, 11)),
+}
+
+SMALL_SPECS: dict[str, SamSpec] = {
+    # Full 1024 input and standard decoder, tiny encoder: exercises the official
+    # frame sizes (64x64 embedding, 256x256 logits) at a fraction of the cost.
+    "sam_tiny": SamSpec("sam_tiny", 128, 2, 4, (1,), window_size=8),
+    # Everything small (256 input, 16x16 embedding, 64x64 logits): fast unit tests and
+    # the project's own trained demo model.
+    "sam_micro": SamSpec(
+        "sam_micro",
+        64,
+        2,
+        2,
+        (1,),
+        image_size=256,
+        window_size=4,
+        prompt_embed_dim=64,
+        decoder_mlp_dim=256,
+        decoder_num_heads=4,
+        iou_head_hidden_dim=64,
+        mask_in_chans=8,
+    ),
+}
+
+
+def spec_by_name(name: str) -> SamSpec:
+    """The official or small spec called ``name``."""
+    specs = {**OFFICIAL_SPECS, **SMALL_SPECS}
+    if name not in specs:
+        raise ValueError(f"unknown SAM spec {name!r}; known: {sorted(specs)}")
+    return specs[name]
+
+
+def build_sam(spec: SamSpec, checkpoint: str | os.PathLike | None = None) -> Sam:
+    """Build a SAM model for ``spec`` in eval mode, loading ``checkpoint`` if given.
+
+    Official specs go through ``sam_model_registry``; others are assembled from the
+    same modules exactly as ``segment_anything.build_sam._build_sam`` does, with the
+    spec's sizes. Checkpoints are plain state dicts (official files, or fp16 ones).
+    """
+    if spec.is_official:
+        sam = sam_model_registry[spec.name]()
+    else:
+        sam = _assemble(spec)
+    if checkpoint is not None:
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+        sam.load_state_dict(state)
+    return sam.eval()
+
+
+def _assemble(spec: SamSpec) -> Sam:
+    embedding_size = spec.embedding_size
+    return Sam(
+        image_encoder=ImageEncoderViT(
+            depth=spec.encoder_depth,
+            embed_dim=spec.encoder_embed_dim,
+            img_size=spec.image_size,
+            mlp_ratio=4,
+            norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
+            num_heads=spec.encoder_num_heads,
+            patch_size=spec.patch_size,
+            qkv_bias=True,
+            use_rel_pos=True,
+            global_attn_indexes=spec.encoder_global_attn_indexes,
+            window_size=spec.window_size,
+            out_chans=spec.prompt_embed_dim,
+        ),
+        prompt_encoder=PromptEncoder(
+            embed_dim=spec.prompt_embed_dim,
+            image_embedding_size=(embedding_size, embedding_size),
+            input_image_size=(spec.image_size, spec.image_size),
+            mask_in_chans=spec.mask_in_chans,
+        ),
+        mask_decoder=MaskDecoder(
+            num_multimask_outputs=3,
+            transformer=TwoWayTransformer(
+                depth=spec.decoder_depth,
+                embedding_dim=spec.prompt_embed_dim,
+                mlp_dim=spec.decoder_mlp_dim,
+                num_heads=spec.decoder_num_heads,
+            ),
+            transformer_dim=spec.prompt_embed_dim,
+            iou_head_depth=3,
+            iou_head_hidden_dim=spec.iou_head_hidden_dim,
+        ),
+        pixel_mean=list(spec.pixel_mean),
+        pixel_std=list(spec.pixel_std),
+    )
+
+
+def random_checkpoint(spec: SamSpec, path: str | os.PathLike, seed: int = 0) -> None:
+    """Write a deterministic randomly initialised state dict for ``spec`` to ``path``."""
+    torch.manual_seed(seed)
+    sam = _assemble(spec)
+    torch.save(sam.state_dict(), path)

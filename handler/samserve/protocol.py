@@ -1,0 +1,243 @@
+"""The public JSON protocol: parse and validate requests, once, at the edge.
+
+Request (``Content-Type: application/json``, or the same JSON as gRPC input ``body``)::
+
+    {"image": "<base64>", "image_id": "<id>", "prompts": [{"points": [[x, y]], "labels": [1],
+     "box": [x0, y0, x1, y1], "mask_input": "<logits_id>"}], "multimask": true,
+     "output": "rle"}
+
+A raw image body (``Content-Type: image/*``) is a pre-compute request. Everything
+below the protocol receives typed, checked values and never parses JSON.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .errors import RequestError
+from .masks import OUTPUT_FORMATS
+
+REQUEST_FIELDS = frozenset({"image", "image_id", "prompts", "multimask", "output"})
+PROMPT_FIELDS = frozenset({"points", "labels", "box", "mask_input"})
+MAX_ID_LENGTH = 128
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Bounds on what one request may ask for."""
+
+    max_prompts: int = 256
+    max_points_per_prompt: int = 64
+
+
+@dataclass(frozen=True)
+class PromptRequest:
+    """One prompt as the client sent it (protocol names, original-image pixels).
+
+    ``points`` is Nx2 float64 (X, Y) with ``labels`` N int64 in {0, 1}; ``box`` is
+    4 float64 (X0, Y0, X1, Y1); ``mask_input`` is a ``logits_id`` from an earlier result.
+    """
+
+    points: np.ndarray | None = None
+    labels: np.ndarray | None = None
+    box: np.ndarray | None = None
+    mask_input: str | None = None
+
+
+@dataclass(frozen=True)
+class SegmentRequest:
+    """A parsed request: an image (encoded bytes) or the ``image_id`` of a cached one."""
+
+    image: bytes | None = None
+    image_id: str | None = None
+    prompts: tuple[PromptRequest, ...] = ()
+    multimask: bool = True
+    output: str = "rle"
+
+
+def parse_request(body: Any, content_type: str | None, limits: Limits) -> SegmentRequest:
+    """Parse one request body as TorchServe hands it over.
+
+    ``body`` is a dict (TorchServe already decoded JSON), ``bytes``/``str`` (JSON that
+    failed to decode, gRPC input, or a raw image), per ``content_type``: ``image/*``
+    means raw image bytes; JSON, text or no content type (gRPC) means JSON.
+
+    Raises:
+      RequestError: 400 for malformed or invalid requests, 415 for other media types.
+    """
+    media_type = (content_type or "").split(";")[0].strip().lower()
+    if media_type.startswith("image/"):
+        if not isinstance(body, (bytes, bytearray)) or not body:
+            raise RequestError(400, "missing_image", "the request body is empty")
+        return SegmentRequest(image=bytes(body))
+    if media_type not in ("", "application/json") and not media_type.startswith("text/"):
+        raise RequestError(
+            415,
+            "unsupported_media_type",
+            f"Content-Type {content_type!r} is not supported; send application/json "
+            "or a raw image with Content-Type image/*",
+        )
+    return parse_json(_load_json(body), limits)
+
+
+def _load_json(body: Any) -> Any:
+    if isinstance(body, (dict, list)):
+        return body
+    if isinstance(body, (bytes, bytearray)):
+        try:
+            body = bytes(body).decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise RequestError(400, "invalid_json", f"body is not UTF-8 text: {err}") from err
+    if not isinstance(body, str) or not body.strip():
+        raise RequestError(400, "invalid_json", "the request body is empty")
+    try:
+        return json.loads(body)
+    except (ValueError, RecursionError) as err:
+        # ValueError covers JSONDecodeError and integers past Python's digit limit;
+        # RecursionError, arrays/objects nested too deeply to parse.
+        raise RequestError(400, "invalid_json", f"body is not valid JSON: {err}") from err
+
+
+def parse_json(data: Any, limits: Limits) -> SegmentRequest:
+    """Validate a decoded JSON request object into a ``SegmentRequest``."""
+    if not isinstance(data, dict):
+        raise _invalid("request", f"must be a JSON object, got {_type_name(data)}")
+    _reject_unknown(data, REQUEST_FIELDS, "request")
+    image = _parse_image(data["image"]) if data.get("image") is not None else None
+    image_id = data.get("image_id")
+    if image_id is not None and (
+        not isinstance(image_id, str) or not image_id or len(image_id) > MAX_ID_LENGTH
+    ):
+        raise _invalid("image_id", f"must be a non-empty string of at most {MAX_ID_LENGTH} chars")
+    if image is None and image_id is None:
+        raise RequestError(400, "missing_image", "send 'image' (base64) or 'image_id'")
+
+    prompts_data = data.get("prompts", [])
+    if prompts_data is None:
+        prompts_data = []
+    if not isinstance(prompts_data, list):
+        raise _invalid("prompts", f"must be a list, got {_type_name(prompts_data)}")
+    if len(prompts_data) > limits.max_prompts:
+        raise RequestError(
+            400,
+            "too_many_prompts",
+            f"{len(prompts_data)} prompts; at most {limits.max_prompts} per request",
+        )
+    prompts = tuple(_parse_prompt(p, f"prompts[{i}]", limits) for i, p in enumerate(prompts_data))
+
+    multimask = data.get("multimask", True)
+    if not isinstance(multimask, bool):
+        raise _invalid("multimask", f"must be true or false, got {_type_name(multimask)}")
+    output = data.get("output", "rle")
+    if output not in OUTPUT_FORMATS:
+        raise _invalid("output", f"must be one of {list(OUTPUT_FORMATS)}, got {output!r}")
+    return SegmentRequest(image, image_id, prompts, multimask, output)
+
+
+def _parse_image(value: Any) -> bytes:
+    if not isinstance(value, str):
+        raise _invalid("image", f"must be a base64 string, got {_type_name(value)}")
+    if value.startswith("data:") and "," in value:  # data URL, as browsers produce
+        value = value.split(",", 1)[1]
+    try:
+        data = base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError) as err:
+        raise RequestError(400, "invalid_base64", f"'image' is not valid base64: {err}") from err
+    if not data:
+        raise RequestError(400, "missing_image", "'image' is empty")
+    return data
+
+
+def _parse_prompt(data: Any, where: str, limits: Limits) -> PromptRequest:
+    if not isinstance(data, dict):
+        raise _invalid(where, f"must be an object, got {_type_name(data)}")
+    _reject_unknown(data, PROMPT_FIELDS, where)
+    points = labels = box = None
+    if data.get("points") is not None or data.get("labels") is not None:
+        points, labels = _parse_points(data.get("points"), data.get("labels"), where, limits)
+    if data.get("box") is not None:
+        box = _parse_box(data["box"], f"{where}.box")
+    if points is None and box is None:
+        raise RequestError(
+            400, "empty_prompt", f"{where} needs 'points' with 'labels', a 'box', or both"
+        )
+    mask_input = data.get("mask_input")
+    if mask_input is not None and (
+        not isinstance(mask_input, str) or not mask_input or len(mask_input) > MAX_ID_LENGTH
+    ):
+        raise _invalid(f"{where}.mask_input", "must be a logits_id string from an earlier result")
+    return PromptRequest(points, labels, box, mask_input)
+
+
+def _parse_points(
+    points: Any, labels: Any, where: str, limits: Limits
+) -> tuple[np.ndarray, np.ndarray]:
+    if not isinstance(points, list) or not isinstance(labels, list):
+        raise _invalid(where, "'points' and 'labels' must be given together, as lists")
+    if not points:
+        raise _invalid(f"{where}.points", "must not be empty")
+    if len(points) != len(labels):
+        raise _invalid(where, f"{len(points)} points but {len(labels)} labels")
+    if len(points) > limits.max_points_per_prompt:
+        raise RequestError(
+            400,
+            "too_many_points",
+            f"{where} has {len(points)} points; at most {limits.max_points_per_prompt}",
+        )
+    coords = np.array(
+        [_numbers(p, 2, f"{where}.points[{i}]") for i, p in enumerate(points)], dtype=np.float64
+    )
+    for i, label in enumerate(labels):
+        if isinstance(label, bool) or label not in (0, 1):
+            raise _invalid(f"{where}.labels[{i}]", f"must be 1 (foreground) or 0, got {label!r}")
+    return coords, np.array(labels, dtype=np.int64)
+
+
+def _parse_box(value: Any, where: str) -> np.ndarray:
+    x0, y0, x1, y1 = _numbers(value, 4, where)
+    if x1 < x0 or y1 < y0:
+        raise _invalid(where, f"must be [x0, y0, x1, y1] with x0 <= x1 and y0 <= y1, got {value}")
+    return np.array([x0, y0, x1, y1], dtype=np.float64)
+
+
+def _numbers(value: Any, count: int, where: str) -> list[float]:
+    """``count`` finite JSON numbers (not booleans) from a list."""
+    if not isinstance(value, list) or len(value) != count:
+        raise _invalid(where, f"must be a list of {count} numbers, got {value!r}")
+    numbers = []
+    for v in value:
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise _invalid(where, f"must contain finite numbers, got {v!r}")
+        try:
+            number = float(v)  # an int too large for a float raises OverflowError
+        except OverflowError:
+            number = math.inf
+        if not math.isfinite(number):
+            raise _invalid(where, f"must contain finite numbers, got {str(v)[:32]}")
+        numbers.append(number)
+    return numbers
+
+
+def _reject_unknown(data: dict[str, Any], allowed: frozenset[str], where: str) -> None:
+    unknown = sorted(set(data) - allowed)
+    if unknown:
+        raise RequestError(
+            400,
+            "unknown_field",
+            f"{where} has unknown field(s) {unknown}; allowed: {sorted(allowed)}",
+        )
+
+
+def _invalid(where: str, message: str) -> RequestError:
+    return RequestError(400, "invalid_request", f"{where}: {message}")
+
+
+def _type_name(value: Any) -> str:
+    return "null" if value is None else type(value).__name__

@@ -1,0 +1,30 @@
+"""Handler settings, read from the ``handler:`` section of the archive's model-config.yaml."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Cache sizes, input limits and runtime knobs; every field has a usable default."""
+
+    embedding_cache_mb: float = 1024.0
+    logits_cache_mb: float = 256.0
+    max_image_bytes: int = 32 * 1024 * 1024
+    max_image_pixels: int = 64_000_000
+    max_prompts: int = 256
+    max_points_per_prompt: int = 64
+    encoder_batch_size: int = 2
+    torch_threads: int = 0  # 0: the machine's cores divided among the model's workers
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Settings:
+        """Settings from a mapping; keys that are not settings raise ValueError."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - names
+        if unknown:
+            raise ValueError(f"unknown handler settings {sorted(unknown)}; known: {sorted(names)}")
+        return cls(**data)

@@ -1,0 +1,1 @@
+"""Clients for a running samserve TorchServe: REST, gRPC, key discovery, process control."""

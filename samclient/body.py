@@ -1,0 +1,40 @@
+"""Build request bodies of the samserve protocol (docs/protocol.md) on the client side."""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Sequence
+from typing import Any
+
+
+def point_prompt(
+    points: Sequence[Sequence[float]], labels: Sequence[int], box: Sequence[float] | None = None
+) -> dict[str, Any]:
+    """A prompt from XY points (original-image pixels) with labels 1/0, and maybe a box."""
+    prompt: dict[str, Any] = {"points": [list(p) for p in points], "labels": list(labels)}
+    if box is not None:
+        prompt["box"] = list(box)
+    return prompt
+
+
+def segment_request(
+    image: bytes | None = None,
+    image_id: str | None = None,
+    prompts: Sequence[dict[str, Any]] | None = None,
+    multimask: bool = True,
+    output: str = "rle",
+) -> dict[str, Any]:
+    """A JSON request: encoded image bytes (sent as base64) or an ``image_id``, and prompts.
+
+    With no prompts it is a pre-compute request that only caches the embedding.
+    """
+    if (image is None) == (image_id is None):
+        raise ValueError("give exactly one of image and image_id")
+    body: dict[str, Any] = {"multimask": multimask, "output": output}
+    if image is not None:
+        body["image"] = base64.b64encode(image).decode("ascii")
+    else:
+        body["image_id"] = image_id
+    if prompts:
+        body["prompts"] = list(prompts)
+    return body

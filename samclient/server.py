@@ -1,0 +1,213 @@
+"""Start, health-check and stop a TorchServe instance with the project's settings.
+
+Each instance lives in its own working directory: its key file, logs, pid file (under
+``TMPDIR``, which TorchServe's launcher honours) and worker sockets stay there, so a
+test server and a demo server never step on each other.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import requests
+
+from .keys import Keys, load_keys
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_CONFIG = REPO / "config.properties"
+
+
+@dataclass(frozen=True)
+class Ports:
+    """The five listening ports and the first worker port of one instance."""
+
+    inference: int = 8080
+    management: int = 8081
+    metrics: int = 8082
+    grpc_inference: int = 7070
+    grpc_management: int = 7071
+    worker: int = 9000
+
+    @classmethod
+    def offset(cls, delta: int) -> Ports:
+        """The default ports shifted by ``delta`` (tests use a block of their own)."""
+        base = cls()
+        return cls(*(getattr(base, f) + delta for f in cls.__dataclass_fields__))
+
+
+class TorchServe:
+    """One TorchServe process tree, configured from ``config.properties``."""
+
+    def __init__(
+        self,
+        workdir: str | os.PathLike,
+        model_store: str | os.PathLike,
+        ports: Ports | None = None,
+        config: str | os.PathLike = DEFAULT_CONFIG,
+        overrides: dict[str, str] | None = None,
+        host: str = "127.0.0.1",
+    ) -> None:
+        self.workdir = Path(workdir).resolve()
+        self.model_store = Path(model_store).resolve()
+        self.ports = ports or Ports()
+        self.config = Path(config)
+        self.overrides = overrides or {}
+        self.host = host
+
+    @property
+    def inference_url(self) -> str:
+        return f"http://{self.host}:{self.ports.inference}"
+
+    @property
+    def management_url(self) -> str:
+        return f"http://{self.host}:{self.ports.management}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{self.host}:{self.ports.metrics}"
+
+    @property
+    def tmpdir(self) -> Path:
+        return self.workdir / "tmp"
+
+    @property
+    def log_dir(self) -> Path:
+        return self.workdir / "logs"
+
+    def keys(self) -> Keys:
+        """The running instance's tokens (empty when authorization is disabled)."""
+        return load_keys(self.workdir)
+
+    def write_config(self) -> Path:
+        """The instance's config: the project's file with this instance's ports and paths."""
+        p, h = self.ports, self.host
+        values = {
+            "inference_address": f"http://{h}:{p.inference}",
+            "management_address": f"http://{h}:{p.management}",
+            "metrics_address": f"http://{h}:{p.metrics}",
+            "grpc_inference_address": h,
+            "grpc_management_address": h,
+            "grpc_inference_port": str(p.grpc_inference),
+            "grpc_management_port": str(p.grpc_management),
+            "initial_worker_port": str(p.worker),
+            "model_store": str(self.model_store),
+            "vmargs": f"-Djava.io.tmpdir={self.tmpdir}",
+            **self.overrides,
+        }
+        lines = [
+            line
+            for line in self.config.read_text().splitlines()
+            if line.split("=", 1)[0].strip() not in values
+        ]
+        lines += [f"{key}={value}" for key, value in values.items()]
+        path = self.workdir / "config.properties"
+        path.write_text("\n".join(lines) + "\n")
+        return path
+
+    def _env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(
+            TMPDIR=str(self.tmpdir),
+            LOG_LOCATION=str(self.log_dir),
+            METRICS_LOCATION=str(self.log_dir),
+        )
+        # The worker must run in the Python that has the handler's dependencies.
+        env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+        return env
+
+    def _torchserve(self, *args: str) -> subprocess.CompletedProcess:
+        exe = shutil.which("torchserve", path=self._env()["PATH"]) or "torchserve"
+        with open(self.workdir / "frontend.log", "ab") as log:
+            return subprocess.run(
+                [exe, *args],
+                cwd=self.workdir,
+                env=self._env(),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                check=False,
+            )
+
+    def pid(self) -> int | None:
+        """PID of the running frontend (java), from the pid file, if alive."""
+        try:
+            pid = int((self.tmpdir / ".model_server.pid").read_text().split()[0])
+            os.kill(pid, 0)
+            return pid
+        except (OSError, ValueError, IndexError):
+            return None
+
+    def start(self, models: str | None = None, timeout: float = 120) -> None:
+        """Start TorchServe (``--ncs``: no snapshots) and wait until /ping is healthy."""
+        if self.pid() is not None:
+            raise RuntimeError(f"TorchServe already runs from {self.workdir} (pid {self.pid()})")
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.tmpdir.mkdir(exist_ok=True)
+        self.log_dir.mkdir(exist_ok=True)
+        (self.workdir / "key_file.json").unlink(missing_ok=True)
+        args = ["--start", "--ncs", "--ts-config", str(self.write_config())]
+        args += ["--model-store", str(self.model_store)]
+        if models:
+            args += ["--models", models]
+        result = self._torchserve(*args)
+        if result.returncode != 0:
+            raise RuntimeError(f"torchserve --start failed; see {self.workdir / 'frontend.log'}")
+        self.wait_healthy(timeout)
+
+    def wait_healthy(self, timeout: float = 120) -> None:
+        """Poll GET /ping (with the inference token) until it says Healthy."""
+        deadline = time.monotonic() + timeout
+        last = "no answer"
+        while time.monotonic() < deadline:
+            if self.pid() is None and time.monotonic() > deadline - timeout + 5:
+                raise RuntimeError(f"TorchServe exited; see {self.log_dir / 'ts_log.log'}")
+            try:
+                response = requests.get(
+                    f"{self.inference_url}/ping", headers=self.keys().header("inference"), timeout=2
+                )
+                if response.ok and response.json().get("status") == "Healthy":
+                    return
+                last = response.text
+            except (requests.RequestException, ValueError) as err:
+                last = str(err)
+            time.sleep(0.25)
+        raise TimeoutError(f"TorchServe not healthy after {timeout}s: {last}")
+
+    def stop(self, timeout: float = 30) -> None:
+        """Stop TorchServe and wait for the frontend and its workers to exit."""
+        pid = self.pid()
+        if pid is None:
+            return
+        workers = _children(pid)
+        self._torchserve("--stop")
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and _alive(pid):
+            time.sleep(0.2)
+        for leftover in [pid, *workers]:
+            if _alive(leftover):
+                os.kill(leftover, signal.SIGKILL)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except OSError:
+        return False
+    status = Path(f"/proc/{pid}/status")
+    return not (status.exists() and re.search(r"State:\s+Z", status.read_text()))
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
+    except OSError:
+        return []
+    return [int(p) for p in out.split()]

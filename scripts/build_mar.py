@@ -1,0 +1,134 @@
+#!/usr/bin/env python
+"""Build a self-contained SAM model archive (.mar) with torch-model-archiver.
+
+The archive holds the checkpoint, the handler, the ``samserve`` package it imports,
+and a ``model-config.yaml`` whose ``handler:`` section carries the model spec and the
+handler settings, so one handler serves every SAM size::
+
+    python scripts/build_mar.py --spec vit_b --checkpoint weights/sam_vit_b_01ec64.pth
+    python scripts/build_mar.py --spec sam_micro          # random weights, for tests
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "handler"))
+
+from samserve.models import SamSpec, random_checkpoint, spec_by_name  # noqa: E402
+from samserve.settings import Settings  # noqa: E402
+
+HANDLER = REPO / "handler" / "sam_handler.py"
+PACKAGE = REPO / "handler" / "samserve"
+
+
+def model_config(spec: SamSpec, settings: dict[str, Any], workers: int = 1) -> dict[str, Any]:
+    """The archive's model-config.yaml: TorchServe's worker/batch keys plus ``handler:``."""
+    Settings.from_dict(settings)  # fail at build time, not at load time
+    return {
+        "minWorkers": workers,
+        "maxWorkers": workers,
+        "batchSize": 4,
+        "maxBatchDelay": 5,
+        "responseTimeout": 300,
+        "handler": {"spec": spec.to_dict(), **settings},
+    }
+
+
+def build_archive(
+    spec: SamSpec,
+    checkpoint: Path,
+    export_path: Path,
+    model_name: str = "sam",
+    version: str = "1.0",
+    settings: dict[str, Any] | None = None,
+    archive_format: str = "default",
+) -> Path:
+    """Run torch-model-archiver; returns the path of the archive in ``export_path``."""
+    export_path.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        staging = Path(tmp) / "extra"
+        shutil.copytree(
+            PACKAGE, staging / "samserve", ignore=shutil.ignore_patterns("__pycache__", "*.pyc")
+        )
+        config = Path(tmp) / "model-config.yaml"
+        config.write_text(yaml.safe_dump(model_config(spec, settings or {}), sort_keys=False))
+        command = [
+            str(Path(sys.executable).parent / "torch-model-archiver"),
+            "--model-name", model_name,
+            "--version", version,
+            "--serialized-file", str(checkpoint),
+            "--handler", str(HANDLER),
+            "--extra-files", str(staging),
+            "--config-file", str(config),
+            "--export-path", str(export_path),
+            "--archive-format", archive_format,
+            "--force",
+        ]  # fmt: skip
+        subprocess.run(command, check=True)
+    suffix = "" if archive_format == "no-archive" else ".mar"
+    return export_path / f"{model_name}{suffix}"
+
+
+def _parse_settings(pairs: list[str]) -> dict[str, Any]:
+    settings: dict[str, Any] = {}
+    for pair in pairs:
+        key, _, value = pair.partition("=")
+        settings[key] = yaml.safe_load(value)
+    return settings
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--spec", default="sam_micro", help="vit_b, vit_l, vit_h, sam_tiny, ...")
+    parser.add_argument("--spec-file", type=Path, help="YAML SamSpec (overrides --spec)")
+    parser.add_argument(
+        "--checkpoint",
+        type=Path,
+        help="state dict to serve; without it, deterministic random weights (tests only)",
+    )
+    parser.add_argument("--model-name", default="sam")
+    parser.add_argument("--version", default="1.0")
+    parser.add_argument("--export-path", type=Path, default=REPO / "model_store")
+    parser.add_argument("--archive-format", choices=["default", "no-archive"], default="default")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE",
+        help="handler setting, e.g. --set embedding_cache_mb=2048",
+    )  # fmt: skip
+    args = parser.parse_args(argv)
+
+    spec = (
+        SamSpec.from_dict(yaml.safe_load(args.spec_file.read_text()))
+        if args.spec_file
+        else spec_by_name(args.spec)
+    )
+    checkpoint = args.checkpoint
+    if checkpoint is None:
+        checkpoint = REPO / "build" / "checkpoints" / f"{spec.name}_random.pth"
+        checkpoint.parent.mkdir(parents=True, exist_ok=True)
+        random_checkpoint(spec, checkpoint)
+        print(f"note: no --checkpoint; serving random weights for {spec.name}", file=sys.stderr)
+    path = build_archive(
+        spec,
+        checkpoint,
+        args.export_path,
+        args.model_name,
+        args.version,
+        _parse_settings(args.set),
+        args.archive_format,
+    )
+    print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,97 @@
+#!/usr/bin/env python
+"""Segment an image through a running samserve and save the masks drawn over it.
+
+    python scripts/segment.py demo/example.jpg --point 160,175 --box 330,60,560,200
+    python scripts/segment.py photo.jpg --point 50,80 --point 90,20,0 --grpc
+
+Each ``--point x,y[,label]`` (label 1 foreground by default, 0 background) and each
+``--box x0,y0,x1,y1`` is its own prompt; ``--point ... --with-box`` joins them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from io import BytesIO
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(REPO), str(REPO / "handler")]
+
+from samclient.body import segment_request  # noqa: E402
+from samclient.keys import load_keys  # noqa: E402
+from samclient.overlay import draw_overlay  # noqa: E402
+from samserve.masks import decode_segmentation  # noqa: E402
+
+
+def parse_prompts(points: list[str], boxes: list[str], together: bool) -> list[dict]:
+    """Protocol prompts from ``x,y[,label]`` and ``x0,y0,x1,y1`` strings."""
+    parsed_points = []
+    for text in points:
+        values = [float(v) for v in text.split(",")]
+        label = int(values[2]) if len(values) > 2 else 1
+        parsed_points.append(([values[0], values[1]], label))
+    parsed_boxes = [[float(v) for v in text.split(",")] for text in boxes]
+    if together:
+        prompt: dict = {}
+        if parsed_points:
+            prompt["points"] = [p for p, _ in parsed_points]
+            prompt["labels"] = [lab for _, lab in parsed_points]
+        if parsed_boxes:
+            prompt["box"] = parsed_boxes[0]
+        return [prompt]
+    prompts = [{"points": [p], "labels": [lab]} for p, lab in parsed_points]
+    return prompts + [{"box": box} for box in parsed_boxes]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("image", type=Path)
+    parser.add_argument("--point", action="append", default=[], metavar="X,Y[,LABEL]")
+    parser.add_argument("--box", action="append", default=[], metavar="X0,Y0,X1,Y1")
+    parser.add_argument("--with-box", action="store_true", help="points and box as one prompt")
+    parser.add_argument("--model", default="sam")
+    parser.add_argument("--grpc", action="store_true", help="call the gRPC API instead of REST")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, help="inference port (8080 REST, 7070 gRPC)")
+    parser.add_argument("--workdir", type=Path, help="server directory holding key_file.json")
+    parser.add_argument("--out", type=Path, default=REPO / "out" / "overlay.png")
+    args = parser.parse_args(argv)
+
+    data = args.image.read_bytes()
+    prompts = parse_prompts(args.point, args.box, args.with_box)
+    body = segment_request(image=data, prompts=prompts)
+    keys = load_keys(args.workdir)
+    if args.grpc:
+        from samclient.grpc_client import GrpcClient
+
+        with GrpcClient(args.host, args.port or 7070, keys=keys) as client:
+            response = client.predict(args.model, body)
+    else:
+        from samclient.rest_client import RestClient
+
+        client = RestClient(f"http://{args.host}:{args.port or 8080}", keys=keys)
+        response = client.predict(args.model, body)
+
+    image = np.asarray(ImageOps.exif_transpose(Image.open(BytesIO(data))).convert("RGB"))
+    best = [decode_segmentation(result["masks"][0]) for result in response["results"]]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    draw_overlay(image, best, prompts).save(args.out)
+    args.out.with_suffix(".json").write_text(json.dumps(response))
+
+    print(f"image_id {response['image_id']}  ({response['width']}x{response['height']}, "
+          f"cached={response['cached']}, timing_ms={response['timing_ms']})")  # fmt: skip
+    for prompt, result in zip(prompts, response["results"]):
+        top = result["masks"][0]
+        print(f"  {json.dumps(prompt)} -> score {top['score']:.3f}, area {top['area']} px, "
+              f"bbox {top['bbox']}")  # fmt: skip
+    print(f"overlay written to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,137 @@
+"""Parity of SamEngine with segment_anything.SamPredictor, and the engine's caches."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from segment_anything import SamPredictor
+
+from conftest import make_image
+from samserve.engine import Prompt, SamEngine
+
+SIZES = [(480, 640), (640, 480), (1000, 1500), (37, 301)]
+
+
+def _prompts(height: int, width: int) -> dict[str, dict]:
+    """SamPredictor.predict keyword arguments for each kind of prompt, original frame."""
+    return {
+        "point": dict(
+            point_coords=np.array([[width * 0.3, height * 0.5]]), point_labels=np.array([1])
+        ),
+        "points": dict(
+            point_coords=np.array([[width * 0.3, height * 0.5], [width * 0.8, height * 0.2]]),
+            point_labels=np.array([1, 0]),
+        ),
+        "box": dict(box=np.array([width * 0.1, height * 0.2, width * 0.6, height * 0.9])),
+        "points+box": dict(
+            point_coords=np.array([[width * 0.3, height * 0.5]]),
+            point_labels=np.array([1]),
+            box=np.array([width * 0.1, height * 0.2, width * 0.6, height * 0.9]),
+        ),
+    }
+
+
+def _as_prompt(kwargs: dict, mask_input: np.ndarray | None = None) -> Prompt:
+    return Prompt(
+        kwargs.get("point_coords"), kwargs.get("point_labels"), kwargs.get("box"), mask_input
+    )
+
+
+def _assert_same(expected: tuple, prediction, label: str) -> None:
+    masks, scores, logits = expected
+    np.testing.assert_allclose(prediction.scores, scores, atol=1e-4, err_msg=label)
+    agreement = (prediction.masks == masks).mean()
+    assert agreement >= 0.9999, f"{label}: masks agree on {agreement:.6f} of pixels"
+    np.testing.assert_allclose(prediction.low_res_logits, logits, atol=1e-3, err_msg=label)
+
+
+@pytest.mark.parametrize("height,width", SIZES)
+@pytest.mark.parametrize("multimask", [True, False])
+def test_parity_with_predictor(micro_sam, height, width, multimask):
+    image = make_image(height, width, seed=height + width)
+    predictor = SamPredictor(micro_sam)
+    predictor.set_image(image)
+    engine = SamEngine(micro_sam)
+    embedding = engine.embed({"img": image})["img"]
+    assert embedding.original_size == (height, width)
+    assert tuple(embedding.embedding.shape) == tuple(predictor.features.shape)
+
+    kinds = _prompts(height, width)
+    expected = {k: predictor.predict(**kw, multimask_output=multimask) for k, kw in kinds.items()}
+    # Two prompts of each kind in one engine call: batching must not change answers.
+    names = [k for k in kinds for _ in range(2)]
+    predictions = engine.predict(embedding, [_as_prompt(kinds[k]) for k in names], multimask)
+    for name, prediction in zip(names, predictions):
+        assert prediction.masks.shape == (3 if multimask else 1, height, width)
+        assert prediction.masks.dtype == bool
+        _assert_same(expected[name], prediction, name)
+
+    # mask_input refinement: the best low-res logits of the first round go back in.
+    mask_inputs = {k: v[2][np.argmax(v[1])][None] for k, v in expected.items()}
+    refined = {
+        k: predictor.predict(**kinds[k], mask_input=mask_inputs[k], multimask_output=multimask)
+        for k in kinds
+    }
+    predictions = engine.predict(
+        embedding, [_as_prompt(kinds[k], mask_inputs[k]) for k in kinds], multimask
+    )
+    for name, prediction in zip(kinds, predictions):
+        _assert_same(refined[name], prediction, f"{name}+mask_input")
+
+
+def test_parity_at_official_frame_sizes(tiny_sam):
+    """1024 input, 64x64 embedding, 256x256 logits: the frames of real SAM checkpoints."""
+    image = make_image(1000, 1500, seed=3)
+    predictor = SamPredictor(tiny_sam)
+    predictor.set_image(image)
+    engine = SamEngine(tiny_sam)
+    embedding = engine.embed({"img": image})["img"]
+    assert tuple(embedding.embedding.shape) == (1, 256, 64, 64)
+    kinds = _prompts(1000, 1500)
+    predictions = engine.predict(embedding, [_as_prompt(kw) for kw in kinds.values()])
+    for (name, kwargs), prediction in zip(kinds.items(), predictions):
+        _assert_same(predictor.predict(**kwargs), prediction, name)
+        assert prediction.low_res_logits.shape == (3, 256, 256)
+
+
+def test_encoder_batch_matches_single(micro_sam):
+    images = {f"i{k}": make_image(300 + 40 * k, 500 - 30 * k, seed=k) for k in range(3)}
+    batched = SamEngine(micro_sam, encoder_batch_size=3).embed(images)
+    single = SamEngine(micro_sam, encoder_batch_size=1).embed(images)
+    for key in images:
+        assert batched[key].input_size == single[key].input_size
+        np.testing.assert_allclose(
+            batched[key].embedding.numpy(), single[key].embedding.numpy(), atol=1e-4
+        )
+
+
+def test_embed_caches_and_counts(micro_sam):
+    engine = SamEngine(micro_sam, embedding_cache_bytes=10 * 1024 * 1024)
+    image = make_image(200, 300)
+    embedding = engine.embed({"a": image})["a"]
+    assert engine.encoder_runs == 1
+    assert engine.cached_embedding("a") is embedding
+    assert engine.cached_embedding("b") is None
+    stats = engine.embeddings.stats()
+    assert (stats.hits, stats.misses, stats.entries) == (1, 1, 1)
+    assert stats.bytes == embedding.nbytes == 64 * 16 * 16 * 4
+
+
+def test_embedding_cache_evicts_by_bytes(micro_sam):
+    one = 64 * 16 * 16 * 4  # sam_micro embedding: 1x64x16x16 float32
+    engine = SamEngine(micro_sam, embedding_cache_bytes=2 * one + one // 2)
+    engine.embed({f"k{i}": make_image(64, 64, seed=i) for i in range(3)})
+    stats = engine.embeddings.stats()
+    assert stats.entries == 2 and stats.evictions == 1 and stats.bytes <= stats.max_bytes
+    assert "k0" not in engine.embeddings and "k2" in engine.embeddings
+
+
+def test_stored_logits_are_content_addressed(micro_sam):
+    engine = SamEngine(micro_sam)
+    logits = np.random.default_rng(0).normal(size=(64, 64)).astype(np.float32)
+    first = engine.store_logits("img", logits)
+    assert engine.store_logits("img", logits) == first
+    assert engine.store_logits("other", logits) != first
+    stored = engine.stored_logits(first)
+    assert stored.image_id == "img" and stored.logits.shape == (1, 64, 64)
+    assert engine.stored_logits("nope") is None

@@ -1,0 +1,170 @@
+"""SegmentService: the request flow without TorchServe (cache, errors, batches)."""
+
+from __future__ import annotations
+
+import base64
+
+import numpy as np
+import pytest
+from PIL import Image
+from segment_anything import SamPredictor
+
+from conftest import make_image, png_bytes
+from samserve.engine import SamEngine
+from samserve.masks import decode_segmentation
+from samserve.service import SegmentService
+from samserve.settings import Settings
+
+EMBEDDING_BYTES = 64 * 16 * 16 * 4  # sam_micro
+
+
+@pytest.fixture()
+def service(micro_sam) -> SegmentService:
+    return SegmentService(SamEngine(micro_sam), Settings())
+
+
+def _request(image: bytes | None = None, **fields) -> tuple[dict, str]:
+    body = dict(fields)
+    if image is not None:
+        body["image"] = base64.b64encode(image).decode()
+    return body, "application/json"
+
+
+POINT = {"points": [[60, 50]], "labels": [1]}
+
+
+def test_second_request_does_not_run_encoder(service):
+    image = png_bytes(make_image(120, 160))
+    first = service.handle([_request(image, prompts=[POINT])])[0]
+    assert first.status == 200 and first.body["cached"] is False
+    assert service.engine.encoder_runs == 1
+    second = service.handle([_request(image, prompts=[POINT])])[0]
+    assert second.status == 200 and second.body["cached"] is True
+    assert service.engine.encoder_runs == 1
+    assert second.body["results"] == first.body["results"]
+    assert "encoder" not in second.body["timing_ms"]
+
+
+def test_precompute_then_prompt_by_image_id(service):
+    image = png_bytes(make_image(120, 160))
+    pre = service.handle([_request(image)])[0]
+    assert pre.status == 200 and pre.body["results"] == []
+    assert (pre.body["width"], pre.body["height"]) == (160, 120)
+    raw = service.handle([(image, "image/png")])[0]
+    assert raw.body["image_id"] == pre.body["image_id"] and raw.body["cached"] is True
+    by_id = service.handle([_request(image_id=pre.body["image_id"], prompts=[POINT])])[0]
+    assert by_id.status == 200 and by_id.body["cached"] is True
+    assert service.engine.encoder_runs == 1
+    masks = by_id.body["results"][0]["masks"]
+    assert len(masks) == 3
+    assert [m["score"] for m in masks] == sorted((m["score"] for m in masks), reverse=True)
+    assert decode_segmentation(masks[0]).shape == (120, 160)
+
+
+def test_image_id_after_eviction_is_404(micro_sam):
+    service = SegmentService(
+        SamEngine(micro_sam, embedding_cache_bytes=EMBEDDING_BYTES), Settings()
+    )
+    first = service.handle([_request(png_bytes(make_image(64, 64, seed=1)))])[0]
+    assert (
+        service.handle([_request(image_id=first.body["image_id"], prompts=[POINT])])[0].status
+        == 200
+    )
+    service.handle([_request(png_bytes(make_image(64, 64, seed=2)))])
+    gone = service.handle([_request(image_id=first.body["image_id"], prompts=[POINT])])[0]
+    assert gone.status == 404
+    assert gone.body["error"]["code"] == "image_not_cached"
+    assert "resend" in gone.body["error"]["message"]
+    assert service.engine.embeddings.stats().evictions == 1
+
+
+def test_masks_match_predictor_through_protocol(micro_sam, service):
+    array = make_image(150, 200, seed=5)
+    predictor = SamPredictor(micro_sam)
+    predictor.set_image(array)
+    box = [20, 30, 120, 140]
+    masks, scores, _ = predictor.predict(box=np.array(box), multimask_output=False)
+    reply = service.handle([_request(png_bytes(array), prompts=[{"box": box}], multimask=False)])[0]
+    record = reply.body["results"][0]["masks"][0]
+    assert abs(record["score"] - float(scores[0])) < 1e-4
+    assert (decode_segmentation(record) == masks[0]).mean() >= 0.9999
+    assert record["area"] == int(decode_segmentation(record).sum())
+
+
+def test_mask_input_round_trip(service):
+    image = png_bytes(make_image(100, 100))
+    first = service.handle([_request(image, prompts=[POINT])])[0].body
+    logits_id = first["results"][0]["logits_id"]
+    refine = {"points": [[60, 50], [10, 10]], "labels": [1, 0], "mask_input": logits_id}
+    second = service.handle([_request(image_id=first["image_id"], prompts=[refine])])[0]
+    assert second.status == 200 and len(second.body["results"]) == 1
+    missing = dict(refine, mask_input="0" * 32)
+    third = service.handle([_request(image_id=first["image_id"], prompts=[missing])])[0]
+    assert third.status == 404 and third.body["error"]["code"] == "logits_not_cached"
+    other = service.handle([_request(png_bytes(make_image(100, 100, seed=9)), prompts=[refine])])[0]
+    assert other.status == 400 and other.body["error"]["code"] == "mask_input_mismatch"
+
+
+def test_batch_shares_encoder_and_isolates_errors(service):
+    image = png_bytes(make_image(90, 120))
+    replies = service.handle(
+        [
+            _request(image, prompts=[POINT]),
+            (b"{not json", "application/json"),
+            _request(image, prompts=[{"box": [0, 0, 50, 50]}], output="png"),
+            _request(image_id="f" * 64, prompts=[POINT]),
+            _request(image, prompts=[{"points": [[500, 5]], "labels": [1]}]),
+        ]
+    )
+    assert [r.status for r in replies] == [200, 400, 200, 404, 400]
+    assert service.engine.encoder_runs == 1
+    assert replies[1].body["error"]["code"] == "invalid_json"
+    assert replies[4].body["error"]["code"] == "point_outside_image"
+    assert "png" in replies[2].body["results"][0]["masks"][0]
+    assert replies[0].body["image_id"] == replies[2].body["image_id"]
+
+
+def test_output_none_and_order_of_results(service):
+    image = png_bytes(make_image(80, 80))
+    prompts = [POINT, {"box": [5, 5, 40, 40]}, {"points": [[10, 70]], "labels": [1]}]
+    together = service.handle([_request(image, prompts=prompts, output="none")])[0].body
+    assert len(together["results"]) == 3
+    for prompt, result in zip(prompts, together["results"]):
+        alone = service.handle([_request(image, prompts=[prompt], output="none")])[0].body
+        assert [m["score"] for m in result["masks"]] == pytest.approx(
+            [m["score"] for m in alone["results"][0]["masks"]], abs=1e-4
+        )
+        assert all("segmentation" not in m and "png" not in m for m in result["masks"])
+
+
+def test_exif_rotated_upload_uses_upright_frame(service):
+    array = make_image(60, 100)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise when displayed
+    import io
+
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="JPEG", exif=exif)
+    body = service.handle([_request(buffer.getvalue())])[0].body
+    assert (body["width"], body["height"]) == (60, 100)
+
+
+def test_bad_image_and_limits(micro_sam):
+    settings = Settings(max_image_pixels=100 * 100)
+    service = SegmentService(SamEngine(micro_sam), settings)
+    big = service.handle([_request(png_bytes(make_image(101, 100)))])[0]
+    assert big.status == 413 and big.body["error"]["code"] == "image_too_large"
+    junk = service.handle([_request(b"definitely not an image")])[0]
+    assert junk.status == 400 and junk.body["error"]["code"] == "invalid_image"
+    mismatch = service.handle([_request(png_bytes(make_image(10, 10)), image_id="abc")])[0]
+    assert mismatch.status == 400 and mismatch.body["error"]["code"] == "image_id_mismatch"
+    assert service.engine.encoder_runs == 0
+
+
+def test_stats(service):
+    reply = service.handle([_request(png_bytes(make_image(100, 100)), prompts=[POINT])])[0]
+    assert reply.status == 200
+    stats = service.stats()
+    assert stats["encoder_runs"] == 1
+    assert stats["embedding_cache"]["entries"] == 1
+    assert stats["logits_cache"]["entries"] == 1
