@@ -168,3 +168,29 @@ def test_stats(service):
     assert stats["encoder_runs"] == 1
     assert stats["embedding_cache"]["entries"] == 1
     assert stats["logits_cache"]["entries"] == 1
+
+
+def test_unexpected_failure_is_a_json_500_for_that_request_only(service, monkeypatch):
+    image = png_bytes(make_image(100, 100))
+    good = _request(image, prompts=[POINT])
+    broken = _request(image, prompts=[{"box": [1, 1, 50, 50]}])
+    real_predict = service.engine.predict
+
+    def predict(embedding, prompts, multimask=True):
+        if prompts[0].box is not None:
+            raise RuntimeError("simulated decoder bug")
+        return real_predict(embedding, prompts, multimask)
+
+    monkeypatch.setattr(service.engine, "predict", predict)
+    replies = service.handle([good, broken, good])
+    assert [r.status for r in replies] == [200, 500, 200]
+    assert replies[1].body["error"]["code"] == "internal_error"
+
+
+def test_encoder_failure_fails_only_requests_that_need_it(service, monkeypatch):
+    cached = png_bytes(make_image(100, 100, seed=1))
+    service.handle([_request(cached)])
+    monkeypatch.setattr(service.engine, "_encode", lambda images: 1 / 0)
+    replies = service.handle([_request(png_bytes(make_image(100, 100, seed=2))),
+                              _request(cached, prompts=[POINT])])  # fmt: skip
+    assert [r.status for r in replies] == [500, 200]

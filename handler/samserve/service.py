@@ -6,7 +6,10 @@ hands over bodies and content types and copies statuses back.
 
 from __future__ import annotations
 
+import logging
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,6 +21,8 @@ from .images import decode_image, image_id_of
 from .masks import encode_masks
 from .protocol import Limits, PromptRequest, SegmentRequest, parse_request
 from .settings import Settings
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -59,18 +64,21 @@ class SegmentService:
         jobs: dict[int, _Job] = {}
         for index, (body, content_type) in enumerate(requests):
             started = time.perf_counter()
-            try:
+            with _replying(replies, index):
                 jobs[index] = self._load(parse_request(body, content_type, self.limits), started)
-            except RequestError as err:
-                replies[index] = Reply(err.status, err.to_dict())
 
-        self._embed_missing(list(jobs.values()))
+        try:
+            self._embed_missing(list(jobs.values()))
+        except Exception:
+            logger.exception("image encoder failed")
+            for index, job in list(jobs.items()):
+                if job.embedding is None:
+                    replies[index] = Reply(500, _INTERNAL.to_dict())
+                    del jobs[index]
 
         for index, job in jobs.items():
-            try:
+            with _replying(replies, index):
                 replies[index] = Reply(200, self._segment(job))
-            except RequestError as err:
-                replies[index] = Reply(err.status, err.to_dict())
         return replies  # type: ignore[return-value]
 
     def _load(self, request: SegmentRequest, started: float) -> _Job:
@@ -209,6 +217,23 @@ class SegmentService:
             "logits_cache": vars(self.engine.logits.stats()),
             "device": str(self.engine.device),
         }
+
+
+_INTERNAL = RequestError(
+    500, "internal_error", "the server failed on this request; see the model log"
+)
+
+
+@contextmanager
+def _replying(replies: list[Reply | None], index: int) -> Iterator[None]:
+    """Turn an exception inside the block into request ``index``'s error reply."""
+    try:
+        yield
+    except RequestError as err:
+        replies[index] = Reply(err.status, err.to_dict())
+    except Exception:
+        logger.exception("request %d of the batch failed", index)
+        replies[index] = Reply(500, _INTERNAL.to_dict())
 
 
 def _ms_since(tic: float) -> float:
