@@ -8,6 +8,7 @@ import threading
 from collections import OrderedDict
 
 import pytest
+
 from samserve.cache import CacheStats, LRUCache
 
 
@@ -269,3 +270,33 @@ def test_concurrent_puts_and_gets_keep_stats_consistent():
     assert stats.bytes <= max_bytes
     assert stats.bytes == contents_bytes(cache, keys)
     assert stats.entries == len(cache) == sum(k in cache for k in keys)
+
+
+@pytest.mark.parametrize(
+    "operation",
+    [
+        lambda c: c.get("a"),
+        lambda c: c.put("b", b"xy"),
+        lambda c: "a" in c,
+        len,
+        lambda c: c.stats(),
+    ],
+    ids=["get", "put", "contains", "len", "stats"],
+)
+def test_every_operation_takes_the_lock(operation):
+    # White-box: under the GIL a missing lock rarely shows as a race, so check that each
+    # operation waits while the cache's lock is held by someone else.
+    cache = make(100)
+    cache.put("a", b"x")
+    done = threading.Event()
+
+    def run() -> None:
+        operation(cache)
+        done.set()
+
+    with cache._lock:
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        assert not done.wait(0.05)  # blocked on the lock
+    assert done.wait(5)
+    thread.join(5)

@@ -11,6 +11,7 @@ import zlib
 import numpy as np
 import pytest
 from PIL import Image
+
 from samserve.errors import RequestError
 from samserve.images import decode_image, image_id_of
 

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 from pycocotools import mask as mask_utils
+
 from samserve.masks import OUTPUT_FORMATS, decode_segmentation, encode_masks, mask_to_png
 
 H, W = 6, 9  # non-square on purpose: a transposed mask cannot pass
@@ -140,12 +141,17 @@ def test_default_output_is_rle():
 
 
 def test_equal_scores_keep_input_order():
-    masks = np.zeros((3, H, W), dtype=bool)
-    for i in range(3):
-        masks[i, i, i] = True
-    records = encode_masks(masks, np.array([0.5, 0.5, 0.5]), "rle")
-    for record, index in zip(records, [0, 1, 2], strict=True):
-        np.testing.assert_array_equal(decode_segmentation(record), masks[index])
+    # 40 masks (one distinct pixel each) in 4 tied groups: enough that an unstable
+    # sort (numpy's quicksort/SIMD sorts beyond 16 elements) would reorder ties.
+    count = 40
+    masks = np.zeros((count, H * W), dtype=bool)
+    masks[np.arange(count), np.arange(count)] = True
+    masks = masks.reshape(count, H, W)
+    scores = np.array([0.1, 0.9, 0.5, 0.3] * 10, dtype=np.float32)
+    records = encode_masks(masks, scores, "rle")
+    expected = sorted(range(count), key=lambda i: -scores[i])  # Python's sort is stable
+    got = [int(np.flatnonzero(decode_segmentation(r))[0]) for r in records]
+    assert got == expected
 
 
 def test_single_mask_and_no_masks():

@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+
 from samserve.errors import RequestError
 from samserve.protocol import (
     Limits,
@@ -241,9 +242,8 @@ def test_empty_base64_image_is_missing_image():
     "image",
     [
         "not base64!",
-        IMAGE_B64[:-1],  # bad padding
-        "aGVsbG8",  # no padding
-        "aGVs bG8=",
+        "aGVsbG8=x",  # data after padding
+        "aGVsb",  # a length no base64 has
         "data:image/png;base64,%%%",
         base64.urlsafe_b64encode(b"\xfb\xff\xfe").decode(),  # '-' and '_' are not base64
     ],
@@ -364,3 +364,17 @@ def test_error_to_dict_shape():
     assert "prompts[1]" in body["error"]["message"]
     assert json.loads(json.dumps(body)) == body
     assert str(error) == error.message
+
+
+@pytest.mark.parametrize("image", ["aGVsbG8", "aGVs\nbG8=", "aGVs bG8=\n", "aGVsbG8=\r\n"])
+def test_wrapped_and_unpadded_base64_is_accepted(image):
+    assert parse_json({"image": image}, Limits()).image == b"hello"
+
+
+@pytest.mark.parametrize("label", [1.0, 0.0, "1", None])
+def test_label_must_be_an_integer(label):
+    with pytest.raises(RequestError) as caught:
+        parse_json(
+            {"image_id": "a", "prompts": [{"points": [[1, 2]], "labels": [label]}]}, Limits()
+        )
+    assert caught.value.code == "invalid_request" and "labels[0]" in caught.value.message

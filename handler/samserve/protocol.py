@@ -75,7 +75,9 @@ def parse_request(body: Any, content_type: str | None, limits: Limits) -> Segmen
     media_type = (content_type or "").split(";")[0].strip().lower()
     if media_type.startswith("image/"):
         if not isinstance(body, (bytes, bytearray)) or not body:
-            raise RequestError(400, "missing_image", "the request body is empty")
+            raise RequestError(
+                400, "missing_image", "an image/* body must be non-empty image bytes"
+            )
         return SegmentRequest(image=bytes(body))
     if media_type not in ("", "application/json") and not media_type.startswith("text/"):
         raise RequestError(
@@ -147,7 +149,9 @@ def _parse_image(value: Any) -> bytes:
     if value.startswith("data:") and "," in value:  # data URL, as browsers produce
         value = value.split(",", 1)[1]
     try:
-        data = base64.b64decode(value, validate=True)
+        # Line-wrapped (base64 tool, encodebytes) and unpadded base64 are common; accept them.
+        compact = "".join(value.split())
+        data = base64.b64decode(compact + "=" * (-len(compact) % 4), validate=True)
     except (binascii.Error, ValueError) as err:
         raise RequestError(400, "invalid_base64", f"'image' is not valid base64: {err}") from err
     if not data:
@@ -195,7 +199,7 @@ def _parse_points(
         [_numbers(p, 2, f"{where}.points[{i}]") for i, p in enumerate(points)], dtype=np.float64
     )
     for i, label in enumerate(labels):
-        if isinstance(label, bool) or label not in (0, 1):
+        if type(label) is not int or label not in (0, 1):
             raise _invalid(f"{where}.labels[{i}]", f"must be 1 (foreground) or 0, got {label!r}")
     return coords, np.array(labels, dtype=np.int64)
 
