@@ -16,9 +16,16 @@ for path in (REPO / "handler", REPO / "scripts"):
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
 
+from build_mar import build_archive  # noqa: E402
+from samclient.rest_client import RestClient  # noqa: E402
+from samclient.server import Ports, TorchServe  # noqa: E402
 from samserve.models import build_sam, random_checkpoint, spec_by_name  # noqa: E402
 
 torch.set_num_threads(2)
+
+MODEL = "sam"
+PORTS = Ports.offset(11000)  # 19080-19082, gRPC 18070-18071, workers from 20000
+SMALL_CACHE_MB = 0.1  # holds one sam_micro embedding (64 KiB), not two
 
 
 @pytest.fixture(scope="session")
@@ -64,3 +71,35 @@ def png_bytes(image: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(image).save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory, checkpoints):
+    """A real TorchServe from config.properties with the sam_micro archive registered
+    as ``sam``; ``sam_small_cache.mar`` (a one-image cache) waits in its model store."""
+    root = tmp_path_factory.mktemp("torchserve")
+    store = root / "model_store"
+    spec = spec_by_name("sam_micro")
+    build_archive(spec, checkpoints["sam_micro"], store, MODEL)
+    build_archive(
+        spec,
+        checkpoints["sam_micro"],
+        store,
+        "sam_small_cache",
+        settings={"embedding_cache_mb": SMALL_CACHE_MB},
+    )
+    server = TorchServe(root / "run", store, PORTS)
+    server.start()
+    try:
+        rest = RestClient(server.inference_url, server.management_url, keys=server.keys())
+        status = rest.register_model("sam.mar", MODEL, initial_workers=1)
+        assert "registered" in status
+        yield server
+    finally:
+        server.stop()
+        assert server.pid() is None
+
+
+@pytest.fixture(scope="session")
+def rest(server) -> RestClient:
+    return RestClient(server.inference_url, server.management_url, keys=server.keys())

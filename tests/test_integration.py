@@ -1,8 +1,8 @@
 """End to end: a real TorchServe (Java frontend, Python worker) serving the real .mar.
 
-The server is started once for the module from the project's config.properties, on a
-block of ports of its own and in its own directory, and the archive is registered
-through the management API as a user would.
+The server (the ``server`` fixture in conftest.py) is started once per test session from
+the project's config.properties, on a block of ports of its own and in its own
+directory, and the archive is registered through the management API as a user would.
 """
 
 from __future__ import annotations
@@ -15,52 +15,15 @@ import pytest
 import requests
 from segment_anything import SamPredictor
 
-from build_mar import build_archive
-from conftest import make_image, png_bytes
+from conftest import MODEL, PORTS, make_image, png_bytes
 from samclient.body import point_prompt, segment_request
 from samclient.errors import AuthError, SamServeError
 from samclient.grpc_client import GrpcClient
 from samclient.keys import Keys
 from samclient.rest_client import RestClient
-from samclient.server import Ports, TorchServe
 from samserve.masks import decode_segmentation
-from samserve.models import spec_by_name
 
 pytestmark = pytest.mark.integration
-
-MODEL = "sam"
-PORTS = Ports.offset(11000)
-SMALL_CACHE_MB = 0.1  # holds one sam_micro embedding (64 KiB), not two
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory, checkpoints):
-    root = tmp_path_factory.mktemp("torchserve")
-    store = root / "model_store"
-    spec = spec_by_name("sam_micro")
-    build_archive(spec, checkpoints["sam_micro"], store, MODEL)
-    build_archive(
-        spec,
-        checkpoints["sam_micro"],
-        store,
-        "sam_small_cache",
-        settings={"embedding_cache_mb": SMALL_CACHE_MB},
-    )
-    server = TorchServe(root / "run", store, PORTS)
-    server.start()
-    try:
-        rest = RestClient(server.inference_url, server.management_url, keys=server.keys())
-        status = rest.register_model("sam.mar", MODEL, initial_workers=1)
-        assert "registered" in status
-        yield server
-    finally:
-        server.stop()
-        assert server.pid() is None
-
-
-@pytest.fixture(scope="module")
-def rest(server) -> RestClient:
-    return RestClient(server.inference_url, server.management_url, keys=server.keys())
 
 
 @pytest.fixture(scope="module")
