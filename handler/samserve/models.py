@@ -92,8 +92,7 @@ SMALL_SPECS: dict[str, SamSpec] = {
     # Full 1024 input and standard decoder, tiny encoder: exercises the official
     # frame sizes (64x64 embedding, 256x256 logits) at a fraction of the cost.
     "sam_tiny": SamSpec("sam_tiny", 128, 2, 4, (1,), window_size=8),
-    # Everything small (256 input, 16x16 embedding, 64x64 logits): fast unit tests and
-    # the project's own trained demo model.
+    # Everything small (256 input, 16x16 embedding, 64x64 logits): fast unit tests.
     "sam_micro": SamSpec(
         "sam_micro",
         64,
@@ -107,6 +106,20 @@ SMALL_SPECS: dict[str, SamSpec] = {
         decoder_num_heads=4,
         iou_head_hidden_dim=64,
         mask_in_chans=8,
+    ),
+    # The project's trained model (docs/model_card.md): 256 input, 2.6 M parameters.
+    "sam_small": SamSpec(
+        "sam_small",
+        160,
+        6,
+        5,
+        (2, 5),
+        image_size=256,
+        window_size=8,
+        prompt_embed_dim=96,
+        decoder_mlp_dim=384,
+        decoder_num_heads=4,
+        iou_head_hidden_dim=96,
     ),
 }
 
@@ -129,7 +142,7 @@ def build_sam(spec: SamSpec, checkpoint: str | os.PathLike | None = None) -> Sam
     if spec.is_official:
         sam = sam_model_registry[spec.name]()
     else:
-        sam = _assemble(spec)
+        sam = assemble_sam(spec)
     if checkpoint is not None:
         state = torch.load(checkpoint, map_location="cpu", weights_only=True)
         state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
@@ -137,7 +150,8 @@ def build_sam(spec: SamSpec, checkpoint: str | os.PathLike | None = None) -> Sam
     return sam.eval()
 
 
-def _assemble(spec: SamSpec) -> Sam:
+def assemble_sam(spec: SamSpec) -> Sam:
+    """A freshly initialised SAM with ``spec``'s sizes, built as ``_build_sam`` does."""
     embedding_size = spec.embedding_size
     return Sam(
         image_encoder=ImageEncoderViT(
@@ -180,5 +194,5 @@ def _assemble(spec: SamSpec) -> Sam:
 def random_checkpoint(spec: SamSpec, path: str | os.PathLike, seed: int = 0) -> None:
     """Write a deterministic randomly initialised state dict for ``spec`` to ``path``."""
     torch.manual_seed(seed)
-    sam = _assemble(spec)
+    sam = assemble_sam(spec)
     torch.save(sam.state_dict(), path)

@@ -1,0 +1,87 @@
+"""Training and evaluation code paths, on the tiny sam_micro (quality is tested elsewhere)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from samserve.models import build_sam, spec_by_name
+from training.evaluate import _corrective_click, evaluate, heldout, in_process_predictor, iou
+from training.train import TrainConfig, learning_rate, make_batch, mask_losses, train
+
+
+def test_mask_losses_reward_the_right_mask():
+    target = torch.zeros(2, 16, 16)
+    target[:, 4:12, 4:12] = 1
+    right = (target * 20 - 10)[:, None]
+    wrong = -right
+    loss, ious = mask_losses(torch.cat([right, wrong], dim=1), target, focal_weight=20)
+    assert loss.shape == ious.shape == (2, 2)
+    assert (loss[:, 0] < 0.01).all() and (loss[:, 1] > 1).all()
+    assert torch.equal(ious, torch.tensor([[1.0, 0.0], [1.0, 0.0]]))
+
+
+def test_learning_rate_warms_up_then_decays():
+    config = TrainConfig(lr=1e-3, min_lr=1e-5, warmup_steps=10)
+    assert learning_rate(0.0, config, 0) == pytest.approx(1e-4)
+    assert learning_rate(0.1, config, 9) == pytest.approx(1e-3)
+    assert learning_rate(0.5, config, 500) == pytest.approx((1e-3 + 1e-5) / 2)
+    assert learning_rate(1.0, config, 1000) == pytest.approx(1e-5)
+
+
+def test_batch_is_in_the_model_frame(micro_sam):
+    config = TrainConfig(images_per_step=3, long_side=(200, 500))
+    batch = make_batch(micro_sam, np.random.default_rng(0), config)
+    assert batch.inputs.shape == (3, 3, 256, 256)
+    for targets, full in zip(batch.masks, batch.full):
+        assert targets.shape[1:] == (64, 64) and targets.min() >= 0 and targets.max() <= 1
+        assert max(full.shape[1:]) == 256 and len(full) == len(targets)
+
+
+def test_short_training_run_writes_a_loadable_half_checkpoint(tmp_path):
+    out = tmp_path / "model.pth"
+    config = TrainConfig(spec="sam_micro", steps=3, images_per_step=2, prompts_per_image=3)
+    sam = train(config, out, log=lambda message: None)
+    state = torch.load(out, weights_only=True)
+    assert all(v.dtype == torch.float16 for v in state.values() if v.is_floating_point())
+    loaded = build_sam(spec_by_name("sam_micro"), out)
+    torch.testing.assert_close(
+        loaded.mask_decoder.iou_token.weight,
+        sam.mask_decoder.iou_token.weight,
+        atol=1e-3,
+        rtol=1e-3,
+    )
+    summary = json.loads(out.with_suffix(".json").read_text())
+    assert summary["steps"] == 3 and summary["spec"]["name"] == "sam_micro"
+
+
+def test_iou_and_corrective_click():
+    a = np.zeros((10, 10), bool)
+    a[2:6, 2:6] = True
+    b = np.zeros((10, 10), bool)
+    b[4:8, 4:8] = True
+    assert iou(a, b) == pytest.approx(4 / 28)
+    assert iou(a, a) == 1.0
+    rng = np.random.default_rng(0)
+    (x, y), label = _corrective_click(np.zeros_like(a), a, rng)
+    assert label == 1 and a[int(y), int(x)]
+    (x, y), label = _corrective_click(b | a, a, rng)
+    assert label == 0 and b[int(y), int(x)] and not a[int(y), int(x)]
+
+
+def test_heldout_set_is_fixed():
+    first, second = heldout(2), heldout(2)
+    assert np.array_equal(first[1].image, second[1].image)
+    assert 300 <= max(first[0].image.shape[:2]) <= 900
+
+
+def test_evaluation_runs_through_the_protocol(checkpoints):
+    metrics = evaluate(in_process_predictor("sam_micro", checkpoints["sam_micro"]), heldout(2))
+    assert metrics["images"] == 2 and metrics["instances"] >= 2
+    for key in ("point", "point_oracle", "box", "point_box", "refine_round2"):
+        assert 0 <= metrics[key] <= 1
+    assert metrics["point_oracle"] >= metrics["point"]
+    assert metrics["refine_round1"] == metrics["point"]

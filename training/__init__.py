@@ -1,0 +1,1 @@
+"""Training and evaluation tools for a small SAM: synthetic data (`training.synthetic`)."""

@@ -1,0 +1,171 @@
+"""Held-out mIoU of a SAM model on synthetic shapes, through the served protocol.
+
+Evaluation talks JSON requests and responses (docs/protocol.md), so the same code
+measures a model in-process (``SegmentService``) and a real TorchServe (``RestClient``):
+every transform and encoding step is inside what is measured.
+
+    python scripts/evaluate.py --checkpoint models/sam_small_shapes.pth --spec sam_small
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from samclient.body import segment_request
+from samserve.masks import decode_segmentation
+
+from .synthetic import HELDOUT_SEED, Sample, dataset
+
+Predict = Callable[[dict[str, Any]], dict[str, Any]]
+HELDOUT_COUNT = 100
+HELDOUT_LONG_SIDE = (300, 900)
+
+
+def heldout(count: int = HELDOUT_COUNT) -> list[Sample]:
+    """The fixed held-out set: seed ``HELDOUT_SEED``, never used in training."""
+    return list(dataset(HELDOUT_SEED, count, HELDOUT_LONG_SIDE))
+
+
+def iou(a: np.ndarray, b: np.ndarray) -> float:
+    """Intersection over union of two HxW bool masks (1.0 when both are empty)."""
+    union = np.logical_or(a, b).sum()
+    return float(np.logical_and(a, b).sum() / union) if union else 1.0
+
+
+def _png(image: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _random_pixel(mask: np.ndarray, rng: np.random.Generator) -> list[float]:
+    """Centre (x, y) of a uniformly drawn pixel of an HxW bool mask."""
+    ys, xs = np.nonzero(mask)
+    i = rng.integers(len(xs))
+    return [float(xs[i]) + 0.5, float(ys[i]) + 0.5]
+
+
+def _box(mask: np.ndarray) -> list[float]:
+    ys, xs = np.nonzero(mask)
+    return [float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1)]
+
+
+def _corrective_click(pred: np.ndarray, truth: np.ndarray, rng: np.random.Generator):
+    """A click in the larger error region: missed pixels (label 1) or extra ones (0)."""
+    missed, extra = truth & ~pred, pred & ~truth
+    if not missed.any() and not extra.any():
+        return _random_pixel(truth, rng), 1
+    if missed.sum() >= extra.sum():
+        return _random_pixel(missed, rng), 1
+    return _random_pixel(extra, rng), 0
+
+
+def evaluate_sample(predict: Predict, sample: Sample, rng: np.random.Generator) -> dict[str, list]:
+    """Per-instance scores for one image: four requests, one prompt per instance each."""
+    truths = list(sample.masks)
+    points = [_random_pixel(m, rng) for m in truths]
+    boxes = [_box(m) for m in truths]
+
+    first = predict(
+        segment_request(
+            _png(sample.image), prompts=[{"points": [p], "labels": [1]} for p in points]
+        )
+    )
+    image_id = first["image_id"]
+    out: dict[str, list] = {k: [] for k in ("point", "oracle", "best_is_best", "box",
+                                            "point_box", "refine")}  # fmt: skip
+    refine_prompts = []
+    for truth, point, result in zip(truths, points, first["results"]):
+        masks = [decode_segmentation(m) for m in result["masks"]]  # best score first
+        ious = [iou(m, truth) for m in masks]
+        out["point"].append(ious[0])
+        out["oracle"].append(max(ious))
+        out["best_is_best"].append(float(ious[0] >= max(ious) - 1e-9))
+        click, label = _corrective_click(masks[0], truth, rng)
+        refine_prompts.append(
+            {"points": [point, click], "labels": [1, label], "mask_input": result["logits_id"]}
+        )
+
+    for key, prompts in (
+        ("box", [{"box": b} for b in boxes]),
+        ("point_box", [{"points": [p], "labels": [1], "box": b} for p, b in zip(points, boxes)]),
+        ("refine", refine_prompts),
+    ):
+        response = predict(segment_request(image_id=image_id, prompts=prompts, multimask=False))
+        for truth, result in zip(truths, response["results"]):
+            out[key].append(iou(decode_segmentation(result["masks"][0]), truth))
+    return out
+
+
+def evaluate(predict: Predict, samples: list[Sample], seed: int = HELDOUT_SEED) -> dict[str, Any]:
+    """mIoU over every instance of ``samples`` for each prompt kind.
+
+    ``point`` is one foreground click with the best-scoring of three masks (``oracle``:
+    the best of the three by IoU; ``best_score_is_best_mask``: how often they agree);
+    ``box`` the exact box; ``point_box`` both; ``refine_round1``/``refine_round2`` a
+    second click in the error region of the first answer, with its logits as
+    ``mask_input``.
+    """
+    rng = np.random.default_rng([seed, 1])
+    totals: dict[str, list] = {}
+    for sample in samples:
+        for key, values in evaluate_sample(predict, sample, rng).items():
+            totals.setdefault(key, []).extend(values)
+    mean = {k: round(float(np.mean(v)), 4) for k, v in totals.items()}
+    return {
+        "images": len(samples),
+        "instances": len(totals["point"]),
+        "point": mean["point"],
+        "point_oracle": mean["oracle"],
+        "box": mean["box"],
+        "point_box": mean["point_box"],
+        "refine_round1": mean["point"],
+        "refine_round2": mean["refine"],
+        "best_score_is_best_mask": mean["best_is_best"],
+    }
+
+
+def in_process_predictor(spec_name: str, checkpoint: Path | None) -> Predict:
+    """A ``Predict`` backed by ``SegmentService`` in this process (no TorchServe)."""
+    from samserve.engine import SamEngine
+    from samserve.models import build_sam, spec_by_name
+    from samserve.service import SegmentService
+    from samserve.settings import Settings
+
+    service = SegmentService(SamEngine(build_sam(spec_by_name(spec_name), checkpoint)), Settings())
+
+    def predict(body: dict[str, Any]) -> dict[str, Any]:
+        reply = service.handle([(body, "application/json")])[0]
+        if reply.status != 200:
+            raise RuntimeError(f"request failed: {reply.body}")
+        return reply.body
+
+    return predict
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoint", type=Path, default=Path("models/sam_small_shapes.pth"))
+    parser.add_argument("--spec", default="sam_small")
+    parser.add_argument("--count", type=int, default=HELDOUT_COUNT)
+    parser.add_argument("--json", type=Path, help="also write the metrics here")
+    args = parser.parse_args(argv)
+    metrics = evaluate(in_process_predictor(args.spec, args.checkpoint), heldout(args.count))
+    text = json.dumps(metrics, indent=2)
+    print(text)
+    if args.json:
+        args.json.write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
