@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
-# The main job, on a fresh machine: set up, build the archive of the default small model,
-# start TorchServe, register the model through the management API, segment the example
-# image over REST and write the masks drawn over it to out/overlay.png.
+# The main job, on a fresh machine: set up, build the archive of the project's trained
+# small model (models/sam_small_shapes.pth, see docs/model_card.md), start TorchServe,
+# register the model through the management API, segment the example image over REST
+# and write the masks drawn over it to out/overlay.png.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export PATH="$PWD/.venv/bin:$PATH"
 
-python scripts/build_mar.py --spec sam_micro
+python scripts/build_mar.py --spec sam_small --checkpoint models/sam_small_shapes.pth
 python scripts/serve.py restart --register sam.mar
 python scripts/segment.py demo/example.jpg --point 160,175 --box 330,60,560,200 \
     --out out/overlay.png

@@ -260,7 +260,8 @@ def train(config: TrainConfig, out: Path, log=print) -> Sam:
         history.append({"step": step, "loss": loss.item(), **parts})
         if step % 50 == 0:
             recent = history[-50:]
-            means = {k: np.mean([h[k] for h in recent if k in h]) for k in recent[-1]}
+            keys = {k for h in recent for k in h}
+            means = {k: np.mean([h[k] for h in recent if k in h]) for k in keys}
             log(
                 f"step {step:5d}  {elapsed / 60:5.1f} min  lr {optimizer.param_groups[0]['lr']:.2e}"
                 f"  loss {means['loss']:.3f}  train IoU point {means.get('point', 0):.3f}"
