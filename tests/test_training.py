@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from samserve.models import build_sam, spec_by_name
-from training.evaluate import _corrective_click, evaluate, heldout, in_process_predictor, iou
+from training.evaluate import evaluate, heldout, in_process_predictor, iou
+from training.prompts import corrective_click, jittered_box, mask_box
 from training.train import TrainConfig, learning_rate, make_batch, mask_losses, train
 
 
@@ -58,7 +59,7 @@ def test_short_training_run_writes_a_loadable_half_checkpoint(tmp_path):
     assert summary["steps"] == 3 and summary["spec"]["name"] == "sam_micro"
 
 
-def test_iou_and_corrective_click():
+def test_iou_andcorrective_click():
     a = np.zeros((10, 10), bool)
     a[2:6, 2:6] = True
     b = np.zeros((10, 10), bool)
@@ -66,9 +67,9 @@ def test_iou_and_corrective_click():
     assert iou(a, b) == pytest.approx(4 / 28)
     assert iou(a, a) == 1.0
     rng = np.random.default_rng(0)
-    (x, y), label = _corrective_click(np.zeros_like(a), a, rng)
+    (x, y), label = corrective_click(np.zeros_like(a), a, rng)
     assert label == 1 and a[int(y), int(x)]
-    (x, y), label = _corrective_click(b | a, a, rng)
+    (x, y), label = corrective_click(b | a, a, rng)
     assert label == 0 and b[int(y), int(x)] and not a[int(y), int(x)]
 
 
@@ -85,3 +86,14 @@ def test_evaluation_runs_through_the_protocol(checkpoints):
         assert 0 <= metrics[key] <= 1
     assert metrics["point_oracle"] >= metrics["point"]
     assert metrics["refine_round1"] == metrics["point"]
+
+
+def test_boxes_from_masks():
+    mask = np.zeros((20, 30), bool)
+    mask[5:9, 10:22] = True
+    assert mask_box(mask) == [10.0, 5.0, 22.0, 9.0]
+    x0, y0, x1, y1 = jittered_box(mask, np.random.default_rng(0))
+    assert abs(x0 - 10) <= 2 and abs(x1 - 22) <= 2 and 0 <= y0 and y1 <= 20
+    empty = np.zeros((4, 4), bool)
+    (x, y), label = corrective_click(empty, empty, np.random.default_rng(0))
+    assert label == 1 and 0 <= x <= 4 and 0 <= y <= 4

@@ -23,6 +23,7 @@ from PIL import Image
 from samclient.body import segment_request
 from samserve.masks import decode_segmentation
 
+from .prompts import corrective_click, mask_box, random_pixel
 from .synthetic import HELDOUT_SEED, Sample, dataset
 
 Predict = Callable[[dict[str, Any]], dict[str, Any]]
@@ -47,33 +48,11 @@ def _png(image: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def _random_pixel(mask: np.ndarray, rng: np.random.Generator) -> list[float]:
-    """Centre (x, y) of a uniformly drawn pixel of an HxW bool mask."""
-    ys, xs = np.nonzero(mask)
-    i = rng.integers(len(xs))
-    return [float(xs[i]) + 0.5, float(ys[i]) + 0.5]
-
-
-def _box(mask: np.ndarray) -> list[float]:
-    ys, xs = np.nonzero(mask)
-    return [float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1)]
-
-
-def _corrective_click(pred: np.ndarray, truth: np.ndarray, rng: np.random.Generator):
-    """A click in the larger error region: missed pixels (label 1) or extra ones (0)."""
-    missed, extra = truth & ~pred, pred & ~truth
-    if not missed.any() and not extra.any():
-        return _random_pixel(truth, rng), 1
-    if missed.sum() >= extra.sum():
-        return _random_pixel(missed, rng), 1
-    return _random_pixel(extra, rng), 0
-
-
 def evaluate_sample(predict: Predict, sample: Sample, rng: np.random.Generator) -> dict[str, list]:
     """Per-instance scores for one image: four requests, one prompt per instance each."""
     truths = list(sample.masks)
-    points = [_random_pixel(m, rng) for m in truths]
-    boxes = [_box(m) for m in truths]
+    points = [random_pixel(m, rng) for m in truths]
+    boxes = [mask_box(m) for m in truths]
 
     first = predict(
         segment_request(
@@ -90,7 +69,7 @@ def evaluate_sample(predict: Predict, sample: Sample, rng: np.random.Generator) 
         out["point"].append(ious[0])
         out["oracle"].append(max(ious))
         out["best_is_best"].append(float(ious[0] >= max(ious) - 1e-9))
-        click, label = _corrective_click(masks[0], truth, rng)
+        click, label = corrective_click(masks[0], truth, rng)
         refine_prompts.append(
             {"points": [point, click], "labels": [1, label], "mask_input": result["logits_id"]}
         )

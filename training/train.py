@@ -31,6 +31,7 @@ from segment_anything.utils.transforms import ResizeLongestSide
 
 from samserve.models import assemble_sam, spec_by_name
 
+from .prompts import corrective_click, jittered_box, random_pixel
 from .synthetic import TRAIN_SEED, make_sample, sample_size
 
 
@@ -88,25 +89,6 @@ def make_batch(sam: Sam, rng: np.random.Generator, config: TrainConfig) -> Batch
         targets.append(F.adaptive_avg_pool2d(padded, (low, low))[:, 0])
         fulls.append(resized[:, 0].numpy() > 0.5)
     return Batch(torch.stack(inputs), targets, fulls)
-
-
-def _point_in(mask: np.ndarray, rng: np.random.Generator) -> tuple[float, float] | None:
-    """A uniformly random pixel centre (x, y) of an HxW bool mask, or None if empty."""
-    ys, xs = np.nonzero(mask)
-    if len(xs) == 0:
-        return None
-    i = rng.integers(len(xs))
-    return float(xs[i]) + 0.5, float(ys[i]) + 0.5
-
-
-def _jittered_box(mask: np.ndarray, rng: np.random.Generator) -> list[float]:
-    """The mask's XYXY box with SAM's noise: std 10% of the side, at most 20 px."""
-    ys, xs = np.nonzero(mask)
-    box = np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], dtype=np.float64)
-    sides = np.array([box[2] - box[0], box[3] - box[1]] * 2)
-    noise = np.clip(rng.normal(0, 0.1, 4) * sides, -20, 20)
-    height, width = mask.shape
-    return np.clip(box + noise, 0, [width, height, width, height]).tolist()
 
 
 def mask_losses(
@@ -173,12 +155,12 @@ def step_loss(
         kind = KINDS[rng.integers(len(KINDS))]
         target = targets[chosen]
         rows = torch.arange(len(chosen))
-        coords = torch.tensor([[_point_in(full[i], rng)] for i in chosen], dtype=torch.float)
+        coords = torch.tensor([[random_pixel(full[i], rng)] for i in chosen], dtype=torch.float)
         labels = torch.ones(len(chosen), 1, dtype=torch.int)
         points = None if kind == "box" else (coords, labels)
         boxes = None
         if kind != "point":
-            boxes = torch.tensor([_jittered_box(full[i], rng) for i in chosen], dtype=torch.float)
+            boxes = torch.tensor([jittered_box(full[i], rng) for i in chosen], dtype=torch.float)
         # A single point is ambiguous: three masks, and only the best one's loss counts.
         multimask = kind == "point"
         logits, iou_pred = decode(sam, embeddings[b : b + 1], points, boxes, None, multimask)
@@ -204,23 +186,12 @@ def step_loss(
 def _error_points(
     logits: torch.Tensor, target: torch.Tensor, rng: np.random.Generator
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """A corrective click per prompt: inside the larger of the missed (label 1) or the
-    wrongly added (label 0) region of Kxhxw low-res ``logits`` vs ``target``, in the
-    input frame (low-res cell centres scaled by 4)."""
-    pred = (logits > 0).numpy()
-    truth = (target > 0.5).numpy()
-    points, labels = [], []
-    for p, t in zip(pred, truth):
-        missed, extra = t & ~p, p & ~t
-        label = 1 if missed.sum() >= extra.sum() else 0
-        region = missed if label == 1 else extra
-        if not region.any():
-            region, label = t if t.any() else np.ones_like(t), 1
-        ys, xs = np.nonzero(region)
-        i = rng.integers(len(xs))
-        points.append([(xs[i] + 0.5) * 4, (ys[i] + 0.5) * 4])
-        labels.append(label)
-    return torch.tensor(points, dtype=torch.float), torch.tensor(labels, dtype=torch.int)
+    """A corrective click per prompt from Kxhxw low-res ``logits`` vs ``target``, in the
+    input frame (low-res cells are 4 input pixels wide)."""
+    pred, truth = (logits > 0).numpy(), (target > 0.5).numpy()
+    clicks = [corrective_click(p, t, rng) for p, t in zip(pred, truth)]
+    points = torch.tensor([point for point, _ in clicks], dtype=torch.float) * 4
+    return points, torch.tensor([label for _, label in clicks], dtype=torch.int)
 
 
 def learning_rate(progress: float, config: TrainConfig, step: int) -> float:
