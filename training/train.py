@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from segment_anything.modeling import Sam
 from segment_anything.utils.transforms import ResizeLongestSide
 
+from samserve.engine import decode_prompts
 from samserve.models import assemble_sam, spec_by_name
 
 from .prompts import corrective_click, jittered_box, random_pixel
@@ -111,26 +112,7 @@ def mask_losses(
     return focal_weight * focal + dice, iou
 
 
-def decode(
-    sam: Sam,
-    embedding: torch.Tensor,
-    points: tuple[torch.Tensor, torch.Tensor] | None,
-    boxes: torch.Tensor | None,
-    mask_input: torch.Tensor | None,
-    multimask: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Prompt encoder + mask decoder for K prompts on one 1xCxhxw embedding."""
-    sparse, dense = sam.prompt_encoder(points=points, boxes=boxes, masks=mask_input)
-    return sam.mask_decoder(
-        image_embeddings=embedding,
-        image_pe=sam.prompt_encoder.get_dense_pe(),
-        sparse_prompt_embeddings=sparse,
-        dense_prompt_embeddings=dense,
-        multimask_output=multimask,
-    )
-
-
-KINDS = ("point", "box", "point_box")
+PROMPT_KINDS = ("point", "box", "point_box")
 
 
 def step_loss(
@@ -146,13 +128,13 @@ def step_loss(
     """
     embeddings = sam.image_encoder(batch.inputs)
     total = embeddings.new_zeros(())
-    parts: dict[str, list[float]] = {k: [] for k in (*KINDS, "refine")}
+    parts: dict[str, list[float]] = {k: [] for k in (*PROMPT_KINDS, "refine")}
     for b, (targets, full) in enumerate(zip(batch.masks, batch.full)):
         chosen = rng.integers(len(targets), size=config.prompts_per_image)
         chosen = np.array([i for i in chosen if full[i].any()], dtype=np.int64)
         if len(chosen) == 0:
             continue
-        kind = KINDS[rng.integers(len(KINDS))]
+        kind = PROMPT_KINDS[rng.integers(len(PROMPT_KINDS))]
         target = targets[chosen]
         rows = torch.arange(len(chosen))
         coords = torch.tensor([[random_pixel(full[i], rng)] for i in chosen], dtype=torch.float)
@@ -163,7 +145,8 @@ def step_loss(
             boxes = torch.tensor([jittered_box(full[i], rng) for i in chosen], dtype=torch.float)
         # A single point is ambiguous: three masks, and only the best one's loss counts.
         multimask = kind == "point"
-        logits, iou_pred = decode(sam, embeddings[b : b + 1], points, boxes, None, multimask)
+        embedding = embeddings[b : b + 1]
+        logits, iou_pred = decode_prompts(sam, embedding, points, boxes, None, multimask)
         loss, iou = mask_losses(logits, target, config.focal_weight)
         best = loss.argmin(dim=1)
         total = total + loss[rows, best].mean() + F.mse_loss(iou_pred, iou)
@@ -174,8 +157,8 @@ def step_loss(
             extra, extra_labels = _error_points(previous, target, rng)
             coords2 = torch.cat([coords, extra[:, None]], dim=1)
             labels2 = torch.cat([labels, extra_labels[:, None]], dim=1)
-            logits_r, iou_pred_r = decode(
-                sam, embeddings[b : b + 1], (coords2, labels2), boxes, previous[:, None], False
+            logits_r, iou_pred_r = decode_prompts(
+                sam, embedding, (coords2, labels2), boxes, previous[:, None], False
             )
             loss_r, iou_r = mask_losses(logits_r, target, config.focal_weight)
             total = total + loss_r.mean() + F.mse_loss(iou_pred_r, iou_r)

@@ -87,6 +87,30 @@ class StoredLogits:
         return self.logits.nbytes
 
 
+def decode_prompts(
+    model: Sam,
+    embedding: torch.Tensor,
+    points: tuple[torch.Tensor, torch.Tensor] | None,
+    boxes: torch.Tensor | None,
+    mask_input: torch.Tensor | None,
+    multimask: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompt encoder + mask decoder for B prompts on one 1xCxhxw embedding.
+
+    Inputs are in the model's input frame, as ``SamPredictor.predict_torch`` takes them:
+    ``points`` (BxNx2 coords, BxN labels), ``boxes`` Bx4, ``mask_input`` Bx1xhxw. Returns
+    BxCxh'xw' low-res logits and BxC predicted IoUs. Gradients flow (training uses it).
+    """
+    sparse, dense = model.prompt_encoder(points=points, boxes=boxes, masks=mask_input)
+    return model.mask_decoder(
+        image_embeddings=embedding,
+        image_pe=model.prompt_encoder.get_dense_pe(),
+        sparse_prompt_embeddings=sparse,
+        dense_prompt_embeddings=dense,
+        multimask_output=multimask,
+    )
+
+
 class SamEngine:
     """Runs one SAM model with an embedding cache keyed by ``image_id``.
 
@@ -191,13 +215,8 @@ class SamEngine:
             mask = np.stack([p.mask_input for p in prompts])
             masks = torch.as_tensor(mask, dtype=torch.float, device=self.device)
 
-        sparse, dense = self.model.prompt_encoder(points=points, boxes=boxes, masks=masks)
-        low_res, iou = self.model.mask_decoder(
-            image_embeddings=embedding.embedding,
-            image_pe=self.model.prompt_encoder.get_dense_pe(),
-            sparse_prompt_embeddings=sparse,
-            dense_prompt_embeddings=dense,
-            multimask_output=multimask,
+        low_res, iou = decode_prompts(
+            self.model, embedding.embedding, points, boxes, masks, multimask
         )
         predictions = []
         for i in range(len(prompts)):
