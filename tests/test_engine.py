@@ -40,7 +40,7 @@ def _as_prompt(kwargs: dict, mask_input: np.ndarray | None = None) -> Prompt:
 def _assert_same(expected: tuple, prediction, label: str) -> None:
     masks, scores, logits = expected
     np.testing.assert_allclose(prediction.scores, scores, atol=1e-4, err_msg=label)
-    agreement = (prediction.masks == masks).mean()
+    agreement = (prediction.dense_masks() == masks).mean()
     assert agreement >= 0.9999, f"{label}: masks agree on {agreement:.6f} of pixels"
     np.testing.assert_allclose(prediction.low_res_logits, logits, atol=1e-3, err_msg=label)
 
@@ -62,8 +62,8 @@ def test_parity_with_predictor(micro_sam, height, width, multimask):
     names = [k for k in kinds for _ in range(2)]
     predictions = engine.predict(embedding, [_as_prompt(kinds[k]) for k in names], multimask)
     for name, prediction in zip(names, predictions):
-        assert prediction.masks.shape == (3 if multimask else 1, height, width)
-        assert prediction.masks.dtype == bool
+        assert prediction.dense_masks().shape == (3 if multimask else 1, height, width)
+        assert prediction.dense_masks().dtype == bool
         _assert_same(expected[name], prediction, name)
 
     # mask_input refinement: the best low-res logits of the first round go back in.

@@ -11,7 +11,13 @@ import pytest
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from samserve.masks import OUTPUT_FORMATS, decode_segmentation, encode_masks, mask_to_png
+from samserve.masks import (
+    OUTPUT_FORMATS,
+    MaskWindow,
+    decode_segmentation,
+    encode_masks,
+    mask_to_png,
+)
 
 H, W = 6, 9  # non-square on purpose: a transposed mask cannot pass
 
@@ -208,3 +214,33 @@ def test_mask_to_png_accepts_non_bool_zero_one_masks():
     data = base64.b64decode(mask_to_png(mask))
     decoded = np.asarray(Image.open(io.BytesIO(data)).convert("L")) > 0
     np.testing.assert_array_equal(decoded, mask.astype(bool))
+
+
+@pytest.mark.parametrize("density", [0.0, 0.01, 0.3, 0.9, 1.0])
+@pytest.mark.parametrize("shape", [(17, 31), (1, 1), (40, 3), (3, 40), (25, 160)])
+def test_mask_window_rle_is_what_pycocotools_encodes(shape, density):
+    rng = np.random.default_rng(int(density * 100) + shape[0])
+    for trial in range(20):
+        mask = rng.random(shape) < density
+        if trial % 4 == 1:  # runs that cross column ends: full-height columns
+            mask[:, shape[1] // 2 :] = True
+        if trial % 4 == 2:
+            mask[-1, -1] = True  # the last pixel
+        if trial % 4 == 3:  # a narrow window: runs found in the window, not by pycocotools
+            mask[:, : shape[1] // 2] = False
+            mask[:, shape[1] // 2 + 2 :] = False
+        window = MaskWindow.of(mask)
+        assert window.rle() == coco_rle(mask)
+        np.testing.assert_array_equal(window.dense(), mask)
+        assert window.window.sum() == mask.sum()
+
+
+def test_mask_window_is_tight_and_placed():
+    mask = np.zeros((50, 60), dtype=bool)
+    mask[10:20, 30:33] = True
+    mask[15, 45] = True
+    window = MaskWindow.of(mask)
+    assert (window.top, window.left, window.window.shape) == (10, 30, (10, 16))
+    (record,) = encode_masks([window], np.array([0.5]), "rle")
+    assert record["bbox"] == [30, 10, 16, 10] and record["area"] == 31
+    np.testing.assert_array_equal(decode_segmentation(record), mask)

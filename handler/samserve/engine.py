@@ -14,10 +14,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from segment_anything.modeling import Sam
+from segment_anything.modeling import MaskDecoder, Sam
 from segment_anything.utils.transforms import ResizeLongestSide
 
 from .cache import LRUCache
+from .masks import MaskWindow
+from .upscale import upscale_masks
 
 MIB = 1024 * 1024
 
@@ -66,13 +68,18 @@ class Prompt:
 class Prediction:
     """The decoder's answer to one prompt.
 
-    ``masks`` is CxHxW bool in the original frame (C = 3 with multimask, else 1),
-    ``scores`` is C predicted IoUs, ``low_res_logits`` is Cxhxw float32.
+    ``masks`` are C masks of HxW in the original frame (C = 3 with multimask, else 1),
+    each kept as the window around its pixels; ``scores`` is C predicted IoUs,
+    ``low_res_logits`` is Cxhxw float32.
     """
 
-    masks: np.ndarray
+    masks: list[MaskWindow]
     scores: np.ndarray
     low_res_logits: np.ndarray
+
+    def dense_masks(self) -> np.ndarray:
+        """The masks as one CxHxW bool array, as ``SamPredictor.predict`` returns them."""
+        return np.stack([mask.dense() for mask in self.masks])
 
 
 @dataclass(frozen=True)
@@ -99,16 +106,51 @@ def decode_prompts(
 
     Inputs are in the model's input frame, as ``SamPredictor.predict_torch`` takes them:
     ``points`` (BxNx2 coords, BxN labels), ``boxes`` Bx4, ``mask_input`` Bx1xhxw. Returns
-    BxCxh'xw' low-res logits and BxC predicted IoUs. Gradients flow (training uses it).
+    BxCxh'xw' low-res logits and BxC predicted IoUs, as ``Sam.mask_decoder`` does.
+    Gradients flow (training uses it).
     """
     sparse, dense = model.prompt_encoder(points=points, boxes=boxes, masks=mask_input)
-    return model.mask_decoder(
-        image_embeddings=embedding,
-        image_pe=model.prompt_encoder.get_dense_pe(),
-        sparse_prompt_embeddings=sparse,
-        dense_prompt_embeddings=dense,
-        multimask_output=multimask,
+    if mask_input is None:
+        dense = dense[:1]  # the "no mask" embedding, the same for every prompt
+    masks, iou = _predict_masks(
+        model.mask_decoder, embedding, model.prompt_encoder.get_dense_pe(), sparse, dense
     )
+    chosen = slice(1, None) if multimask else slice(0, 1)
+    return masks[:, chosen], iou[:, chosen]
+
+
+def _predict_masks(
+    decoder: MaskDecoder,
+    embedding: torch.Tensor,
+    image_pe: torch.Tensor,
+    sparse: torch.Tensor,
+    dense: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``MaskDecoder.predict_masks`` without copying the image side once per prompt.
+
+    SAM's version repeats the 1xCxhxw embedding and positional encoding B times before
+    its transformer. Its attention layers broadcast over the batch, so passing them once
+    gives the same result while the first layer's image-side projections run once for
+    all B prompts instead of B times, and no B-fold copies go through memory. ``dense``
+    is 1xCxhxw (shared) or BxCxhxw (per-prompt mask inputs). Returns all mask tokens'
+    Bx(1+M)xh'xw' logits and Bx(1+M) IoU predictions.
+    """
+    batch = sparse.shape[0]
+    output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)
+    tokens = torch.cat((output_tokens.unsqueeze(0).expand(batch, -1, -1), sparse), dim=1)
+    _, channels, height, width = embedding.shape
+    hs, src = decoder.transformer(embedding + dense, image_pe, tokens)
+    iou_token_out = hs[:, 0, :]
+    mask_tokens_out = hs[:, 1 : (1 + decoder.num_mask_tokens), :]
+    src = src.expand(batch, -1, -1).transpose(1, 2).reshape(batch, channels, height, width)
+    upscaled = decoder.output_upscaling(src)
+    hyper_in = torch.stack(
+        [mlp(mask_tokens_out[:, i, :]) for i, mlp in enumerate(decoder.output_hypernetworks_mlps)],
+        dim=1,
+    )
+    b, c, h, w = upscaled.shape
+    masks = (hyper_in @ upscaled.view(b, c, h * w)).view(b, -1, h, w)
+    return masks, decoder.iou_prediction_head(iou_token_out)
 
 
 class SamEngine:
@@ -124,10 +166,12 @@ class SamEngine:
         embedding_cache_bytes: int = 1024 * MIB,
         logits_cache_bytes: int = 256 * MIB,
         encoder_batch_size: int = 1,
+        decoder_batch_size: int = 8,
     ) -> None:
         self.model = model.eval()
         self.transform = ResizeLongestSide(model.image_encoder.img_size)
         self.encoder_batch_size = max(1, encoder_batch_size)
+        self.decoder_batch_size = max(1, decoder_batch_size)
         self.embeddings: LRUCache[ImageEmbedding] = LRUCache(
             embedding_cache_bytes, lambda e: e.nbytes
         )
@@ -180,16 +224,20 @@ class SamEngine:
         """Decode ``prompts`` on one embedded image; one prediction per prompt, in order.
 
         Prompts of equal shape (same number of points, box or not, mask_input or not) go
-        through the prompt encoder and mask decoder in one batched call.
+        through the prompt encoder and mask decoder together, ``decoder_batch_size`` per
+        call: the decoder's activations grow with every prompt in a call, and past a few
+        prompts they spill out of the CPU caches and each prompt gets slower (measured).
         """
         predictions: list[Prediction | None] = [None] * len(prompts)
         groups: dict[tuple[int, bool, bool], list[int]] = {}
         for index, prompt in enumerate(prompts):
             groups.setdefault(prompt.signature, []).append(index)
-        for indices in groups.values():
-            batch = [prompts[i] for i in indices]
-            for i, prediction in zip(indices, self._predict_batch(embedding, batch, multimask)):
-                predictions[i] = prediction
+        for group in groups.values():
+            for start in range(0, len(group), self.decoder_batch_size):
+                indices = group[start : start + self.decoder_batch_size]
+                batch = [prompts[i] for i in indices]
+                for i, prediction in zip(indices, self._predict_batch(embedding, batch, multimask)):
+                    predictions[i] = prediction
         return predictions  # type: ignore[return-value]
 
     def _predict_batch(
@@ -218,19 +266,21 @@ class SamEngine:
         low_res, iou = decode_prompts(
             self.model, embedding.embedding, points, boxes, masks, multimask
         )
-        predictions = []
-        for i in range(len(prompts)):
-            logits = self.model.postprocess_masks(
-                low_res[i : i + 1], embedding.input_size, original_size
+        low_res, iou = low_res.float().cpu(), iou.float().cpu()
+        return [
+            Prediction(
+                masks=upscale_masks(
+                    logits,
+                    embedding.input_size,
+                    original_size,
+                    self.model.image_encoder.img_size,
+                    self.model.mask_threshold,
+                ),
+                scores=scores.numpy(),
+                low_res_logits=logits.numpy(),
             )
-            predictions.append(
-                Prediction(
-                    masks=(logits[0] > self.model.mask_threshold).cpu().numpy(),
-                    scores=iou[i].float().cpu().numpy(),
-                    low_res_logits=low_res[i].float().cpu().numpy(),
-                )
-            )
-        return predictions
+            for logits, scores in zip(low_res, iou)
+        ]
 
     def store_logits(self, image_id: str, logits: np.ndarray) -> str:
         """Keep 1xhxw (or hxw) low-res logits for reuse as ``mask_input``; returns their id.

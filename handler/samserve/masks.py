@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import base64
 import io
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -13,37 +15,110 @@ from pycocotools import mask as mask_utils
 OUTPUT_FORMATS = ("rle", "png", "none")
 
 
-def encode_masks(
-    masks: np.ndarray, scores: np.ndarray, output: str = "rle"
-) -> list[dict[str, Any]]:
-    """Mask records for CxHxW bool ``masks`` with C ``scores``, best score first.
+@dataclass(frozen=True)
+class MaskWindow:
+    """An HxW bool mask kept as the window that holds its set pixels.
 
-    Each record has ``score`` (predicted IoU), ``area`` (pixels) and ``bbox``
-    ([x, y, w, h], integer pixels), plus ``segmentation`` (COCO RLE with string counts,
-    as pycocotools writes it) for ``rle``, or ``png`` (base64 1-bit PNG) for ``png``;
-    ``none`` carries no mask data.
+    ``window`` is an hxw bool array whose top-left pixel is (``top``, ``left``) of the
+    full mask; every pixel outside it is False. ``size`` is (H, W). Masks of small
+    objects in large images stay small, and so does the work of encoding them.
+    """
+
+    window: np.ndarray
+    top: int
+    left: int
+    size: tuple[int, int]
+
+    @classmethod
+    def empty(cls, size: tuple[int, int]) -> MaskWindow:
+        """A mask of ``size`` with no pixel set."""
+        return cls(np.zeros((0, 0), dtype=bool), 0, 0, (int(size[0]), int(size[1])))
+
+    @classmethod
+    def crop(cls, mask: np.ndarray, top: int, left: int, size: tuple[int, int]) -> MaskWindow:
+        """The tight window of ``mask`` (hxw bool placed at ``top``, ``left`` in ``size``)."""
+        rows = np.flatnonzero(mask.any(axis=1))
+        if len(rows) == 0:
+            return cls.empty(size)
+        cols = np.flatnonzero(mask.any(axis=0))
+        window = mask[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
+        size = (int(size[0]), int(size[1]))
+        return cls(np.ascontiguousarray(window), top + int(rows[0]), left + int(cols[0]), size)
+
+    @classmethod
+    def of(cls, mask: np.ndarray) -> MaskWindow:
+        """The window of a full HxW bool mask."""
+        return cls.crop(np.asarray(mask, dtype=bool), 0, 0, mask.shape)
+
+    def dense(self) -> np.ndarray:
+        """The full HxW bool mask."""
+        mask = np.zeros(self.size, dtype=bool)
+        height, width = self.window.shape
+        mask[self.top : self.top + height, self.left : self.left + width] = self.window
+        return mask
+
+    def rle(self) -> dict[str, Any]:
+        """COCO RLE (compressed, as ``pycocotools.mask.encode`` returns it) of the full mask.
+
+        Small windows: runs are found in the window only (column-major transitions,
+        placed at their offsets in the full frame) and pycocotools compresses the counts.
+        Windows over a quarter of the frame: pycocotools' own pass over the full mask is
+        faster.
+        """
+        height, width = self.size
+        rows, cols = self.window.shape
+        if 4 * rows * cols > height * width:
+            return mask_utils.encode(np.asfortranarray(self.dense(), dtype=np.uint8))
+        columns = np.zeros((cols, rows + 2), dtype=bool)  # window columns, padded above/below
+        columns[:, 1:-1] = self.window.T
+        change = np.flatnonzero(columns[:, 1:] != columns[:, :-1])
+        col, row = np.divmod(change, rows + 1)
+        starts = (self.left + col) * height + self.top + row
+        if rows == height:
+            # A run that leaves the bottom of one column and enters the top of the next
+            # is one run in column-major order: its end and start coincide and cancel.
+            starts, repeats = np.unique(starts, return_counts=True)
+            starts = starts[repeats % 2 == 1]
+        counts = np.diff(np.concatenate(([0], starts, [height * width])))
+        if len(counts) > 1 and counts[-1] == 0:  # the mask ends on the last pixel
+            counts = counts[:-1]
+        return mask_utils.frPyObjects(
+            {"size": [height, width], "counts": counts.tolist()}, height, width
+        )
+
+
+def encode_masks(
+    masks: Sequence[MaskWindow] | np.ndarray, scores: np.ndarray, output: str = "rle"
+) -> list[dict[str, Any]]:
+    """Mask records for C masks (windows, or a CxHxW bool array) with C ``scores``.
+
+    Records come best score first. Each has ``score`` (predicted IoU), ``area`` (pixels)
+    and ``bbox`` ([x, y, w, h], integer pixels), plus ``segmentation`` (COCO RLE with
+    string counts, as pycocotools writes it) for ``rle``, or ``png`` (base64 1-bit PNG)
+    for ``png``; ``none`` carries no mask data.
     """
     if output not in OUTPUT_FORMATS:
         raise ValueError(f"output must be one of {OUTPUT_FORMATS}, got {output!r}")
-    order = np.argsort(-scores, kind="stable")
-    rles = mask_utils.encode(np.asfortranarray(masks[order].transpose(1, 2, 0), dtype=np.uint8))
-    areas = mask_utils.area(rles)
-    boxes = mask_utils.toBbox(rles)
+    if isinstance(masks, np.ndarray):
+        masks = [MaskWindow.of(mask) for mask in masks]
     records = []
-    for rank, index in enumerate(order):
+    for index in np.argsort(-np.asarray(scores), kind="stable"):
+        mask = masks[index]
         record: dict[str, Any] = {
             "score": float(scores[index]),
-            "area": int(areas[rank]),
-            "bbox": [int(v) for v in boxes[rank]],
+            "area": int(np.count_nonzero(mask.window)),
+            "bbox": [mask.left, mask.top, *mask.window.shape[::-1]]
+            if mask.window.size
+            else [0] * 4,
         }
         if output == "rle":
-            rle = rles[rank]
+            rle = mask.rle()
             record["segmentation"] = {
                 "size": [int(s) for s in rle["size"]],
                 "counts": rle["counts"].decode("ascii"),
             }
         elif output == "png":
-            record["png"] = mask_to_png(masks[index])
+            record["png"] = mask_to_png(mask.dense())
         records.append(record)
     return records
 

@@ -1,0 +1,117 @@
+"""Low-res mask logits to full-size masks, computed only where a mask pixel can be set.
+
+``Sam.postprocess_masks`` upsamples low-res logits bilinearly to the padded input square,
+crops the unpadded input and upsamples bilinearly again to the original size; SAM then
+thresholds at ``mask_threshold``. Both steps are separable linear maps whose weights are
+non-negative and sum to one, so every output pixel is a convex combination of a few
+low-res cells: where all of them are <= the threshold, so is the pixel. This module
+composes the two steps into one small map per axis (built by running ``F.interpolate``
+itself on an identity, so the sampling rules are PyTorch's) and evaluates it only on the
+rows and columns that some cell above the threshold reaches. The result equals
+thresholding ``postprocess_masks`` up to float rounding of pixels within ~1e-6 of the
+threshold, at a cost that scales with the mask's extent instead of the image's size.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .masks import MaskWindow
+
+
+@dataclass(frozen=True)
+class AxisMap:
+    """One axis of SAM's two-step upsampling, from ``low`` cells to ``length`` pixels.
+
+    ``index`` and ``weight`` are ``length x K``: pixel ``i`` is the sum over ``k`` of
+    ``weight[i, k] * cell[index[i, k]]`` (weight 0 pads rows with fewer cells). ``first``
+    and ``last`` (``length``, non-decreasing) are the lowest and highest cells with a
+    non-zero weight for each pixel.
+    """
+
+    index: torch.Tensor
+    weight: torch.Tensor
+    first: np.ndarray
+    last: np.ndarray
+
+    def pixels_reached(self, low_cell: int, high_cell: int) -> tuple[int, int]:
+        """The half-open pixel range [start, stop) whose cells meet [low_cell, high_cell]."""
+        start = int(np.searchsorted(self.last, low_cell, side="left"))
+        stop = int(np.searchsorted(self.first, high_cell, side="right"))
+        return start, max(start, stop)
+
+
+@functools.lru_cache(maxsize=64)
+def axis_map(low: int, padded: int, cropped: int, length: int) -> AxisMap:
+    """The composed map ``low`` -> ``padded`` (bilinear), crop ``cropped``, -> ``length``."""
+    eye = torch.eye(low, dtype=torch.float64)[None]  # 1 x low channels x low samples
+    up = F.interpolate(eye, size=padded, mode="linear", align_corners=False)[..., :cropped]
+    up = F.interpolate(up, size=length, mode="linear", align_corners=False)[0].T  # length x low
+    nonzero = up > 0
+    first = nonzero.int().argmax(dim=1)
+    last = low - 1 - nonzero.flip(1).int().argmax(dim=1)
+    width = int((last - first).max()) + 1
+    index = first[:, None] + torch.arange(width)
+    valid = index <= last[:, None]
+    index = index.clamp(max=low - 1)
+    weight = torch.where(valid, up.gather(1, index), 0.0).float()
+    return AxisMap(index, weight, first.numpy(), last.numpy())
+
+
+def upscale_masks(
+    low_res: torch.Tensor,
+    input_size: tuple[int, int],
+    original_size: tuple[int, int],
+    padded_size: int,
+    threshold: float = 0.0,
+) -> list[MaskWindow]:
+    """Threshold ``Sam.postprocess_masks(low_res) > threshold`` without the full-size pass.
+
+    ``low_res`` is Cxhxw logits of one prompt in the padded input frame (h = w = 4 x the
+    embedding side); ``input_size`` is (H', W') of the resized image inside the
+    ``padded_size`` square and ``original_size`` is (H, W). Returns C masks of HxW.
+    """
+    low_res = low_res.float().cpu()
+    rows = axis_map(low_res.shape[-2], padded_size, input_size[0], original_size[0])
+    cols = axis_map(low_res.shape[-1], padded_size, input_size[1], original_size[1])
+    return [
+        _upscale_one(logits, rows, cols, padded_size, input_size[1], original_size, threshold)
+        for logits in low_res
+    ]
+
+
+def _upscale_one(
+    logits: torch.Tensor,
+    rows: AxisMap,
+    cols: AxisMap,
+    padded_size: int,
+    cropped_width: int,
+    original_size: tuple[int, int],
+    threshold: float,
+) -> MaskWindow:
+    """One hxw logits map to its HxW mask window (see ``upscale_masks``)."""
+    above = logits > threshold
+    hit_rows = torch.nonzero(above.any(dim=1)).flatten()
+    hit_cols = torch.nonzero(above.any(dim=0)).flatten()
+    if len(hit_rows) == 0:
+        return MaskWindow.empty(original_size)
+    top, bottom = rows.pixels_reached(int(hit_rows[0]), int(hit_rows[-1]))
+    left, right = cols.pixels_reached(int(hit_cols[0]), int(hit_cols[-1]))
+    if top == bottom or left == right:
+        return MaskWindow.empty(original_size)
+    row_index, row_weight = rows.index[top:bottom], rows.weight[top:bottom]
+    partial = sum(  # (bottom - top) x w: the row pass, composed map, window rows only
+        logits[row_index[:, k]] * row_weight[:, k, None] for k in range(row_index.shape[1])
+    )
+    # The column pass as SAM does it (two linear interpolations along the row), which
+    # PyTorch vectorises better than gathers; it covers the window's rows only.
+    values = F.interpolate(partial[None], size=padded_size, mode="linear", align_corners=False)
+    values = F.interpolate(
+        values[..., :cropped_width], size=original_size[1], mode="linear", align_corners=False
+    )[0, :, left:right]
+    return MaskWindow.crop((values > threshold).numpy(), top, left, original_size)
