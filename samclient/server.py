@@ -145,6 +145,30 @@ class TorchServe:
         except (OSError, ValueError, IndexError):
             return None
 
+    def worker_pids(self) -> dict[int, int]:
+        """The running backend workers as ``{worker port: pid}``.
+
+        Workers are the frontend's child processes running ``model_service_worker``; each
+        listens on the socket ``.ts.sock.<port>``, and ``<port>`` is the worker ``id`` that
+        the management API's describe call shows for the model.
+        """
+        frontend = self.pid()
+        if frontend is None:
+            return {}
+        workers = {}
+        for child in _children(frontend):
+            try:
+                cmdline = Path(f"/proc/{child}/cmdline").read_bytes()
+            except OSError:
+                continue
+            args = cmdline.decode(errors="replace").split("\0")
+            if not any("model_service_worker" in arg for arg in args) or "--sock-name" not in args:
+                continue
+            port = re.search(r"(\d+)$", args[args.index("--sock-name") + 1])
+            if port:
+                workers[int(port.group(1))] = child
+        return workers
+
     def start(self, models: str | None = None, timeout: float = 120) -> None:
         """Start TorchServe (``--ncs``: no snapshots) and wait until /ping is healthy."""
         if self.pid() is not None:

@@ -52,8 +52,14 @@ def build_archive(
     version: str = "1.0",
     settings: dict[str, Any] | None = None,
     archive_format: str = "default",
+    handler: Path = HANDLER,
 ) -> Path:
-    """Run torch-model-archiver; returns the path of the archive in ``export_path``."""
+    """Run torch-model-archiver; returns the path of the archive in ``export_path``.
+
+    ``archive_format`` "no-archive" writes a folder instead of a zipped ``.mar`` (fast
+    for big checkpoints). ``handler`` is the handler file to pack (another one, such as
+    the benchmark's ``scripts/naive_handler.py``, gets the same ``samserve`` package).
+    """
     export_path.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         staging = Path(tmp) / "extra"
@@ -67,7 +73,7 @@ def build_archive(
             "--model-name", model_name,
             "--version", version,
             "--serialized-file", str(checkpoint),
-            "--handler", str(HANDLER),
+            "--handler", str(handler),
             "--extra-files", str(staging),
             "--config-file", str(config),
             "--export-path", str(export_path),

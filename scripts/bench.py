@@ -1,0 +1,617 @@
+#!/usr/bin/env python
+"""Benchmark samserve against the in-process floor and a naive TorchServe handler.
+
+In one run on one machine, for each model: ``SamPredictor.predict`` in-process (the
+floor), a naive handler that runs ``set_image`` on every request (scripts/naive_handler.py),
+and this project served by TorchServe (cold, warm by ``image_id`` over REST and gRPC,
+1-64 prompts per request, concurrent clients, response sizes, worker memory vs cached
+embeddings), plus the decoder's FLOPs against this machine's matmul rate. Writes
+``<out>/<label>.json``, ``.md`` (tables and the "must show" checks) and ``.png``::
+
+    python scripts/bench.py                              # sam_small and vit_b, minutes
+    python scripts/bench.py --quick --models sam_small   # smoke run
+
+Times are milliseconds, sizes bytes (MiB where named), rates GFLOP/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import importlib.metadata
+import io
+import json
+import os
+import platform
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, suppress
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from segment_anything import SamPredictor
+from segment_anything.modeling import Sam
+
+REPO = Path(__file__).resolve().parent.parent
+for _path in (REPO / "handler", REPO / "scripts", REPO):
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
+
+from bench_report import OUTPUT_FORMATS, checks, derived, plot, render_markdown  # noqa: E402
+from build_mar import HANDLER, build_archive  # noqa: E402
+from samclient.body import point_prompt, segment_request  # noqa: E402
+from samclient.errors import SamServeError  # noqa: E402
+from samclient.grpc_client import GrpcClient  # noqa: E402
+from samclient.rest_client import RestClient  # noqa: E402
+from samclient.server import Ports, TorchServe  # noqa: E402
+from samserve.engine import decode_prompts  # noqa: E402
+from samserve.images import decode_image  # noqa: E402
+from samserve.models import SamSpec, build_sam, random_checkpoint, spec_by_name  # noqa: E402
+from training.prompts import random_pixel  # noqa: E402
+from training.synthetic import make_sample  # noqa: E402
+
+TRAINED = {"sam_small": REPO / "models" / "sam_small_shapes.pth"}
+NAIVE_HANDLER = REPO / "scripts" / "naive_handler.py"
+
+
+@dataclass(frozen=True)
+class Counts:
+    """How much of each measurement a run does."""
+
+    warm: int = 50  # warm clicks timed: floor, REST, gRPC (after `warmup` untimed)
+    warmup: int = 3
+    cold: int = 4  # distinct images sent cold; the first also warms the worker up
+    naive: int = 5  # naive requests timed (each runs the image encoder)
+    prompt_repeats: int = 5  # requests per prompt count
+    prompt_counts: tuple[int, ...] = (1, 4, 16, 64)
+    concurrency: tuple[int, ...] = (1, 2, 4)
+    seconds: float = 10.0  # per concurrency level
+    size_images: int = 4  # images whose response sizes are measured
+    max_cached: int = 8  # memory: RSS up to this many cached embeddings
+    matmul_repeats: int = 5
+
+
+QUICK = Counts(
+    warm=5, warmup=1, cold=2, naive=2, prompt_repeats=1, concurrency=(1, 2), seconds=2.0,
+    size_images=2, max_cached=2, matmul_repeats=3,
+)  # fmt: skip
+
+
+# -- small pure helpers --------------------------------------------------------------------
+
+
+def summarize(values_ms: Sequence[float]) -> dict[str, float]:
+    """p50/p95/p99, mean and min of latencies in ms, and their count ``n``."""
+    if not values_ms:
+        return {"n": 0}
+    values = np.asarray(values_ms, dtype=np.float64)
+    p50, p95, p99 = np.percentile(values, [50, 95, 99])
+    return {
+        "n": len(values),
+        "p50": round(float(p50), 3),
+        "p95": round(float(p95), 3),
+        "p99": round(float(p99), 3),
+        "mean": round(float(values.mean()), 3),
+        "min": round(float(values.min()), 3),
+    }
+
+
+def timed(call: Callable[[], Any]) -> tuple[float, Any]:
+    """(milliseconds, result) of ``call()``."""
+    tic = time.perf_counter()
+    result = call()
+    return (time.perf_counter() - tic) * 1000.0, result
+
+
+def server_timing(responses: Sequence[dict[str, Any]]) -> dict[str, float]:
+    """p50 of each server-side ``timing_ms`` stage over ``responses`` (ms)."""
+    stages: dict[str, list[float]] = {}
+    for response in responses:
+        for stage, ms in response.get("timing_ms", {}).items():
+            stages.setdefault(stage, []).append(ms)
+    return {stage: round(float(np.median(v)), 3) for stage, v in stages.items()}
+
+
+def rss_mib(pid: int) -> float:
+    """Resident set size (VmRSS) of process ``pid`` in MiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024.0
+    raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+def _mask_data(record: dict[str, Any]) -> str:
+    """The bulky part of a mask record: RLE counts, base64 PNG, or nothing."""
+    if "segmentation" in record:
+        return record["segmentation"]["counts"]
+    return record.get("png", "")
+
+
+# -- machine and workload ------------------------------------------------------------------
+
+
+def machine_facts(threads: int, device: torch.device) -> dict[str, Any]:
+    """CPU, cores, versions, thread settings, GPU and date of this run."""
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "cores_usable": len(os.sched_getaffinity(0)),
+        "load_avg_1min_at_start": round(os.getloadavg()[0], 2),
+        "device": str(device),
+        "gpu": torch.cuda.get_device_name(0) if device.type == "cuda" else None,
+        "torch": torch.__version__,
+        "torchserve": importlib.metadata.version("torchserve"),
+        "python": platform.python_version(),
+        "torch_threads_in_process": torch.get_num_threads(),
+        "torch_threads_per_worker": threads,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def matmul_gflops(device: torch.device, repeats: int) -> dict[str, float]:
+    """Best dense fp32 ``torch.mm`` rate of NxN matrices (N 2048 on CPU, 8192 on GPU)."""
+    n = 8192 if device.type == "cuda" else 2048
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    best = float("inf")
+    for _ in range(repeats + 1):  # the first one warms up
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        tic = time.perf_counter()
+        torch.mm(a, b)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - tic)
+    return {"n": n, "gflops": round(2 * n**3 / best / 1e9, 2)}
+
+
+@dataclass(frozen=True)
+class BenchImage:
+    """A synthetic shapes image: ``jpeg`` bytes as sent, ``pixels`` HxWx3 uint8 RGB as
+    the server decodes them, ``masks`` NxHxW bool objects (clicks go inside them)."""
+
+    jpeg: bytes
+    pixels: np.ndarray
+    masks: np.ndarray
+
+    def clicks(self, count: int, seed: int = 0) -> list[list[float]]:
+        """``count`` clicks [x, y] (pixels), cycling over the objects, each inside one."""
+        rng = np.random.default_rng([seed, count])
+        return [random_pixel(self.masks[i % len(self.masks)], rng) for i in range(count)]
+
+
+def bench_images(count: int, height: int, width: int) -> list[BenchImage]:
+    """``count`` HxW images from ``training.synthetic`` (seed 7), JPEG quality 90."""
+    images = []
+    for index in range(count):
+        sample = make_sample(np.random.default_rng([7, index]), height, width, 6)
+        buffer = io.BytesIO()
+        Image.fromarray(sample.image).save(buffer, format="JPEG", quality=90)
+        jpeg = buffer.getvalue()
+        images.append(BenchImage(jpeg, decode_image(jpeg, 1 << 30, 1 << 30), sample.masks))
+    return images
+
+
+def click_prompts(clicks: Sequence[Sequence[float]]) -> list[dict[str, Any]]:
+    """One foreground-click prompt per click."""
+    return [point_prompt([click], [1]) for click in clicks]
+
+
+def checkpoint_for(name: str, cache: Path) -> tuple[SamSpec, Path, str]:
+    """(spec, checkpoint, weights description): trained where shipped, else random."""
+    spec = spec_by_name(name)
+    if name in TRAINED:
+        return spec, TRAINED[name], f"trained ({TRAINED[name].relative_to(REPO)})"
+    path = cache / "checkpoints" / f"{name}_random.pth"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        random_checkpoint(spec, path)
+    return spec, path, "random (seed 0)"
+
+
+# -- in process ----------------------------------------------------------------------------
+
+
+def floor_predictor(
+    sam: Sam, image: BenchImage, device: torch.device
+) -> tuple[SamPredictor, dict[str, Any]]:
+    """The floor: a ``SamPredictor`` with ``image`` set once, and what it cost: the
+    encoder ms and the FLOPs of one click prompt (prompt encoder + mask decoder, 3 masks)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    predictor = SamPredictor(sam)
+    encoder_ms, _ = timed(lambda: predictor.set_image(image.pixels))
+    coords = predictor.transform.apply_coords(np.array(image.clicks(1)), predictor.original_size)
+    points = (
+        torch.as_tensor(coords[None], dtype=torch.float, device=device),  # 1x1x2
+        torch.ones((1, 1), dtype=torch.int, device=device),
+    )
+    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+        decode_prompts(sam, predictor.features, points, None, None, True)
+    return predictor, {
+        "encoder_ms": round(encoder_ms, 3),
+        "decoder_flops_per_prompt": int(counter.get_total_flops()),
+    }
+
+
+# -- served --------------------------------------------------------------------------------
+
+
+class Served:
+    """Drives one registered model on a running TorchServe over REST and gRPC."""
+
+    def __init__(self, server: TorchServe, model: str) -> None:
+        self.server = server
+        self.model = model
+        self.rest = self._rest()
+        ports = server.ports
+        self.grpc = GrpcClient(
+            server.host, ports.grpc_inference, ports.grpc_management, keys=server.keys()
+        )
+
+    def _rest(self) -> RestClient:
+        return RestClient(
+            self.server.inference_url, self.server.management_url, keys=self.server.keys()
+        )
+
+    def worker_pid(self) -> int:
+        """PID of the model's (single) worker process."""
+        worker = self.rest.describe_model(self.model)[0]["workers"][0]
+        pids = self.server.worker_pids()
+        pid = pids.get(int(worker["id"])) or worker.get("pid")
+        if not pid:
+            raise RuntimeError(f"no worker process found for {self.model}: {worker}, {pids}")
+        return int(pid)
+
+    def predict(self, body: dict[str, Any], grpc: bool = False) -> tuple[float, dict[str, Any]]:
+        """(client-side ms, response) of one request."""
+        client = self.grpc if grpc else self.rest
+        return timed(lambda: client.predict(self.model, body))
+
+    def cold_and_memory(self, images: Sequence[BenchImage]) -> tuple[dict[str, Any], list[str]]:
+        """Send each image once with one click (the encoder runs), reading the worker's RSS
+        before and after each; returns the cold latencies, RSS vs N and the image ids."""
+        pid = self.worker_pid()
+        rss = [{"cached": 0, "rss_mib": round(rss_mib(pid), 1)}]
+        times, responses, ids = [], [], []
+        for index, image in enumerate(images):
+            body = segment_request(image.jpeg, prompts=click_prompts(image.clicks(1)))
+            ms, response = self.predict(body)
+            if response["cached"]:
+                raise RuntimeError("a fresh image came back cached: the worker was not fresh")
+            times.append(ms)
+            responses.append(response)
+            ids.append(response["image_id"])
+            rss.append({"cached": index + 1, "rss_mib": round(rss_mib(pid), 1)})
+        cold = {
+            "first_request_ms": round(times[0], 3),
+            "latency": summarize(times[1:]),
+            "server_ms": server_timing(responses[1:]),
+            "image_bytes": int(np.mean([len(i.jpeg) for i in images])),
+        }
+        return {"cold": cold, "memory": {"worker_pid": pid, "rss": rss}}, ids
+
+    def warm(
+        self, predictor: SamPredictor, image: BenchImage, image_id: str, counts: Counts
+    ) -> dict[str, dict[str, Any]]:
+        """One click per request by ``image_id`` (multimask, RLE) over REST and gRPC, and
+        the same click on the in-process ``predictor``: interleaved, click by click, so
+        that all three see the same machine load."""
+        times: dict[str, list[float]] = {"in_process": [], "warm_rest": [], "warm_grpc": []}
+        responses: dict[str, list[dict[str, Any]]] = {"warm_rest": [], "warm_grpc": []}
+        for index, click in enumerate(image.clicks(counts.warm + counts.warmup)):
+            coords, labels = np.array([click]), np.array([1])  # 1x2 XY pixels, 1 label
+            ms, _ = timed(lambda c=coords, y=labels: predictor.predict(c, y, multimask_output=True))
+            timing = {"in_process": ms}
+            body = segment_request(image_id=image_id, prompts=click_prompts([click]))
+            for path in responses:
+                timing[path], response = self.predict(body, grpc=path == "warm_grpc")
+                if index >= counts.warmup:
+                    responses[path].append(response)
+            if index >= counts.warmup:
+                for path, ms in timing.items():
+                    times[path].append(ms)
+        out = {}
+        for path, values in times.items():
+            out[path] = summarize(values) | {"samples": [round(t, 3) for t in values]}
+            if path in responses:
+                out[path]["server_ms"] = server_timing(responses[path])
+        return out
+
+    def prompts(self, image: BenchImage, image_id: str, counts: Counts) -> list[dict[str, Any]]:
+        """Requests with 1, 4, 16, 64 click prompts on one cached image."""
+        rows = []
+        for count in counts.prompt_counts:
+            prompts = click_prompts(image.clicks(count, seed=1))
+            body = segment_request(image_id=image_id, prompts=prompts)
+            self.predict(body)  # warm-up
+            times, responses = [], []
+            for _ in range(counts.prompt_repeats):
+                ms, response = self.predict(body)
+                times.append(ms)
+                responses.append(response)
+            latency = summarize(times)
+            rows.append(
+                {
+                    "prompts": count,
+                    "latency": latency,
+                    "per_prompt_ms": round(latency["p50"] / count, 3),
+                    "server_ms": server_timing(responses),
+                }
+            )
+        return rows
+
+    def concurrency(
+        self, image_ids: Sequence[str], clicks: Sequence[list[float]], clients: int, seconds: float
+    ) -> dict[str, Any]:
+        """``clients`` threads, each on its own cached image, clicking for ``seconds``."""
+        latencies: list[list[float]] = [[] for _ in range(clients)]
+        errors: list[str] = []
+        start = threading.Barrier(clients + 1)
+
+        def click_loop(slot: int) -> None:
+            rest = self._rest()
+            image_id = image_ids[slot % len(image_ids)]
+            start.wait()
+            deadline = time.perf_counter() + seconds
+            index = 0
+            while time.perf_counter() < deadline:
+                prompt = click_prompts([clicks[index % len(clicks)]])
+                body = segment_request(image_id=image_id, prompts=prompt)
+                try:
+                    ms, _ = timed(lambda b=body: rest.predict(self.model, b))
+                    latencies[slot].append(ms)
+                except Exception as err:  # reported, not fatal
+                    errors.append(f"{type(err).__name__}: {err}")
+                index += 1
+
+        threads = [threading.Thread(target=click_loop, args=(s,)) for s in range(clients)]
+        for thread in threads:
+            thread.start()
+        start.wait()
+        tic = time.perf_counter()
+        for thread in threads:
+            thread.join()
+        elapsed = time.perf_counter() - tic
+        every = [ms for slot in latencies for ms in slot]
+        return {
+            "clients": clients,
+            "requests": len(every),
+            "errors": len(errors),
+            "first_error": errors[0] if errors else None,
+            "seconds": round(elapsed, 3),
+            "requests_per_s": round(len(every) / elapsed, 2),
+            "latency": summarize(every),
+        }
+
+    def sizes(self, images: Sequence[BenchImage], image_ids: Sequence[str]) -> dict[str, Any]:
+        """Bytes per mask of each output format: one click per object, multimask."""
+        totals = {f: {"payload": 0, "response": 0, "masks": 0} for f in OUTPUT_FORMATS}
+        pixels = 0
+        for image, image_id in zip(images, image_ids):
+            prompts = click_prompts(image.clicks(len(image.masks), seed=2))
+            for output in OUTPUT_FORMATS:
+                body = segment_request(image_id=image_id, prompts=prompts, output=output)
+                _, response = self.predict(body)
+                masks = [m for r in response["results"] for m in r["masks"]]
+                total = totals[output]
+                total["masks"] += len(masks)
+                # The server sends compact JSON: the same bytes as this re-encoding.
+                total["response"] += len(json.dumps(response, separators=(",", ":")))
+                total["payload"] += sum(len(_mask_data(m)) for m in masks)
+            pixels += image.pixels.shape[0] * image.pixels.shape[1] * len(prompts) * 3
+        masks = totals["rle"]["masks"]
+        raw_bool = pixels / masks
+        out: dict[str, Any] = {"raw_packed": raw_bool / 8, "raw_bool": raw_bool}
+        for output, total in totals.items():
+            payload, response = total["payload"] / masks, total["response"] / masks
+            out[output] = {
+                "payload_per_mask": round(payload, 1),
+                "response_per_mask": round(response, 1),
+                "response_vs_packed": round(response / (raw_bool / 8), 5),
+                "response_vs_bool": round(response / raw_bool, 5),
+            }
+        return out
+
+    def naive(self, image: BenchImage, counts: Counts) -> dict[str, Any]:
+        """Image + one click per request: the naive handler encodes every time."""
+        body = segment_request(image.jpeg, prompts=click_prompts(image.clicks(1)))
+        self.predict(body)  # warm-up
+        times, responses = [], []
+        for _ in range(counts.naive):
+            ms, response = self.predict(body)
+            times.append(ms)
+            responses.append(response)
+        return summarize(times) | {"server_ms": server_timing(responses)}
+
+    def stats(self) -> dict[str, Any]:
+        """The handler's describe counters (device, cache)."""
+        description = self.rest.describe_model(self.model, customized=True)[0]
+        custom = description.get("customizedMetadata")
+        return json.loads(custom) if isinstance(custom, str) else (custom or {})
+
+    def close(self) -> None:
+        self.grpc.close()
+
+
+# -- one model -----------------------------------------------------------------------------
+
+
+def bench_model(
+    name: str,
+    server: TorchServe,
+    cache: Path,
+    images: list[BenchImage],
+    counts: Counts,
+    threads: int,
+    device: torch.device,
+) -> dict[str, Any]:
+    """Every measurement of one model. The served model and the naive one run alone (each
+    registered only while measured); the in-process floor is timed beside warm clicks."""
+    spec, checkpoint, weights = checkpoint_for(name, cache)
+    result: dict[str, Any] = {"model": name, "weights": weights}
+    try:
+        sam = build_sam(spec, checkpoint).to(device)
+    except RuntimeError as err:
+        details = "; ".join(line.strip() for line in str(err).splitlines()[1:3])
+        raise RuntimeError(
+            f"checkpoint {checkpoint.relative_to(REPO)} does not fit spec {name!r} of "
+            f"samserve/models.py: {details} ..."
+        ) from err
+    result["parameters"] = sum(p.numel() for p in sam.parameters())
+    result["embedding_mib"] = round(spec.prompt_embed_dim * spec.embedding_size**2 * 4 / 2**20, 3)
+    predictor, result["in_process"] = floor_predictor(sam, images[0], device)
+    settings = {"torch_threads": threads}
+    for archive, handler in ((f"samserve_{name}", HANDLER), (f"naive_{name}", NAIVE_HANDLER)):
+        build_archive(spec, checkpoint, server.model_store, archive, settings=settings,
+                      archive_format="no-archive", handler=handler)  # fmt: skip
+
+    with registered(server, f"samserve_{name}") as served:
+        print(f"[{name}] cold requests and worker memory", flush=True)
+        cold_memory, ids = served.cold_and_memory(images)
+        result.update(cold_memory)
+        print(f"[{name}] warm clicks: in-process, REST, gRPC", flush=True)
+        warm = served.warm(predictor, images[0], ids[0], counts)
+        result["in_process"]["predict"] = warm.pop("in_process")
+        result.update(warm)
+        del predictor, sam
+        gc.collect()
+        print(f"[{name}] prompts per request {counts.prompt_counts}", flush=True)
+        result["prompts"] = served.prompts(images[0], ids[0], counts)
+        print(f"[{name}] concurrent clients {counts.concurrency}", flush=True)
+        clicks = images[0].clicks(64, seed=3)
+        result["concurrency"] = [
+            served.concurrency(ids, clicks, clients, counts.seconds)
+            for clients in counts.concurrency
+        ]
+        print(f"[{name}] response sizes", flush=True)
+        result["sizes"] = served.sizes(images[: counts.size_images], ids)
+        result["server_stats"] = served.stats()
+    with registered(server, f"naive_{name}") as naive:
+        print(f"[{name}] naive handler", flush=True)
+        result["naive"] = naive.naive(images[0], counts)
+    return result
+
+
+@contextmanager
+def registered(server: TorchServe, model: str) -> Iterator[Served]:
+    """Register archive ``model`` (a folder in the model store) with one worker; unregister
+    it afterwards, so that each model runs alone on the machine."""
+    served = Served(server, model)
+    try:
+        served.rest.register_model(model, model, initial_workers=1)
+        yield served
+    finally:
+        with suppress(SamServeError):  # not registered: the error above says why
+            served.rest.unregister_model(model)
+        served.close()
+
+
+# -- main ----------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--models",
+        help="comma-separated specs (default sam_small,vit_b; "
+        "--quick: sam_small); sam_small uses the trained checkpoint, "
+        "others random weights",
+    )
+    parser.add_argument("--quick", action="store_true", help="tiny counts: a smoke run")
+    parser.add_argument("--label", help="output name (default cpu-<cores>core or gpu-<name>)")
+    parser.add_argument("--out", type=Path, default=REPO / "docs" / "bench")
+    parser.add_argument("--repeats", type=int, help="warm clicks timed (default 50)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="torch threads in-process and per worker (CPU)",
+    )
+    parser.add_argument("--image-size", default="1500x2000", help="HxW of benchmark images")
+    parser.add_argument("--max-cached", type=int, help="memory: up to N cached embeddings")
+    parser.add_argument(
+        "--cache",
+        type=Path,
+        default=REPO / "build" / "bench",
+        help="checkpoints, archives and the server's workdir",
+    )
+    parser.add_argument("--port-offset", type=int, default=15000)
+    args = parser.parse_args(argv)
+
+    counts = QUICK if args.quick else Counts()
+    if args.repeats:
+        counts = replace(counts, warm=args.repeats)
+    if args.max_cached:
+        counts = replace(counts, max_cached=args.max_cached)
+    models = (args.models or ("sam_small" if args.quick else "sam_small,vit_b")).split(",")
+    height, width = (int(v) for v in args.image_size.lower().split("x"))
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.set_num_threads(args.threads)
+    label = args.label or (
+        f"gpu-{torch.cuda.get_device_name(0).split()[-1].lower()}"
+        if device.type == "cuda"
+        else f"cpu-{os.cpu_count()}core"
+    ) + ("-quick" if args.quick and not args.label else "")
+
+    n_images = max(counts.cold, counts.max_cached, max(counts.concurrency), counts.size_images)
+    print(f"bench {label}: {models}, {n_images} images of {height}x{width}", flush=True)
+    images = bench_images(n_images, height, width)
+    results: dict[str, Any] = {
+        "label": label,
+        "machine": machine_facts(args.threads, device),
+        "counts": asdict(counts),
+        "image_size": f"{height}x{width}",
+        "matmul": matmul_gflops(device, counts.matmul_repeats),
+        "models": {},
+    }
+    print(f"matmul: {results['matmul']['gflops']} GFLOP/s", flush=True)
+
+    server = TorchServe(
+        args.cache / "run", args.cache / "model_store", Ports.offset(args.port_offset)
+    )
+    server.stop()  # a leftover from an interrupted run of ours
+    server.model_store.mkdir(parents=True, exist_ok=True)
+    server.start()
+    try:
+        for name in models:
+            try:
+                result = bench_model(name, server, args.cache, images, counts, args.threads,
+                                     device)  # fmt: skip
+                result["derived"] = derived(result, results["matmul"]["gflops"])
+                print(f"[{name}] done", flush=True)
+            except Exception as err:
+                print(f"[{name}] FAILED: {type(err).__name__}: {err}", file=sys.stderr)
+                result = {"model": name, "error": f"{type(err).__name__}: {err}"}
+            results["models"][name] = result
+    finally:
+        server.stop()
+    results["machine"]["load_avg_1min_at_end"] = round(os.getloadavg()[0], 2)
+    results["checks"] = checks(results)
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"{label}.json").write_text(json.dumps(results, indent=1) + "\n")
+    markdown = render_markdown(results)
+    (args.out / f"{label}.md").write_text(markdown + "\n")
+    plot(results, args.out / f"{label}.png")
+    print(markdown)
+    print(f"wrote {args.out / label}.json, .md, .png")
+    return 0 if all("error" not in r for r in results["models"].values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

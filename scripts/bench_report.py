@@ -1,0 +1,271 @@
+"""Turn the results of ``scripts/bench.py`` into ratios, "must show" checks, Markdown and a plot.
+
+Pure functions of the results dict (as written to ``docs/bench/<label>.json``): times in
+ms, sizes in bytes, rates in GFLOP/s. Nothing here measures anything.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+OUTPUT_FORMATS = ("rle", "png", "none")
+# The issue's "must show" checks: (key in derived ratios, bound, True if at most).
+TARGETS = {
+    "warm_rest_vs_floor": (1.2, True),
+    "naive_vs_warm_rest": (100.0, False),  # applies to vit_b only
+    "per_prompt_vs_single": (0.8, True),
+    "achieved_vs_matmul": (0.6, False),
+    "rle_vs_packed": (0.05, True),
+}
+
+
+def ratio(numerator: float | None, denominator: float | None) -> float | None:
+    """numerator / denominator rounded to 4 decimals; None if either is missing or 0."""
+    if numerator is None or not denominator:
+        return None
+    return round(numerator / denominator, 4)
+
+
+def derived(result: dict[str, Any], matmul_gflops: float) -> dict[str, Any]:
+    """One model's ratios: warm vs floor, naive vs warm, per-prompt cost vs a 1-prompt
+    request, achieved GFLOP/s (server decoder time and end-to-end) vs matmul, RLE size."""
+    warm = result["warm_rest"]["p50"]
+    flops = result["in_process"]["decoder_flops_per_prompt"]
+    rows = {str(row["prompts"]): row for row in result["prompts"]}  # str keys, as in JSON
+    single = rows["1"]["latency"]["p50"] if "1" in rows else None
+    achieved = {}
+    for count, row in rows.items():
+        decoder = ratio(flops * row["prompts"] / 1e6, row["server_ms"].get("decoder"))
+        end_to_end = ratio(flops * row["prompts"] / 1e6, row["latency"]["p50"])
+        achieved[count] = {
+            "gflops_decoder": decoder,
+            "gflops_end_to_end": end_to_end,
+            "vs_matmul_decoder": ratio(decoder, matmul_gflops),
+            "vs_matmul_end_to_end": ratio(end_to_end, matmul_gflops),
+        }
+    return {
+        "warm_rest_vs_floor": ratio(warm, result["in_process"]["predict"]["p50"]),
+        "naive_vs_warm_rest": ratio(result["naive"]["p50"], warm),
+        "per_prompt_vs_single": {
+            count: ratio(row["per_prompt_ms"], single)
+            for count, row in rows.items()
+            if count != "1"
+        },
+        "achieved": achieved,
+        "rle_vs_packed": result["sizes"]["rle"]["response_vs_packed"],
+    }
+
+
+def checks(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """The "must show" rows of every measured model: value, target, pass (None: n/a)."""
+    rows = []
+    for name, result in results["models"].items():
+        d = result.get("derived")
+        if not d:
+            continue
+        achieved = d["achieved"].get("16", {})
+        items = [
+            ("warm REST p50 / in-process floor p50", "warm_rest_vs_floor", d["warm_rest_vs_floor"]),
+            ("naive p50 / warm REST p50", "naive_vs_warm_rest", d["naive_vs_warm_rest"]),
+            *[
+                (f"per-prompt time: {count} prompts / 1-prompt request", "per_prompt_vs_single", v)
+                for count, v in d["per_prompt_vs_single"].items()
+            ],
+            *[
+                (
+                    f"16 prompts: achieved / matmul GFLOP/s, {kind.replace('_', '-')}",
+                    "achieved_vs_matmul",
+                    achieved.get(f"vs_matmul_{kind}"),
+                )
+                for kind in ("decoder", "end_to_end")
+            ],  # fmt: skip
+            ("RLE response bytes / raw packed bitmask bytes", "rle_vs_packed", d["rle_vs_packed"]),
+        ]
+        for check, key, value in items:
+            bound, at_most = TARGETS[key]
+            applies = key != "naive_vs_warm_rest" or name == "vit_b"
+            passed = None
+            if applies and value is not None:
+                passed = value <= bound if at_most else value >= bound
+            target = f"{'<=' if at_most else '>='} {bound:g}"
+            rows.append(
+                {"check": check, "model": name, "value": value, "target": target, "pass": passed}
+            )
+    return rows
+
+
+def fmt(value: Any) -> str:
+    """A table cell: '-' for None, 3 significant digits below 100, thousands separators."""
+    if value is None:
+        return "-"
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return str(value)
+    if isinstance(value, int) or abs(value) >= 100:
+        return f"{value:,.0f}"
+    return f"{value:.3g}"
+
+
+def table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
+    """Markdown table lines (and a blank line after)."""
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
+    return [*lines, ""]
+
+
+STAGES = ("encoder", "decoder", "encode_masks", "total")
+
+
+def _latency_row(path: str, stats: dict[str, Any]) -> list[Any]:
+    server = stats.get("server_ms", {})
+    return [path, stats.get("p50"), stats.get("p95"), stats["n"], *map(server.get, STAGES)]
+
+
+def model_section(name: str, r: dict[str, Any], image_size: str) -> list[str]:
+    """One model's tables: latency, prompts per request, throughput, sizes, memory."""
+    out = [f"## {name}", ""]
+    if "error" in r:
+        return [*out, f"**Not measured**: {r['error']}", ""]
+    random = r["weights"].startswith("random")
+    note = " Random weights give noise masks: their sizes say little." if random else ""
+    out += [
+        f"{r['weights']} weights, {r['parameters']:,} parameters, image embedding "
+        f"{r['embedding_mib']} MiB; {image_size} JPEG images (~{r['cold']['image_bytes']:,} "
+        f"bytes).{note}",
+        "",
+        "### One click (ms, client-side; server stages p50)",
+        "",
+    ]
+    cold = r["cold"]["latency"] | {"server_ms": r["cold"]["server_ms"]}
+    out += table(
+        ["path", "p50", "p95", "n", *(f"server {s}" for s in STAGES)],
+        [
+            _latency_row("in-process floor: SamPredictor.predict", r["in_process"]["predict"]),
+            _latency_row("naive handler: image + click, set_image every time", r["naive"]),
+            _latency_row("samserve cold: new image + click", cold),
+            _latency_row("samserve warm: image_id + click, REST", r["warm_rest"]),
+            _latency_row("samserve warm: image_id + click, gRPC", r["warm_grpc"]),
+        ],
+    )
+    out += [
+        f"In-process `set_image`: {r['in_process']['encoder_ms']:,.0f} ms; the first served "
+        f"request (worker warm-up + encoder): {r['cold']['first_request_ms']:,.0f} ms.",
+        "",
+    ]
+    d = r["derived"]
+    flops = r["in_process"]["decoder_flops_per_prompt"]
+    out += [f"### Prompts per request ({flops / 1e9:.3g} GFLOP per prompt)", ""]
+    rows = []
+    for p in r["prompts"]:
+        count = str(p["prompts"])
+        achieved = d["achieved"][count]
+        rows.append(
+            [count, p["latency"]["p50"], p["per_prompt_ms"], d["per_prompt_vs_single"].get(count),
+             p["server_ms"].get("decoder"), p["server_ms"].get("encode_masks"),
+             achieved["gflops_decoder"], achieved["gflops_end_to_end"]]
+        )  # fmt: skip
+    out += table(
+        ["prompts", "request p50 ms", "ms per prompt", "per prompt / 1-prompt request",
+         "server decoder ms", "server encode_masks ms", "GFLOP/s decoder", "GFLOP/s end-to-end"],
+        rows,
+    )  # fmt: skip
+    out += ["### Throughput: concurrent clients, each clicking on its own cached image", ""]
+    out += table(
+        ["clients", "requests", "errors", "requests/s", "p50 ms", "p95 ms", "p99 ms"],
+        [[c["clients"], c["requests"], c["errors"], c["requests_per_s"],
+          *map(c["latency"].get, ("p50", "p95", "p99"))] for c in r["concurrency"]],
+    )  # fmt: skip
+    sizes = r["sizes"]
+    out += [
+        f"### Bytes per mask (raw bitmask: {sizes['raw_packed']:,.0f} packed, "
+        f"{sizes['raw_bool']:,.0f} as bool)",
+        "",
+    ]
+    out += table(
+        ["output", "mask data", "whole response", "response / packed", "response / bool"],
+        [[f, *map(sizes[f].get, ("payload_per_mask", "response_per_mask", "response_vs_packed",
+                                 "response_vs_bool"))] for f in OUTPUT_FORMATS],
+    )  # fmt: skip
+    out += ["### Worker memory vs cached embeddings", ""]
+    out += table(
+        ["cached embeddings", "worker RSS MiB"],
+        [[m["cached"], m["rss_mib"]] for m in r["memory"]["rss"]],
+    )
+    return out
+
+
+def render_markdown(results: dict[str, Any]) -> str:
+    """The report: machine, the "must show" checks, then each model's tables."""
+    matmul = results["matmul"]
+    out = [f"# samserve benchmark: {results['label']}", ""]
+    out += table(["machine", ""], list(results["machine"].items()))
+    out += [
+        f"Dense fp32 matmul ({matmul['n']}x{matmul['n']} `torch.mm`, best of "
+        f"{results['counts']['matmul_repeats']}): **{matmul['gflops']:,.1f} GFLOP/s**.",
+        "",
+        "## Must show",
+        "",
+    ]
+    verdict = {True: "pass", False: "**fail**", None: "n/a"}
+    out += table(
+        ["check", "model", "value", "target", "result"],
+        [[*map(c.get, ("check", "model", "value", "target")), verdict[c["pass"]]]
+         for c in results["checks"]],
+    )  # fmt: skip
+    for name, result in results["models"].items():
+        out += model_section(name, result, results["image_size"])
+    return "\n".join(out)
+
+
+def plot(results: dict[str, Any], path: Path) -> None:
+    """Four panels, one series per model: click latency by path (log), ms per prompt vs
+    prompts per request, worker RSS vs cached embeddings, requests/s vs clients."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+    from matplotlib.ticker import MaxNLocator
+
+    models = {n: r for n, r in results["models"].items() if "error" not in r}
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8.5))
+    lat, per, mem, thr = axes.flat
+    labels = ["floor", "naive", "cold", "warm REST", "warm gRPC"]
+    width = 0.8 / max(1, len(models))
+    for i, (name, r) in enumerate(models.items()):
+        stats = [r["in_process"]["predict"], r["naive"], r["cold"]["latency"], r["warm_rest"],
+                 r["warm_grpc"]]  # fmt: skip
+        p50 = np.array([s.get("p50", np.nan) for s in stats])
+        p95 = np.array([s.get("p95", np.nan) for s in stats])
+        x = np.arange(len(labels)) + i * width
+        lat.bar(x, p50, width, label=name)
+        lat.errorbar(x, p50, yerr=[0 * p50, p95 - p50], fmt="none", ecolor="k", capsize=3)
+        counts = [p["prompts"] for p in r["prompts"]]
+        per.plot(counts, [p["per_prompt_ms"] for p in r["prompts"]], "o-", label=f"{name} request")
+        decoder = [p["server_ms"].get("decoder", np.nan) / p["prompts"] for p in r["prompts"]]
+        per.plot(counts, decoder, "s--", label=f"{name} server decoder")
+        rss = r["memory"]["rss"]
+        mem.plot([m["cached"] for m in rss], [m["rss_mib"] for m in rss], "o-", label=name)
+        levels = r["concurrency"]
+        thr.plot([c["clients"] for c in levels], [c["requests_per_s"] for c in levels], "o-",
+                 label=name)  # fmt: skip
+    lat.set_xticks(np.arange(len(labels)) + width * (len(models) - 1) / 2, labels)
+    lat.set(yscale="log", ylabel="ms per click (p50, whisker to p95)", title="One click")
+    per.set(xscale="log", yscale="log", xlabel="prompts per request", ylabel="ms per prompt (p50)",
+            title="Many prompts in one request")  # fmt: skip
+    ticks = sorted({p["prompts"] for r in models.values() for p in r["prompts"]})
+    per.set_xticks(ticks, [str(t) for t in ticks])
+    mem.set(xlabel="cached embeddings", ylabel="worker RSS (MiB)", title="Worker memory")
+    thr.set(xlabel="concurrent clients", ylabel="requests/s (one click each)", title="Throughput")
+    for ax in (mem, thr):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    for ax in fig.axes:
+        ax.legend(fontsize=8)
+    machine = results["machine"]
+    fig.suptitle(f"samserve {results['label']}: {machine['gpu'] or machine['cpu']}, "
+                 f"{machine['torch_threads_per_worker']} threads per worker, "
+                 f"{results['image_size']} images", fontsize=10)  # fmt: skip
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,111 @@
+"""A naive SAM handler, the benchmark's baseline: ``set_image`` on every request.
+
+This is what the TorchServe SAM examples and most user handlers do: decode the image,
+run ``SamPredictor.set_image`` (the ViT image encoder), then ``predict`` each prompt.
+Nothing is cached, so every click pays for the encoder. It speaks the samserve request
+format (``image`` + ``prompts``; ``image_id`` alone is not supported) and answers with
+the same mask records, so ``scripts/bench.py`` can time both servers with one client.
+
+Built into an archive by ``build_mar.build_archive(..., handler=NAIVE_HANDLER)``; it
+reads ``spec`` and ``torch_threads`` from the archive's ``model-config.yaml``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from segment_anything import SamPredictor
+from ts.torch_handler.base_handler import BaseHandler
+
+from samserve.errors import RequestError
+from samserve.images import decode_image
+from samserve.masks import encode_masks
+from samserve.models import SamSpec, build_sam
+from samserve.protocol import Limits, SegmentRequest, parse_request
+from samserve.settings import Settings
+
+
+class NaiveSamHandler(BaseHandler):
+    """Decode, encode the image, decode the prompts: all of it for every request."""
+
+    def initialize(self, context: Any) -> None:
+        """Build the model from the archive's spec and checkpoint; CUDA when given a GPU."""
+        properties = context.system_properties
+        config = dict((getattr(context, "model_yaml_config", None) or {}).get("handler", {}))
+        spec = SamSpec.from_dict(config.pop("spec", {"name": "vit_b"}))
+        self.settings = Settings.from_dict(config)
+        gpu_id = properties.get("gpu_id")
+        if torch.cuda.is_available() and gpu_id is not None:
+            self.device = torch.device(f"cuda:{gpu_id}")
+        else:
+            self.device = torch.device("cpu")
+            torch.set_num_threads(self.settings.torch_threads or os.cpu_count() or 1)
+        checkpoint = context.manifest["model"].get("serializedFile")
+        model_dir = Path(properties.get("model_dir"))
+        sam = build_sam(spec, model_dir / checkpoint if checkpoint else None).to(self.device)
+        self.predictor = SamPredictor(sam)
+        self.limits = Limits(self.settings.max_prompts, self.settings.max_points_per_prompt)
+        self.initialized = True
+
+    def handle(self, data: list[dict[str, Any]], context: Any) -> list[bytes]:
+        """One JSON body per request; a bad request gets its own 4xx, the rest go on."""
+        self.context = context
+        out = []
+        for index, row in enumerate(data):
+            body = row.get("body", row.get("data"))
+            content_type = "application/json" if isinstance(body, dict) else None
+            try:
+                reply = self._segment(parse_request(body, content_type, self.limits))
+            except RequestError as err:
+                reply = err.to_dict()
+                context.set_response_status(err.status, err.code, index)
+            context.set_response_content_type(index, "application/json")
+            out.append(json.dumps(reply, separators=(",", ":")).encode("utf-8"))
+        return out
+
+    @torch.inference_mode()
+    def _segment(self, request: SegmentRequest) -> dict[str, Any]:
+        """``set_image`` then ``predict`` per prompt; the samserve response body."""
+        if request.image is None:
+            raise RequestError(400, "missing_image", "the naive handler needs 'image'")
+        timing: dict[str, float] = {}
+        started = tic = time.perf_counter()
+        image = decode_image(
+            request.image, self.settings.max_image_bytes, self.settings.max_image_pixels
+        )
+        timing["decode"] = _ms_since(tic)
+        tic = time.perf_counter()
+        self.predictor.set_image(image)  # HxWx3 uint8 RGB: the image encoder runs
+        timing["encoder"] = _ms_since(tic)
+        results = []
+        timing["decoder"] = timing["encode_masks"] = 0.0
+        for prompt in request.prompts:
+            tic = time.perf_counter()
+            masks, scores, _ = self.predictor.predict(
+                point_coords=prompt.points,
+                point_labels=prompt.labels,
+                box=prompt.box,
+                multimask_output=request.multimask,
+            )  # CxHxW bool masks in the original frame, C scores
+            timing["decoder"] += _ms_since(tic)
+            tic = time.perf_counter()
+            results.append({"masks": encode_masks(masks, scores, request.output)})
+            timing["encode_masks"] += _ms_since(tic)
+        timing["total"] = _ms_since(started)
+        height, width = image.shape[:2]
+        return {
+            "width": width,
+            "height": height,
+            "cached": False,
+            "results": results,
+            "timing_ms": {k: round(v, 2) for k, v in timing.items()},
+        }
+
+
+def _ms_since(tic: float) -> float:
+    return (time.perf_counter() - tic) * 1000.0

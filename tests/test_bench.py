@@ -1,0 +1,111 @@
+"""The benchmark's pure pieces (scripts/bench.py, scripts/bench_report.py), no timing asserted,
+and ``TorchServe.worker_pids`` against the session's real server."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from bench import bench_images, summarize
+from bench_report import checks, derived, fmt, plot, render_markdown
+from conftest import MODEL
+
+
+def test_summarize_percentiles() -> None:
+    stats = summarize([float(v) for v in range(1, 101)])
+    assert stats["n"] == 100
+    assert stats["p50"] == pytest.approx(50.5)
+    assert stats["p95"] == pytest.approx(95.05)
+    assert stats["min"] == 1.0
+    assert summarize([]) == {"n": 0}
+
+
+def test_clicks_fall_inside_objects() -> None:
+    (image,) = bench_images(1, 64, 96)
+    assert image.pixels.shape == (64, 96, 3)
+    clicks = image.clicks(10)
+    assert clicks == image.clicks(10)  # deterministic
+    for index, (x, y) in enumerate(clicks):
+        assert image.masks[index % len(image.masks), int(y), int(x)]
+
+
+def _stats(p50: float) -> dict:
+    return {"n": 3, "p50": p50, "p95": p50 * 1.5, "p99": p50 * 2, "server_ms": {"decoder": 1.0}}
+
+
+def _fake_result(warm_ms: float) -> dict:
+    """A result with every field the report reads; 1 GFLOP per prompt."""
+    prompts = [
+        {"prompts": n, "latency": _stats(10.0 * n**0.5), "per_prompt_ms": 10.0 / n**0.5,
+         "server_ms": {"decoder": 5.0 * n**0.5, "encode_masks": 1.0}}
+        for n in (1, 4, 16, 64)
+    ]  # fmt: skip
+    sizes = {"raw_packed": 1000.0, "raw_bool": 8000.0}
+    for output, size in (("rle", 20.0), ("png", 80.0), ("none", 5.0)):
+        sizes[output] = {"payload_per_mask": size, "response_per_mask": size + 5,
+                         "response_vs_packed": (size + 5) / 1000,
+                         "response_vs_bool": 0.0}  # fmt: skip
+    return {
+        "weights": "random (seed 0)", "parameters": 10, "embedding_mib": 4.0,
+        "in_process": {"encoder_ms": 9000.0, "decoder_flops_per_prompt": 10**9,
+                       "predict": _stats(10.0)},
+        "cold": {"first_request_ms": 1.0, "latency": _stats(9000.0), "server_ms": {},
+                 "image_bytes": 100},
+        "naive": _stats(9000.0), "warm_rest": _stats(warm_ms), "warm_grpc": _stats(warm_ms),
+        "prompts": prompts,
+        "concurrency": [{"clients": 1, "requests": 5, "errors": 0, "requests_per_s": 2.0,
+                         "latency": _stats(5.0)}],
+        "sizes": sizes,
+        "memory": {"rss": [{"cached": 0, "rss_mib": 500.0}, {"cached": 1, "rss_mib": 504.0}]},
+    }  # fmt: skip
+
+
+def test_report_checks_markdown_and_plot(tmp_path: Path) -> None:
+    results = {
+        "label": "test", "image_size": "64x96", "matmul": {"n": 2048, "gflops": 100.0},
+        "counts": {"matmul_repeats": 3}, "machine": {"cpu": "test", "gpu": None,
+                                                     "torch_threads_per_worker": 2},
+        "models": {"vit_b": _fake_result(11.0), "sam_small": _fake_result(30.0),
+                   "broken": {"error": "RuntimeError: checkpoint does not fit"}},
+    }  # fmt: skip
+    for name in ("vit_b", "sam_small"):
+        results["models"][name]["derived"] = derived(results["models"][name], 100.0)
+    vit_b = results["models"]["vit_b"]["derived"]
+    assert vit_b["warm_rest_vs_floor"] == pytest.approx(1.1)
+    assert vit_b["per_prompt_vs_single"]["16"] == pytest.approx(0.25)
+    # 16 GFLOP in 20 ms of decoder: 800 GFLOP/s, 8x the matmul rate.
+    assert vit_b["achieved"]["16"]["gflops_decoder"] == pytest.approx(800.0)
+
+    results["checks"] = checks(results)
+    verdicts = {(c["model"], c["check"]): c["pass"] for c in results["checks"]}
+    assert verdicts[("vit_b", "warm REST p50 / in-process floor p50")] is True
+    assert verdicts[("sam_small", "warm REST p50 / in-process floor p50")] is False
+    assert verdicts[("vit_b", "naive p50 / warm REST p50")] is True
+    assert verdicts[("sam_small", "naive p50 / warm REST p50")] is None  # vit_b only
+
+    markdown = render_markdown(results)
+    row = "| warm REST p50 / in-process floor p50 | sam_small | 3 | <= 1.2 | **fail** |"
+    assert row in markdown
+    assert "**Not measured**: RuntimeError: checkpoint does not fit" in markdown
+    pytest.importorskip("matplotlib")
+    plot(results, tmp_path / "plot.png")
+    assert (tmp_path / "plot.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_fmt() -> None:
+    assert [fmt(None), fmt(1234567), fmt(0.012345), fmt(12.345), fmt(1234.5)] == [
+        "-", "1,234,567", "0.0123", "12.3", "1,234",
+    ]  # fmt: skip
+
+
+@pytest.mark.integration
+def test_worker_pids_match_describe(server, rest) -> None:
+    workers = rest.describe_model(MODEL)[0]["workers"]
+    pids = server.worker_pids()
+    for worker in workers:
+        pid = pids[int(worker["id"])]
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        assert b"model_service_worker" in cmdline
+        assert worker.get("pid") in (None, pid)
+    assert pids
