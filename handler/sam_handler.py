@@ -15,7 +15,6 @@ from typing import Any
 import torch
 from ts.torch_handler.base_handler import BaseHandler
 
-from samserve.engine import MIB, SamEngine
 from samserve.models import SamSpec, build_sam
 from samserve.service import Reply, SegmentService
 from samserve.settings import Settings
@@ -47,13 +46,7 @@ class SamHandler(BaseHandler):
         model_dir = Path(properties.get("model_dir"))
         checkpoint = manifest["model"].get("serializedFile")
         sam = build_sam(spec, model_dir / checkpoint if checkpoint else None).to(self.device)
-        engine = SamEngine(
-            sam,
-            embedding_cache_bytes=int(settings.embedding_cache_mb * MIB),
-            logits_cache_bytes=int(settings.logits_cache_mb * MIB),
-            encoder_batch_size=settings.encoder_batch_size,
-        )
-        self.service = SegmentService(engine, settings)
+        self.service = SegmentService.for_model(sam, settings)
         self.model = sam
         self.manifest = manifest
         self.initialized = True
@@ -71,7 +64,13 @@ class SamHandler(BaseHandler):
         for index, row in enumerate(data):
             name = "body" if "body" in row else "data" if "data" in row else next(iter(row), None)
             body = row.get(name) if name is not None else None
-            requests.append((body, self._content_type(index, name)))
+            content_type = self._content_type(index, name)
+            if content_type == JSON and not isinstance(body, (dict, list, bytes, bytearray)):
+                # TorchServe has already decoded this JSON body, to something that is not
+                # an object (a string, number, true/false or null): hand back JSON text so
+                # the protocol reports the body's real type ("got null", not "empty").
+                body = json.dumps(body)
+            requests.append((body, content_type))
         return requests
 
     def inference(self, data: list[tuple[Any, str | None]], *args: Any, **kwargs: Any) -> list:
@@ -85,7 +84,7 @@ class SamHandler(BaseHandler):
             if reply.status != 200:
                 error = reply.body["error"]
                 self.context.set_response_status(reply.status, error["code"], index)
-            out.append(json.dumps(reply.body, separators=(",", ":")).encode("utf-8"))
+            out.append(reply.encode())
         return out
 
     def describe_handle(self) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import sys
 from pathlib import Path
 
@@ -24,7 +25,9 @@ from samserve.models import build_sam, random_checkpoint, spec_by_name  # noqa: 
 torch.set_num_threads(2)
 
 MODEL = "sam"
-PORTS = Ports.offset(11000)  # 19080-19082, gRPC 18070-18071, workers from 20000
+# 19080-19082, gRPC 18070-18071, workers from 20000; two test runs side by side need
+# different offsets (SAMSERVE_TEST_PORT_OFFSET).
+PORTS = Ports.offset(int(os.environ.get("SAMSERVE_TEST_PORT_OFFSET", "11000")))
 SMALL_CACHE_MB = 0.1  # holds one sam_micro embedding (64 KiB), not two
 
 

@@ -396,6 +396,16 @@ def test_png_with_corrupt_image_data_is_invalid_image():
     expect_error(bytes(data), 400, "invalid_image")
 
 
+def test_plugin_that_raises_an_unusual_exception_is_invalid_image():
+    """A DDS header with unknown pixel-format flags makes Pillow raise NotImplementedError."""
+    data = bytearray(encode(Image.fromarray(random_rgb(height=8, width=8, seed=14)), "DDS"))
+    assert data[:4] == b"DDS "
+    data[80:84] = struct.pack("<I", 0x4000)  # DDS_PIXELFORMAT.dwFlags: no known format
+    with pytest.raises(NotImplementedError):
+        Image.open(io.BytesIO(bytes(data)))
+    expect_error(bytes(data), 400, "invalid_image")
+
+
 # --- image_id_of ------------------------------------------------------------------------
 
 

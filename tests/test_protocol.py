@@ -196,6 +196,11 @@ def test_non_object_json_is_rejected(body):
     expect_error(body, "invalid_request", names="request")
 
 
+@pytest.mark.parametrize("body,kind", [(42, "int"), (2.5, "float"), (True, "bool")])
+def test_already_decoded_json_scalar_names_its_type(body, kind):
+    expect_error(body, "invalid_request", names=f"got {kind}")
+
+
 def test_unsupported_content_type():
     error = expect_error(
         b"\x00\x01", "unsupported_media_type", status=415, content_type="application/octet-stream"

@@ -194,3 +194,54 @@ def test_encoder_failure_fails_only_requests_that_need_it(service, monkeypatch):
     replies = service.handle([_request(png_bytes(make_image(100, 100, seed=2))),
                               _request(cached, prompts=[POINT])])  # fmt: skip
     assert [r.status for r in replies] == [500, 200]
+
+
+def test_many_prompts_on_a_large_image_are_decoded_in_chunks(micro_sam, monkeypatch):
+    """Only a bounded number of full-size masks is alive at once; answers are unchanged."""
+    from samserve import service as service_module
+
+    service = SegmentService(SamEngine(micro_sam), Settings())
+    image = png_bytes(make_image(200, 300))
+    prompts = [{"points": [[10 + 9 * k, 20 + 5 * k]], "labels": [1]} for k in range(12)]
+    whole = service.handle([_request(image, prompts=prompts, output="none")])[0]
+    assert whole.status == 200
+    calls = []
+    real_predict = service.engine.predict
+
+    def predict(embedding, chunk, multimask=True):
+        calls.append(len(chunk))
+        return real_predict(embedding, chunk, multimask)
+
+    monkeypatch.setattr(service.engine, "predict", predict)
+    monkeypatch.setattr(service_module, "MASK_PIXELS_PER_CALL", 5 * 3 * 200 * 300)
+    chunked = service.handle([_request(image, prompts=prompts, output="none")])[0]
+    assert calls == [5, 5, 2]
+    for a, b in zip(whole.body["results"], chunked.body["results"]):
+        assert [m["area"] for m in a["masks"]] == [m["area"] for m in b["masks"]]
+        assert [m["score"] for m in a["masks"]] == pytest.approx(
+            [m["score"] for m in b["masks"]], abs=1e-4
+        )
+
+
+def test_mask_pixel_and_response_size_limits(micro_sam):
+    image = png_bytes(make_image(100, 100))
+    prompts = [POINT, {"box": [5, 5, 40, 40]}]
+    limited = SegmentService(SamEngine(micro_sam), Settings(max_mask_pixels=2 * 3 * 100 * 100 - 1))
+    reply = limited.handle([_request(image, prompts=prompts)])[0]
+    assert reply.status == 400 and reply.body["error"]["code"] == "too_many_mask_pixels"
+    assert "2 prompts x 3 masks x 100x100" in reply.body["error"]["message"]
+    single = limited.handle([_request(image, prompts=prompts, multimask=False)])[0]
+    assert single.status == 200
+
+    full = SegmentService(SamEngine(micro_sam), Settings()).handle(
+        [_request(image, prompts=prompts, output="png")]
+    )[0]
+    size = len(full.encode())
+    small = SegmentService(SamEngine(micro_sam), Settings(max_response_bytes=size - 100))
+    replies = small.handle(
+        [_request(image, prompts=prompts, output="png"), _request(image, prompts=[POINT])]
+    )
+    assert [r.status for r in replies] == [413, 200]
+    assert replies[0].body["error"]["code"] == "response_too_large"
+    exact = SegmentService(SamEngine(micro_sam), Settings(max_response_bytes=size + 100))
+    assert exact.handle([_request(image, prompts=prompts, output="png")])[0].status == 200

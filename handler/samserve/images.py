@@ -39,8 +39,18 @@ def decode_image(data: bytes, max_bytes: int, max_pixels: int) -> np.ndarray:
         )
     try:
         image = Image.open(io.BytesIO(data))
-    except (UnidentifiedImageError, OSError, ValueError) as err:
-        raise RequestError(400, "invalid_image", f"not a readable image: {err}") from err
+    except MemoryError:
+        raise
+    except UnidentifiedImageError as err:
+        raise RequestError(
+            400, "invalid_image", "not a readable image: no known image format recognises it"
+        ) from err
+    except Exception as err:  # any failure of a format plugin on the client's bytes
+        # Plugins raise more than OSError/ValueError on malformed files (a DDS header with
+        # unknown pixel format flags raises NotImplementedError): all of it is a bad image.
+        raise RequestError(
+            400, "invalid_image", f"not a readable image: {type(err).__name__}: {err}"
+        ) from err
     width, height = image.size
     if width * height > max_pixels:
         raise RequestError(
@@ -56,8 +66,12 @@ def decode_image(data: bytes, max_bytes: int, max_pixels: int) -> np.ndarray:
             image.load()
             image = ImageOps.exif_transpose(image)
         return _to_rgb(image)
-    except (OSError, ValueError, SyntaxError) as err:
-        raise RequestError(400, "invalid_image", f"image could not be decoded: {err}") from err
+    except MemoryError:
+        raise
+    except Exception as err:  # truncated or corrupt data, in any plugin
+        raise RequestError(
+            400, "invalid_image", f"image could not be decoded: {type(err).__name__}: {err}"
+        ) from err
 
 
 def _to_rgb(image: Image.Image) -> np.ndarray:

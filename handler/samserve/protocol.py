@@ -22,9 +22,10 @@ from typing import Any
 import numpy as np
 
 from .errors import RequestError
+from .everything import EverythingParams
 from .masks import OUTPUT_FORMATS
 
-REQUEST_FIELDS = frozenset({"image", "image_id", "prompts", "multimask", "output"})
+REQUEST_FIELDS = frozenset({"image", "image_id", "prompts", "multimask", "output", "everything"})
 PROMPT_FIELDS = frozenset({"points", "labels", "box", "mask_input"})
 MAX_ID_LENGTH = 128
 
@@ -60,6 +61,23 @@ class SegmentRequest:
     prompts: tuple[PromptRequest, ...] = ()
     multimask: bool = True
     output: str = "rle"
+    everything: EverythingParams | None = None
+
+
+# Bounds of each segment-everything parameter (inclusive), and whether it is an integer.
+EVERYTHING_BOUNDS: dict[str, tuple[float, float, bool]] = {
+    "points_per_side": (1, 64, True),
+    "points_per_batch": (1, 256, True),
+    "pred_iou_thresh": (0.0, 1.0, False),
+    "stability_score_thresh": (0.0, 1.0, False),
+    "stability_score_offset": (0.0, 10.0, False),
+    "box_nms_thresh": (0.0, 1.0, False),
+    "crop_n_layers": (0, 2, True),
+    "crop_nms_thresh": (0.0, 1.0, False),
+    "crop_overlap_ratio": (0.0, 0.9, False),
+    "crop_n_points_downscale_factor": (1, 8, True),
+    "min_mask_region_area": (0, 100_000_000, True),
+}
 
 
 def parse_request(body: Any, content_type: str | None, limits: Limits) -> SegmentRequest:
@@ -90,7 +108,7 @@ def parse_request(body: Any, content_type: str | None, limits: Limits) -> Segmen
 
 
 def _load_json(body: Any) -> Any:
-    if isinstance(body, (dict, list)):
+    if isinstance(body, (dict, list, bool, int, float)):  # already decoded
         return body
     if isinstance(body, (bytes, bytearray)):
         try:
@@ -140,7 +158,30 @@ def parse_json(data: Any, limits: Limits) -> SegmentRequest:
     output = data.get("output", "rle")
     if output not in OUTPUT_FORMATS:
         raise _invalid("output", f"must be one of {list(OUTPUT_FORMATS)}, got {output!r}")
-    return SegmentRequest(image, image_id, prompts, multimask, output)
+    everything = _parse_everything(data.get("everything"))
+    if everything is not None and prompts:
+        raise _invalid("request", "send 'prompts' or 'everything', not both")
+    return SegmentRequest(image, image_id, prompts, multimask, output, everything)
+
+
+def _parse_everything(value: Any) -> EverythingParams | None:
+    """Segment-everything parameters (``SamAutomaticMaskGenerator``'s), each bounded."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise _invalid("everything", f"must be an object of parameters, got {_type_name(value)}")
+    _reject_unknown(value, frozenset(EVERYTHING_BOUNDS), "everything")
+    params = {}
+    for name, given in value.items():
+        low, high, integer = EVERYTHING_BOUNDS[name]
+        where = f"everything.{name}"
+        if integer and (isinstance(given, bool) or not isinstance(given, int)):
+            raise _invalid(where, f"must be an integer, got {given!r}")
+        (number,) = _numbers([given], 1, where)
+        if not low <= number <= high:
+            raise _invalid(where, f"must be in [{low}, {high}], got {given!r}")
+        params[name] = int(given) if integer else number
+    return EverythingParams(**params)
 
 
 def _parse_image(value: Any) -> bytes:

@@ -6,6 +6,7 @@ hands over bodies and content types and copies statuses back.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Iterator
@@ -14,9 +15,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from segment_anything.modeling import Sam
 
-from .engine import ImageEmbedding, Prompt, SamEngine
+from .engine import MIB, ImageEmbedding, Prompt, SamEngine
 from .errors import RequestError
+from .everything import EverythingParams, segment_everything
 from .images import decode_image, image_id_of
 from .masks import encode_masks
 from .protocol import Limits, PromptRequest, SegmentRequest, parse_request
@@ -25,12 +28,24 @@ from .settings import Settings
 logger = logging.getLogger(__name__)
 
 
+# Full-size mask pixels decoded in one engine call: bounds the worker's memory whatever
+# the number of prompts (each mask a call returns may be as large as the image).
+MASK_PIXELS_PER_CALL = 1 << 27
+
+
 @dataclass
 class Reply:
     """An HTTP status and the JSON body to send for one request."""
 
     status: int
     body: dict[str, Any]
+    _encoded: bytes | None = field(default=None, repr=False, compare=False)
+
+    def encode(self) -> bytes:
+        """The body as compact UTF-8 JSON, as sent (computed once)."""
+        if self._encoded is None:
+            self._encoded = json.dumps(self.body, separators=(",", ":")).encode("utf-8")
+        return self._encoded
 
 
 @dataclass
@@ -53,6 +68,18 @@ class SegmentService:
         self.engine = engine
         self.settings = settings
         self.limits = Limits(settings.max_prompts, settings.max_points_per_prompt)
+
+    @classmethod
+    def for_model(cls, model: Sam, settings: Settings) -> SegmentService:
+        """A service for ``model`` with an engine sized by ``settings``."""
+        engine = SamEngine(
+            model,
+            embedding_cache_bytes=int(settings.embedding_cache_mb * MIB),
+            logits_cache_bytes=int(settings.logits_cache_mb * MIB),
+            encoder_batch_size=settings.encoder_batch_size,
+            decoder_batch_size=settings.decoder_batch_size,
+        )
+        return cls(engine, settings)
 
     def handle(self, requests: list[tuple[Any, str | None]]) -> list[Reply]:
         """Serve ``(body, content_type)`` pairs; a bad request fails alone, not the batch.
@@ -78,7 +105,9 @@ class SegmentService:
 
         for index, job in jobs.items():
             with _replying(replies, index):
-                replies[index] = Reply(200, self._segment(job))
+                reply = Reply(200, self._segment(job))
+                self._check_response_size(len(reply.encode()))
+                replies[index] = reply
         return replies  # type: ignore[return-value]
 
     def _load(self, request: SegmentRequest, started: float) -> _Job:
@@ -95,7 +124,7 @@ class SegmentService:
                     f"({job.image_id}); send one or the other",
                 )
             job.embedding = self.engine.cached_embedding(job.image_id)
-            if job.embedding is None:
+            if job.embedding is None or _needs_image(request):
                 job.image = decode_image(
                     request.image, self.settings.max_image_bytes, self.settings.max_image_pixels
                 )
@@ -124,36 +153,59 @@ class SegmentService:
         for job in jobs:
             if job.embedding is None:
                 job.embedding = embeddings[job.image_id]
-                job.image = None
                 job.timing_ms["encoder"] = encoder_ms
+            if not _needs_image(job.request):
+                job.image = None
 
     def _segment(self, job: _Job) -> dict[str, Any]:
         """Decode the job's prompts and build its response body."""
+        if job.request.everything is not None:
+            return self._segment_everything(job, job.request.everything)
         embedding = job.embedding
         height, width = embedding.original_size
         prompts = [
             self._to_prompt(p, f"prompts[{i}]", job.image_id, width, height)
             for i, p in enumerate(job.request.prompts)
         ]
+        masks_per_prompt = 3 if job.request.multimask else 1
+        mask_pixels = len(prompts) * masks_per_prompt * width * height
+        if mask_pixels > self.settings.max_mask_pixels:
+            raise RequestError(
+                400,
+                "too_many_mask_pixels",
+                f"{len(prompts)} prompts x {masks_per_prompt} masks x {width}x{height} pixels "
+                f"= {mask_pixels} mask pixels; at most {self.settings.max_mask_pixels} per "
+                "request: send fewer prompts per request, multimask false, or a smaller image",
+            )
+        # Decode in chunks so that only one chunk's full-size masks are alive at a time.
+        chunk = max(1, MASK_PIXELS_PER_CALL // (masks_per_prompt * width * height))
         results = []
-        if prompts:
+        size = 0
+        decoder_ms = encode_ms = 0.0
+        for start in range(0, len(prompts), chunk):
             tic = time.perf_counter()
-            predictions = self.engine.predict(embedding, prompts, job.request.multimask)
-            job.timing_ms["decoder"] = _ms_since(tic)
+            predictions = self.engine.predict(
+                embedding, prompts[start : start + chunk], job.request.multimask
+            )
+            decoder_ms += _ms_since(tic)
             tic = time.perf_counter()
             for prediction in predictions:
                 best = int(np.argmax(prediction.scores))
+                masks = encode_masks(prediction.masks, prediction.scores, job.request.output)
+                size += sum(len(_mask_data(m)) for m in masks)
+                self._check_response_size(size)  # give up early, before all the work
                 results.append(
                     {
-                        "masks": encode_masks(
-                            prediction.masks, prediction.scores, job.request.output
-                        ),
+                        "masks": masks,
                         "logits_id": self.engine.store_logits(
                             job.image_id, prediction.low_res_logits[best]
                         ),
                     }
                 )
-            job.timing_ms["encode_masks"] = _ms_since(tic)
+            encode_ms += _ms_since(tic)
+        if prompts:
+            job.timing_ms["decoder"] = decoder_ms
+            job.timing_ms["encode_masks"] = encode_ms
         job.timing_ms["total"] = _ms_since(job.started)
         return {
             "image_id": job.image_id,
@@ -161,6 +213,45 @@ class SegmentService:
             "width": width,
             "height": height,
             "results": results,
+            "timing_ms": {k: round(v, 2) for k, v in job.timing_ms.items()},
+        }
+
+    def _check_response_size(self, size: int) -> None:
+        """413 ``response_too_large`` once a response passes ``max_response_bytes``."""
+        if size > self.settings.max_response_bytes:
+            raise RequestError(
+                413,
+                "response_too_large",
+                f"the response would be over {self.settings.max_response_bytes} bytes "
+                f"(max_response_bytes); ask for fewer prompts per request, multimask false, "
+                "or output 'none'",
+            )
+
+    def _segment_everything(self, job: _Job, params: EverythingParams) -> dict[str, Any]:
+        """Every instance in the job's image, by SAM's automatic mask generator."""
+        if params.crop_n_layers > 0 and job.image is None:
+            raise RequestError(
+                400,
+                "image_required",
+                "segment everything with crop layers encodes each crop: send 'image', "
+                "not only 'image_id'",
+            )
+        result = segment_everything(self.engine.model, job.embedding, params, job.image)
+        self.engine.encoder_runs += result.encoder_runs
+        job.timing_ms["everything"] = result.seconds * 1000
+        job.timing_ms["total"] = _ms_since(job.started)
+        height, width = job.embedding.original_size
+        return {
+            "image_id": job.image_id,
+            "cached": job.cached,
+            "width": width,
+            "height": height,
+            "everything": {
+                "masks": result.records,
+                "count": len(result.records),
+                "points": result.points,
+                "crop_encoder_runs": result.encoder_runs,
+            },
             "timing_ms": {k: round(v, 2) for k, v in job.timing_ms.items()},
         }
 
@@ -236,5 +327,17 @@ def _replying(replies: list[Reply | None], index: int) -> Iterator[None]:
         replies[index] = Reply(500, _INTERNAL.to_dict())
 
 
+def _mask_data(record: dict[str, Any]) -> str:
+    """The bulky part of an encoded mask record: its RLE counts or PNG, if any."""
+    if "segmentation" in record:
+        return record["segmentation"]["counts"]
+    return record.get("png", "")
+
+
 def _ms_since(tic: float) -> float:
     return (time.perf_counter() - tic) * 1000.0
+
+
+def _needs_image(request: SegmentRequest) -> bool:
+    """Whether serving ``request`` needs the decoded image beyond its embedding (crops)."""
+    return request.everything is not None and request.everything.crop_n_layers > 0

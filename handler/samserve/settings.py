@@ -17,7 +17,15 @@ class Settings:
     max_image_pixels: int = 64_000_000
     max_prompts: int = 256
     max_points_per_prompt: int = 64
+    # Full-size mask pixels one request may ask for (prompts x masks per prompt x image
+    # pixels): 256 prompts x 3 masks on a 12-megapixel photo fit; the same on a 64 MP
+    # image would keep the worker busy past TorchServe's response timeout.
+    max_mask_pixels: int = 10_000_000_000
+    # Largest JSON response; keep it below TorchServe's max_response_size (64 MiB in
+    # config.properties): a bigger response makes the frontend drop the worker.
+    max_response_bytes: int = 63 * 1024 * 1024
     encoder_batch_size: int = 2
+    decoder_batch_size: int = 8  # prompts per mask-decoder call (see SamEngine.predict)
     torch_threads: int = 0  # 0: the machine's cores divided among the model's workers
 
     @classmethod

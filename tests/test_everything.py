@@ -1,0 +1,108 @@
+"""Segment everything against SamAutomaticMaskGenerator, on the shipped trained model."""
+
+from __future__ import annotations
+
+import base64
+from pathlib import Path
+
+import numpy as np
+import pytest
+from segment_anything import SamAutomaticMaskGenerator
+
+from samserve.engine import SamEngine
+from samserve.everything import EverythingParams, segment_everything
+from samserve.models import build_sam, spec_by_name
+from training.synthetic import make_sample
+
+SHIPPED = Path(__file__).resolve().parent.parent / "models" / "sam_small_shapes.pth"
+
+
+@pytest.fixture(scope="module")
+def shapes_sam():
+    return build_sam(spec_by_name("sam_small"), SHIPPED)
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        EverythingParams(points_per_side=8, pred_iou_thresh=0.3, stability_score_thresh=0.6),
+        EverythingParams(
+            points_per_side=6,
+            points_per_batch=10,
+            pred_iou_thresh=0.2,
+            stability_score_thresh=0.5,
+            box_nms_thresh=0.5,
+            min_mask_region_area=40,
+        ),
+    ],
+    ids=["grid8", "grid6-small-regions"],
+)
+def test_matches_automatic_mask_generator_and_reuses_the_embedding(shapes_sam, params):
+    sample = make_sample(np.random.default_rng([20_000, 3]), 300, 420, 6)
+    engine = SamEngine(shapes_sam)
+    embedding = engine.embed({"a": sample.image})["a"]
+    result = segment_everything(shapes_sam, embedding, params)
+    expected = SamAutomaticMaskGenerator(
+        shapes_sam, output_mode="coco_rle", **params.as_kwargs()
+    ).generate(sample.image)
+    assert result.encoder_runs == 0 and engine.encoder_runs == 1
+    assert result.points == params.points_per_side**2
+    assert len(result.records) == len(expected) > 0
+    for got, want in zip(result.records, expected, strict=True):
+        assert got["segmentation"] == want["segmentation"]
+        assert got["bbox"] == [int(v) for v in want["bbox"]]
+        assert got["area"] == want["area"]
+        assert got["predicted_iou"] == pytest.approx(float(want["predicted_iou"]), abs=1e-5)
+        assert got["stability_score"] == pytest.approx(float(want["stability_score"]), abs=1e-5)
+        assert got["point_coords"] == [[float(x), float(y)] for x, y in want["point_coords"]]
+
+
+def test_crop_layers_need_the_image_and_encode_each_crop(shapes_sam):
+    sample = make_sample(np.random.default_rng([20_000, 2]), 200, 260, 3)
+    embedding = SamEngine(shapes_sam).embed({"a": sample.image})["a"]
+    params = EverythingParams(
+        points_per_side=4, crop_n_layers=1, pred_iou_thresh=0.0, stability_score_thresh=0.0
+    )
+    with pytest.raises(ValueError, match="crop layers need the image"):
+        segment_everything(shapes_sam, embedding, params)
+    result = segment_everything(shapes_sam, embedding, params, image=sample.image)
+    assert result.encoder_runs == 4  # the four layer-1 crops; the full image was cached
+    assert result.points == 16 + 4 * 16
+
+
+def test_everything_through_the_protocol(shapes_sam):
+    from conftest import png_bytes
+    from samserve.service import SegmentService
+    from samserve.settings import Settings
+
+    service = SegmentService.for_model(shapes_sam, Settings())
+    sample = make_sample(np.random.default_rng([20_000, 3]), 300, 420, 6)
+    params = {"points_per_side": 8, "pred_iou_thresh": 0.3, "stability_score_thresh": 0.6}
+    first = service.handle([({"image": base64.b64encode(png_bytes(sample.image)).decode(),
+                              "everything": params}, "application/json")])[0]  # fmt: skip
+    assert first.status == 200, first.body
+    expected = SamAutomaticMaskGenerator(
+        shapes_sam, output_mode="coco_rle", **EverythingParams(**params).as_kwargs()
+    ).generate(sample.image)
+    body = first.body["everything"]
+    assert body["count"] == len(expected) == len(body["masks"]) and body["points"] == 64
+    assert [m["segmentation"] for m in body["masks"]] == [e["segmentation"] for e in expected]
+    image_id = first.body["image_id"]
+    again = service.handle([({"image_id": image_id, "everything": params}, "application/json")])
+    assert again[0].status == 200 and again[0].body["cached"]
+    assert again[0].body["everything"]["masks"] == body["masks"]
+    assert service.engine.encoder_runs == 1
+
+    crops = service.handle(
+        [({"image_id": image_id, "everything": {"crop_n_layers": 1}}, "application/json")]
+    )[0]
+    assert crops.status == 400 and crops.body["error"]["code"] == "image_required"
+    both = service.handle(
+        [
+            (
+                {"image_id": image_id, "everything": {}, "prompts": [{"box": [0, 0, 9, 9]}]},
+                "application/json",
+            )
+        ]  # fmt: skip
+    )[0]
+    assert both.status == 400 and "not both" in both.body["error"]["message"]
