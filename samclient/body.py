@@ -23,10 +23,12 @@ def segment_request(
     prompts: Sequence[dict[str, Any]] | None = None,
     multimask: bool = True,
     output: str = "rle",
+    everything: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """A JSON request: encoded image bytes (sent as base64) or an ``image_id``, and prompts.
+    """A JSON request: encoded image bytes (sent as base64) or an ``image_id``, and prompts
+    or ``everything`` (segment-everything parameters, ``{}`` for SAM's defaults).
 
-    With no prompts it is a pre-compute request that only caches the embedding.
+    With neither it is a pre-compute request that only caches the embedding.
     """
     if (image is None) == (image_id is None):
         raise ValueError("give exactly one of image and image_id")
@@ -37,4 +39,6 @@ def segment_request(
         body["image_id"] = image_id
     if prompts:
         body["prompts"] = list(prompts)
+    if everything is not None:
+        body["everything"] = dict(everything)
     return body

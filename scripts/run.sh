@@ -14,3 +14,5 @@ python scripts/segment.py demo/example.jpg --point 160,175 --box 330,60,560,200 
     --out out/overlay.png
 echo
 echo "TorchServe keeps running (run/logs). Stop it with: .venv/bin/python scripts/serve.py stop"
+echo "Interactive web demo (click objects, segment everything): .venv/bin/python scripts/demo.py"
+echo "  then open the URL it prints in a browser."

@@ -1,0 +1,130 @@
+"""The web demo end to end: Debian's Chromium drives demo/index.html against a real
+TorchServe serving the shipped trained model, with token auth on; the page is served
+by scripts/demo.py, which forwards its API calls (with the page's token) to TorchServe."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from build_mar import build_archive
+from conftest import PORTS, png_bytes
+from demo import demo_url, serve
+from samclient.rest_client import RestClient
+from samclient.server import Ports, TorchServe
+from samserve.masks import decode_segmentation
+from samserve.models import spec_by_name
+from training.evaluate import iou
+from training.prompts import random_pixel
+from training.synthetic import make_sample
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parent.parent
+SHIPPED = REPO / "models" / "sam_small_shapes.pth"
+ARTIFACTS = REPO / "out" / "test-artifacts"
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+MASK_RGB = (30, 144, 255)  # the page's single-object mask colour
+
+
+@pytest.fixture(scope="module")
+def demo_setup(tmp_path_factory):
+    """TorchServe (own ports) with the trained model as ``sam``, and the demo's server."""
+    if CHROMIUM is None:
+        pytest.fail("Debian's chromium is not installed (.ci/run installs it)")
+    root = tmp_path_factory.mktemp("demo")
+    build_archive(spec_by_name("sam_small"), SHIPPED, root / "store", "sam")
+    server = TorchServe(root / "run", root / "store", Ports.offset(PORTS.inference - 8080 + 700))
+    server.start()
+    static = serve(0, server.inference_url)
+    try:
+        rest = RestClient(server.inference_url, server.management_url, keys=server.keys())
+        rest.register_model("sam.mar", "sam", initial_workers=1)
+        url = demo_url(static.server_port, "sam", server.keys().inference)
+        yield url, root, rest
+    finally:
+        static.shutdown()
+        server.stop()
+
+
+def wait_for(page, condition: str, console: list[str], timeout: float = 60_000) -> None:
+    """Wait for a JS condition; on timeout, fail with what the page said."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    try:
+        page.wait_for_function(condition, timeout=timeout)
+    except PlaywrightTimeout:
+        status = page.text_content("#status")
+        pytest.fail(f"timed out waiting for {condition!r}; status {status!r}; console {console}")
+
+
+def overlay_mask(page) -> np.ndarray:
+    """HxW bool: overlay pixels drawn in the mask colour (the click's marker, drawn on top,
+    is not; the IoU bound below allows for its few pixels)."""
+    data = page.evaluate(
+        """() => {
+            const c = document.getElementById('overlay');
+            const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+            return {w: c.width, h: c.height, rgba: Array.from(d)};
+        }"""
+    )
+    rgba = np.array(data["rgba"], dtype=np.uint8).reshape(data["h"], data["w"], 4)
+    return (rgba[..., 3] > 0) & np.all(np.abs(rgba[..., :3].astype(int) - MASK_RGB) < 8, axis=-1)
+
+
+def test_click_on_an_object_shows_its_mask(demo_setup):
+    from playwright.sync_api import sync_playwright
+
+    url, root, rest = demo_setup
+    sample = make_sample(np.random.default_rng([30_000, 4]), 360, 480, 3)
+    image_path = root / "shapes.png"
+    image_path.write_bytes(png_bytes(sample.image))
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    overlaps = []
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        try:
+            page = browser.new_page(viewport={"width": 900, "height": 700})
+            errors: list[str] = []
+            console: list[str] = []
+            page.on("pageerror", lambda error: errors.append(str(error)))
+            page.on("console", lambda message: console.append(message.text))
+            page.goto(url)
+            wait_for(page, "document.body.dataset.imageId !== undefined", console)  # example.jpg
+            example_id = page.evaluate("document.body.dataset.imageId")
+            page.set_input_files("#file", str(image_path))
+            wait_for(page, f"document.body.dataset.imageId !== '{example_id}'", console)
+            box = page.locator("#overlay").bounding_box()
+            scale = box["width"] / 480
+            for index, truth in enumerate(sample.masks):
+                page.click("#reset")
+                x, y = random_pixel(truth, np.random.default_rng(index))
+                page.mouse.click(box["x"] + x * scale, box["y"] + y * scale)
+                wait_for(page, f"document.body.dataset.masks === '{index + 1}'", console)
+                shown = overlay_mask(page)
+                page.screenshot(path=str(ARTIFACTS / f"demo-click-{index}.png"))
+                # What the server answers to the request the page sent is what it must show.
+                sent = json.loads(page.evaluate("document.body.dataset.lastRequest"))
+                answer = rest.predict("sam", sent)["results"][0]["masks"][0]
+                expected = decode_segmentation(answer)
+                assert iou(shown, expected) > 0.95, (index, iou(shown, expected))
+                overlaps.append(iou(shown, truth))
+
+            page.click("#everything")
+            wait_for(page, "document.body.dataset.count !== undefined", console, 120_000)
+            count = int(page.evaluate("document.body.dataset.count"))
+            page.screenshot(path=str(ARTIFACTS / "demo-everything.png"))
+            status = page.text_content("#status")
+        finally:
+            browser.close()
+
+    assert not errors, errors
+    print(f"demo: IoU of the mask shown with the clicked object: {overlaps}; "
+          f"segment everything: {count} masks ({status})")  # fmt: skip
+    assert max(overlaps) > 0.6, overlaps  # the mask is drawn where the object is
+    assert count >= 1, status
