@@ -166,7 +166,7 @@ class SamEngine:
         embedding_cache_bytes: int = 1024 * MIB,
         logits_cache_bytes: int = 256 * MIB,
         encoder_batch_size: int = 1,
-        decoder_batch_size: int = 8,
+        decoder_batch_size: int = 4,
     ) -> None:
         self.model = model.eval()
         self.transform = ResizeLongestSide(model.image_encoder.img_size)

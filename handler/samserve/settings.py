@@ -25,7 +25,7 @@ class Settings:
     # config.properties): a bigger response makes the frontend drop the worker.
     max_response_bytes: int = 63 * 1024 * 1024
     encoder_batch_size: int = 2
-    decoder_batch_size: int = 8  # prompts per mask-decoder call (see SamEngine.predict)
+    decoder_batch_size: int = 4  # prompts per mask-decoder call (see SamEngine.predict)
     torch_threads: int = 0  # 0: the machine's cores divided among the model's workers
 
     @classmethod
