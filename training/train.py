@@ -30,7 +30,7 @@ from segment_anything.modeling import Sam
 from segment_anything.utils.transforms import ResizeLongestSide
 
 from samserve.engine import decode_prompts
-from samserve.models import assemble_sam, spec_by_name
+from samserve.models import assemble_sam, build_sam, spec_by_name
 
 from .prompts import corrective_click, jittered_box, random_pixel
 from .synthetic import TRAIN_SEED, make_sample, sample_size
@@ -45,16 +45,18 @@ class TrainConfig:
     minutes: float = 0.0  # > 0: stop at this wall time (the schedule then follows time)
     images_per_step: int = 4
     prompts_per_image: int = 8  # of one kind per image and step
-    long_side: tuple[int, int] = (256, 640)
+    long_side: tuple[int, int] = (300, 900)
     max_objects: int = 6
-    lr: float = 1e-3
+    lr: float = 3e-4
     min_lr: float = 1e-5
-    warmup_steps: int = 50
+    warmup_steps: int = 200
     weight_decay: float = 0.05
     focal_weight: float = 1.0
+    focal_alpha: float = 0.25  # weight of foreground pixels in the focal loss; < 0: none
     refine: bool = True
     seed: int = TRAIN_SEED
     threads: int = 0
+    init: str = ""  # a checkpoint to start from (fine-tuning); "": fresh weights
 
 
 @dataclass
@@ -93,15 +95,17 @@ def make_batch(sam: Sam, rng: np.random.Generator, config: TrainConfig) -> Batch
 
 
 def mask_losses(
-    logits: torch.Tensor, target: torch.Tensor, focal_weight: float
+    logits: torch.Tensor, target: torch.Tensor, focal_weight: float, focal_alpha: float = 0.25
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-mask loss (focal x weight + dice) and actual IoU, for KxCxhxw logits vs Kxhxw."""
     target = target[:, None].expand_as(logits)
     prob = logits.sigmoid()
     bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
     p_t = prob * target + (1 - prob) * (1 - target)
-    alpha_t = 0.25 * target + 0.75 * (1 - target)
-    focal = (alpha_t * bce * (1 - p_t) ** 2).mean(dim=(-2, -1))
+    focal = bce * (1 - p_t) ** 2
+    if focal_alpha >= 0:
+        focal = focal * (focal_alpha * target + (1 - focal_alpha) * (1 - target))
+    focal = focal.mean(dim=(-2, -1))
     inter = (prob * target).sum(dim=(-2, -1))
     dice = 1 - (2 * inter + 1) / (prob.sum(dim=(-2, -1)) + target.sum(dim=(-2, -1)) + 1)
     with torch.no_grad():
@@ -147,7 +151,7 @@ def step_loss(
         multimask = kind == "point"
         embedding = embeddings[b : b + 1]
         logits, iou_pred = decode_prompts(sam, embedding, points, boxes, None, multimask)
-        loss, iou = mask_losses(logits, target, config.focal_weight)
+        loss, iou = mask_losses(logits, target, config.focal_weight, config.focal_alpha)
         best = loss.argmin(dim=1)
         total = total + loss[rows, best].mean() + F.mse_loss(iou_pred, iou)
         parts[kind].append(float(iou[rows, best].mean()))
@@ -160,7 +164,7 @@ def step_loss(
             logits_r, iou_pred_r = decode_prompts(
                 sam, embedding, (coords2, labels2), boxes, previous[:, None], False
             )
-            loss_r, iou_r = mask_losses(logits_r, target, config.focal_weight)
+            loss_r, iou_r = mask_losses(logits_r, target, config.focal_weight, config.focal_alpha)
             total = total + loss_r.mean() + F.mse_loss(iou_pred_r, iou_r)
             parts["refine"].append(float(iou_r.mean()))
     return total / len(batch.masks), {k: float(np.mean(v)) for k, v in parts.items() if v}
@@ -190,7 +194,7 @@ def train(config: TrainConfig, out: Path, log=print) -> Sam:
     torch.set_num_threads(config.threads or torch.get_num_threads())
     torch.manual_seed(config.seed)
     spec = spec_by_name(config.spec)
-    sam = assemble_sam(spec).train()
+    sam = (build_sam(spec, config.init) if config.init else assemble_sam(spec)).train()
     optimizer = torch.optim.AdamW(sam.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     params = sum(p.numel() for p in sam.parameters())
     log(f"training {spec.name}: {params / 1e6:.2f} M parameters, config {asdict(config)}")
