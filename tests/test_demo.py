@@ -80,7 +80,7 @@ def test_click_on_an_object_shows_its_mask(demo_setup):
     from playwright.sync_api import sync_playwright
 
     url, root, rest = demo_setup
-    sample = make_sample(np.random.default_rng([30_000, 4]), 360, 480, 3)
+    sample = make_sample(np.random.default_rng([30_000, 14]), 360, 480, 4)  # 3 objects
     image_path = root / "shapes.png"
     image_path.write_bytes(png_bytes(sample.image))
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
