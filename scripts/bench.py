@@ -282,6 +282,12 @@ class Served:
         client = self.grpc if grpc else self.rest
         return timed(lambda: client.predict(self.model, body))
 
+    def repeat(self, body: dict[str, Any], times: int) -> tuple[list[float], list[dict]]:
+        """One untimed warm-up request, then ``times`` timed ones: (ms, responses)."""
+        self.predict(body)
+        timings = [self.predict(body) for _ in range(times)]
+        return [ms for ms, _ in timings], [response for _, response in timings]
+
     def cold_and_memory(self, images: Sequence[BenchImage]) -> tuple[dict[str, Any], list[str]]:
         """Send each image once with one click (the encoder runs), reading the worker's RSS
         before and after each; returns the cold latencies, RSS vs N and the image ids."""
@@ -338,12 +344,7 @@ class Served:
         for count in counts.prompt_counts:
             prompts = click_prompts(image.clicks(count, seed=1))
             body = segment_request(image_id=image_id, prompts=prompts)
-            self.predict(body)  # warm-up
-            times, responses = [], []
-            for _ in range(counts.prompt_repeats):
-                ms, response = self.predict(body)
-                times.append(ms)
-                responses.append(response)
+            times, responses = self.repeat(body, counts.prompt_repeats)
             latency = summarize(times)
             rows.append(
                 {
@@ -430,12 +431,7 @@ class Served:
     def naive(self, image: BenchImage, counts: Counts) -> dict[str, Any]:
         """Image + one click per request: the naive handler encodes every time."""
         body = segment_request(image.jpeg, prompts=click_prompts(image.clicks(1)))
-        self.predict(body)  # warm-up
-        times, responses = [], []
-        for _ in range(counts.naive):
-            ms, response = self.predict(body)
-            times.append(ms)
-            responses.append(response)
+        times, responses = self.repeat(body, counts.naive)
         return summarize(times) | {"server_ms": server_timing(responses)}
 
     def stats(self) -> dict[str, Any]:

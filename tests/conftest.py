@@ -18,6 +18,7 @@ for path in (REPO / "handler", REPO / "scripts"):
         sys.path.insert(0, str(path))
 
 from build_mar import build_archive  # noqa: E402
+from samclient.grpc_client import GrpcClient  # noqa: E402
 from samclient.rest_client import RestClient  # noqa: E402
 from samclient.server import Ports, TorchServe  # noqa: E402
 from samserve.models import build_sam, random_checkpoint, spec_by_name  # noqa: E402
@@ -106,3 +107,13 @@ def server(tmp_path_factory, checkpoints):
 @pytest.fixture(scope="session")
 def rest(server) -> RestClient:
     return RestClient(server.inference_url, server.management_url, keys=server.keys())
+
+
+@pytest.fixture(scope="module")
+def grpc_client(server):
+    """A gRPC client of the session's server, with its keys."""
+    client = GrpcClient(
+        "127.0.0.1", PORTS.grpc_inference, PORTS.grpc_management, keys=server.keys()
+    )
+    yield client
+    client.close()

@@ -26,15 +26,6 @@ from samserve.masks import decode_segmentation
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture(scope="module")
-def grpc_client(server):
-    client = GrpcClient(
-        "127.0.0.1", PORTS.grpc_inference, PORTS.grpc_management, keys=server.keys()
-    )
-    yield client
-    client.close()
-
-
 def _encoder_runs(rest: RestClient, model: str = MODEL) -> int:
     return rest.describe_model(model, customized=True)[0]["customizedMetadata"]["encoder_runs"]
 

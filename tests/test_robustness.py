@@ -39,7 +39,7 @@ from samclient.errors import AuthError, SamServeError
 from samclient.grpc_client import GrpcClient
 from samclient.keys import Keys
 from samclient.rest_client import RestClient
-from samserve.engine import MIB, SamEngine
+from samserve.engine import MIB
 from samserve.masks import decode_segmentation
 from samserve.models import random_checkpoint, spec_by_name
 from samserve.service import SegmentService
@@ -54,18 +54,9 @@ DEFAULTS = Settings()
 
 
 @pytest.fixture(scope="module")
-def grpc_client(server):
-    client = GrpcClient(
-        "127.0.0.1", PORTS.grpc_inference, PORTS.grpc_management, keys=server.keys()
-    )
-    yield client
-    client.close()
-
-
-@pytest.fixture(scope="module")
 def reference(micro_sam) -> SegmentService:
     """The served model, in this process: the expected answer to any legal request."""
-    return SegmentService(SamEngine(micro_sam), Settings())
+    return SegmentService.for_model(micro_sam, Settings())
 
 
 def expected_answer(reference: SegmentService, body: bytes | dict, content_type: str) -> dict:

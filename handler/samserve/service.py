@@ -207,15 +207,7 @@ class SegmentService:
         if prompts:
             job.timing_ms["decoder"] = decoder_ms
             job.timing_ms["encode_masks"] = encode_ms
-        job.timing_ms["total"] = _ms_since(job.started)
-        return {
-            "image_id": job.image_id,
-            "cached": job.cached,
-            "width": width,
-            "height": height,
-            "results": results,
-            "timing_ms": {k: round(v, 2) for k, v in job.timing_ms.items()},
-        }
+        return _response(job, results=results)
 
     def _check_response_size(self, size: int) -> None:
         """413 ``response_too_large`` once a response passes ``max_response_bytes``."""
@@ -240,21 +232,13 @@ class SegmentService:
         result = segment_everything(self.engine.model, job.embedding, params, job.image)
         self.engine.encoder_runs += result.encoder_runs
         job.timing_ms["everything"] = result.seconds * 1000
-        job.timing_ms["total"] = _ms_since(job.started)
-        height, width = job.embedding.original_size
-        return {
-            "image_id": job.image_id,
-            "cached": job.cached,
-            "width": width,
-            "height": height,
-            "everything": {
-                "masks": result.records,
-                "count": len(result.records),
-                "points": result.points,
-                "crop_encoder_runs": result.encoder_runs,
-            },
-            "timing_ms": {k: round(v, 2) for k, v in job.timing_ms.items()},
+        everything = {
+            "masks": result.records,
+            "count": len(result.records),
+            "points": result.points,
+            "crop_encoder_runs": result.encoder_runs,
         }
+        return _response(job, everything=everything)
 
     def _to_prompt(
         self, prompt: PromptRequest, where: str, image_id: str, width: int, height: int
@@ -333,6 +317,21 @@ def _mask_data(record: dict[str, Any]) -> str:
     if "segmentation" in record:
         return record["segmentation"]["counts"]
     return record.get("png", "")
+
+
+def _response(job: _Job, **content: Any) -> dict[str, Any]:
+    """The response body: the image's id, cache hit and size, ``content`` (``results``
+    or ``everything``) and the job's stage timings, ending with ``total``."""
+    job.timing_ms["total"] = _ms_since(job.started)
+    height, width = job.embedding.original_size
+    return {
+        "image_id": job.image_id,
+        "cached": job.cached,
+        "width": width,
+        "height": height,
+        **content,
+        "timing_ms": {k: round(v, 2) for k, v in job.timing_ms.items()},
+    }
 
 
 def _ms_since(tic: float) -> float:
