@@ -156,3 +156,19 @@ def test_compiled_decoder_gives_the_eager_results(checkpoints):
             np.testing.assert_allclose(g.scores, w.scores, atol=1e-4)
             np.testing.assert_allclose(g.low_res_logits, w.low_res_logits, atol=1e-3)
             assert (g.dense_masks() == w.dense_masks()).mean() > 0.9999
+
+
+def test_prompts_split_across_decoder_calls_keep_their_order_and_answers(micro_sam):
+    """decoder_batch_size splits a group of prompts into calls; answers stay per prompt."""
+    image = make_image(90, 130, seed=6)
+    prompts = [
+        Prompt(point_coords=np.array([[10.0 + 20 * i, 40.0]]), point_labels=np.array([1]))
+        for i in range(5)
+    ] + [Prompt(box=np.array([5.0, 5.0, 60.0, 50.0]))]
+    answers = {}
+    for size in (2, 8):
+        engine = SamEngine(micro_sam, decoder_batch_size=size)
+        answers[size] = engine.predict(engine.embed({"a": image})["a"], prompts)
+    for split, whole in zip(answers[2], answers[8], strict=True):
+        np.testing.assert_allclose(split.scores, whole.scores, atol=1e-5)
+        np.testing.assert_array_equal(split.dense_masks(), whole.dense_masks())
