@@ -166,7 +166,16 @@ def model_section(name: str, r: dict[str, Any], image_size: str) -> list[str]:
     ]
     d = r["derived"]
     flops = r["in_process"]["decoder_flops_per_prompt"]
+    executed = r["in_process"].get("executed_flops_per_prompt")
     out += [f"### Prompts per request ({flops / 1e9:.3g} GFLOP per prompt)", ""]
+    if executed:
+        out += [
+            f"GFLOP/s counts SAM's decoder work, {flops / 1e9:.3g} GFLOP per prompt "
+            "(`torch.utils.flop_counter` on `SamPredictor.predict_torch`); samserve's "
+            f"decoder does the same work in {executed / 1e9:.3g} GFLOP "
+            "(`samserve/decoder.py`).",
+            "",
+        ]
     rows = []
     for p in r["prompts"]:
         count = str(p["prompts"])

@@ -14,10 +14,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from segment_anything.modeling import MaskDecoder, Sam
+from segment_anything.modeling import Sam
 from segment_anything.utils.transforms import ResizeLongestSide
 
 from .cache import LRUCache
+from .decoder import PredictMasks, predict_masks
 from .masks import MaskWindow
 from .upscale import upscale_masks
 
@@ -101,56 +102,24 @@ def decode_prompts(
     boxes: torch.Tensor | None,
     mask_input: torch.Tensor | None,
     multimask: bool,
+    decode: PredictMasks = predict_masks,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Prompt encoder + mask decoder for B prompts on one 1xCxhxw embedding.
 
     Inputs are in the model's input frame, as ``SamPredictor.predict_torch`` takes them:
     ``points`` (BxNx2 coords, BxN labels), ``boxes`` Bx4, ``mask_input`` Bx1xhxw. Returns
-    BxCxh'xw' low-res logits and BxC predicted IoUs, as ``Sam.mask_decoder`` does.
-    Gradients flow (training uses it).
+    BxCxh'xw' low-res logits and BxC predicted IoUs, as ``Sam.mask_decoder`` does, with
+    the decoder run by ``decode`` (``samserve.decoder``; a compiled copy of it when the
+    engine compiles). Gradients flow (training uses it).
     """
     sparse, dense = model.prompt_encoder(points=points, boxes=boxes, masks=mask_input)
     if mask_input is None:
         dense = dense[:1]  # the "no mask" embedding, the same for every prompt
-    masks, iou = _predict_masks(
+    masks, iou = decode(
         model.mask_decoder, embedding, model.prompt_encoder.get_dense_pe(), sparse, dense
     )
     chosen = slice(1, None) if multimask else slice(0, 1)
     return masks[:, chosen], iou[:, chosen]
-
-
-def _predict_masks(
-    decoder: MaskDecoder,
-    embedding: torch.Tensor,
-    image_pe: torch.Tensor,
-    sparse: torch.Tensor,
-    dense: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``MaskDecoder.predict_masks`` without copying the image side once per prompt.
-
-    SAM's version repeats the 1xCxhxw embedding and positional encoding B times before
-    its transformer. Its attention layers broadcast over the batch, so passing them once
-    gives the same result while the first layer's image-side projections run once for
-    all B prompts instead of B times, and no B-fold copies go through memory. ``dense``
-    is 1xCxhxw (shared) or BxCxhxw (per-prompt mask inputs). Returns all mask tokens'
-    Bx(1+M)xh'xw' logits and Bx(1+M) IoU predictions.
-    """
-    batch = sparse.shape[0]
-    output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)
-    tokens = torch.cat((output_tokens.unsqueeze(0).expand(batch, -1, -1), sparse), dim=1)
-    _, channels, height, width = embedding.shape
-    hs, src = decoder.transformer(embedding + dense, image_pe, tokens)
-    iou_token_out = hs[:, 0, :]
-    mask_tokens_out = hs[:, 1 : (1 + decoder.num_mask_tokens), :]
-    src = src.expand(batch, -1, -1).transpose(1, 2).reshape(batch, channels, height, width)
-    upscaled = decoder.output_upscaling(src)
-    hyper_in = torch.stack(
-        [mlp(mask_tokens_out[:, i, :]) for i, mlp in enumerate(decoder.output_hypernetworks_mlps)],
-        dim=1,
-    )
-    b, c, h, w = upscaled.shape
-    masks = (hyper_in @ upscaled.view(b, c, h * w)).view(b, -1, h, w)
-    return masks, decoder.iou_prediction_head(iou_token_out)
 
 
 class SamEngine:
@@ -178,22 +147,21 @@ class SamEngine:
         )
         self.logits: LRUCache[StoredLogits] = LRUCache(logits_cache_bytes, lambda s: s.nbytes)
         self.encoder_runs = 0  # images encoded, for tests and stats
+        self.decode: PredictMasks = predict_masks
         if compile_decoder:
             self._compile_decoder()
 
     def _compile_decoder(self) -> None:
-        """``torch.compile`` the mask decoder's transformer and upscaling, then warm them up.
+        """``torch.compile`` the mask decoder (``samserve.decoder``), then warm it up.
 
-        The decoder is mostly memory-bound elementwise work (layer norms, GELUs, softmax,
-        adds) between its matmuls; inductor fuses it, about 1.8x faster per prompt on
-        CPU (measured, results equal to 1e-6). Shapes are dynamic, so one compile serves
-        every prompt count and kind; PyTorch specialises a batch of one and per-prompt
-        mask inputs, so those are warmed up too. Compiling takes a minute or two, once,
-        when the worker starts (inductor caches it on disk for later starts).
+        Between its matmuls the decoder is memory-bound elementwise work (layer norms,
+        GELUs, softmax, adds); inductor fuses it (results equal to 1e-6). Shapes are
+        dynamic, so one compile serves every prompt count and kind; PyTorch specialises a
+        batch of one and per-prompt mask inputs, so those are warmed up too. Compiling
+        takes a minute or two, once, when the worker starts (inductor caches it on disk
+        for later starts).
         """
-        decoder = self.model.mask_decoder
-        decoder.transformer = torch.compile(decoder.transformer, dynamic=True)
-        decoder.output_upscaling = torch.compile(decoder.output_upscaling, dynamic=True)
+        self.decode = torch.compile(predict_masks, dynamic=True)
         side = self.model.prompt_encoder.image_embedding_size
         size = (self.model.image_encoder.img_size,) * 2
         embedding = ImageEmbedding(
@@ -293,7 +261,7 @@ class SamEngine:
             masks = torch.as_tensor(mask, dtype=torch.float, device=self.device)
 
         low_res, iou = decode_prompts(
-            self.model, embedding.embedding, points, boxes, masks, multimask
+            self.model, embedding.embedding, points, boxes, masks, multimask, self.decode
         )
         low_res, iou = low_res.float().cpu(), iou.float().cpu()
         return [

@@ -1,0 +1,78 @@
+"""samserve.decoder against segment_anything's own MaskDecoder, same weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from samserve.decoder import predict_masks
+from samserve.models import assemble_sam, spec_by_name
+
+
+@pytest.fixture(scope="module", params=["sam_micro", "sam_tiny"])
+def sam(request):
+    torch.manual_seed(0)
+    model = assemble_sam(spec_by_name(request.param)).eval()
+    with torch.no_grad():  # make every bias count: fresh modules start many of them at 0
+        for name, param in model.mask_decoder.named_parameters():
+            if name.endswith("bias"):
+                param.normal_(0, 0.5)
+    return model
+
+
+def _prompts(sam, batch: int, mask_input: bool, seed: int):
+    generator = torch.Generator().manual_seed(seed)
+    size = sam.image_encoder.img_size
+    points = (
+        torch.rand(batch, 2, 2, generator=generator) * size,
+        torch.randint(0, 2, (batch, 2), generator=generator),
+    )
+    boxes = torch.tensor([[10.0, 20.0, size * 0.5, size * 0.7]]).expand(batch, -1)
+    low = sam.prompt_encoder.mask_input_size
+    masks = torch.randn(batch, 1, *low, generator=generator) if mask_input else None
+    return sam.prompt_encoder(points=points, boxes=boxes, masks=masks)
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("mask_input", [False, True])
+def test_same_logits_and_scores_as_segment_anything(sam, batch, mask_input):
+    embed_dim, side = sam.prompt_encoder.embed_dim, sam.prompt_encoder.image_embedding_size
+    embedding = torch.randn(1, embed_dim, *side, generator=torch.Generator().manual_seed(1))
+    image_pe = sam.prompt_encoder.get_dense_pe()
+    sparse, dense = _prompts(sam, batch, mask_input, seed=batch)
+    with torch.inference_mode():
+        expected_masks, expected_iou = sam.mask_decoder.predict_masks(
+            embedding, image_pe, sparse, dense
+        )
+        shared = dense if mask_input else dense[:1]  # one "no mask" embedding for all
+        masks, iou = predict_masks(sam.mask_decoder, embedding, image_pe, sparse, shared)
+    assert masks.shape == expected_masks.shape == (batch, 4, side[0] * 4, side[1] * 4)
+    torch.testing.assert_close(masks, expected_masks, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(iou, expected_iou, atol=2e-6, rtol=1e-5)
+
+
+def test_gradients_match_segment_anything(sam):
+    """Training runs through this decoder: its gradients must be SAM's too."""
+    embed_dim, side = sam.prompt_encoder.embed_dim, sam.prompt_encoder.image_embedding_size
+    embedding = torch.randn(1, embed_dim, *side, generator=torch.Generator().manual_seed(2))
+    image_pe = sam.prompt_encoder.get_dense_pe()
+    grads = []
+    for run in ("segment_anything", "samserve"):
+        sam.zero_grad()
+        sparse, dense = _prompts(sam, 2, False, seed=5)
+        if run == "segment_anything":
+            masks, iou = sam.mask_decoder.predict_masks(embedding, image_pe, sparse, dense)
+        else:
+            masks, iou = predict_masks(sam.mask_decoder, embedding, image_pe, sparse, dense[:1])
+        (masks.square().mean() + iou.sum()).backward()
+        # None: a weight the result does not depend on, such as the token-to-image
+        # key bias (softmax cancels it): SAM's gradient for it is zero up to rounding
+        grads.append(
+            {
+                n: torch.zeros_like(p) if p.grad is None else p.grad.clone()
+                for n, p in sam.mask_decoder.named_parameters()
+            }
+        )
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-5, rtol=1e-3)
