@@ -16,6 +16,7 @@ cosine decay.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
@@ -30,7 +31,7 @@ from segment_anything.modeling import Sam
 from segment_anything.utils.transforms import ResizeLongestSide
 
 from samserve.engine import decode_prompts
-from samserve.models import assemble_sam, build_sam, spec_by_name
+from samserve.models import assemble_sam, spec_by_name
 
 from .prompts import corrective_click, jittered_box, random_pixel
 from .synthetic import TRAIN_SEED, make_sample, sample_size
@@ -57,6 +58,7 @@ class TrainConfig:
     seed: int = TRAIN_SEED
     threads: int = 0
     init: str = ""  # a checkpoint to start from (fine-tuning); "": fresh weights
+    image_size: int = 0  # > 0: the spec's encoder input size replaced by this one
 
 
 @dataclass
@@ -181,6 +183,29 @@ def _error_points(
     return points, torch.tensor([label for _, label in clicks], dtype=torch.int)
 
 
+def resized_state(state: dict[str, torch.Tensor], sam: Sam) -> dict[str, torch.Tensor]:
+    """``state`` (float32) fitted to ``sam``, whose encoder may take a larger input.
+
+    Only the encoder's position terms depend on its input size: the absolute position
+    embedding (1xHxWxC, bicubic) and the relative position tables of the global-attention
+    blocks ((2H-1)xC, linear) are resized to ``sam``'s token grid; every other weight is
+    size-free and kept. A model trained at 256 and resized to 512 keeps what it learned
+    and sees objects on a token grid twice as fine (docs/model_card.md, stage 3).
+    """
+    target = sam.state_dict()
+    fitted = {}
+    for key, value in state.items():
+        value = value.float() if value.is_floating_point() else value
+        shape = target[key].shape
+        if value.shape != shape and key.endswith("pos_embed"):
+            value = F.interpolate(value.permute(0, 3, 1, 2), size=shape[1:3], mode="bicubic")
+            value = value.permute(0, 2, 3, 1)
+        elif value.shape != shape and "rel_pos" in key:
+            value = F.interpolate(value.T[None], size=shape[0], mode="linear")[0].T
+        fitted[key] = value
+    return fitted
+
+
 def learning_rate(progress: float, config: TrainConfig, step: int) -> float:
     """Linear warm-up over ``warmup_steps``, then cosine from ``lr`` to ``min_lr``."""
     if step < config.warmup_steps:
@@ -194,7 +219,12 @@ def train(config: TrainConfig, out: Path, log=print) -> Sam:
     torch.set_num_threads(config.threads or torch.get_num_threads())
     torch.manual_seed(config.seed)
     spec = spec_by_name(config.spec)
-    sam = (build_sam(spec, config.init) if config.init else assemble_sam(spec)).train()
+    if config.image_size:
+        spec = dataclasses.replace(spec, image_size=config.image_size)
+    sam = assemble_sam(spec)
+    if config.init:
+        sam.load_state_dict(resized_state(torch.load(config.init, weights_only=True), sam))
+    sam.train()
     optimizer = torch.optim.AdamW(sam.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     params = sum(p.numel() for p in sam.parameters())
     log(f"training {spec.name}: {params / 1e6:.2f} M parameters, config {asdict(config)}")
