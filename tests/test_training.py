@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
 import pytest
 import torch
 
-from samserve.models import build_sam, spec_by_name
-from training.evaluate import evaluate, heldout, in_process_predictor, iou
+from samserve.models import SamSpec, build_sam, spec_by_name
+from training.evaluate import (
+    evaluate,
+    heldout,
+    in_process_predictor,
+    iou,
+    tune_count,
+    validation,
+)
 from training.prompts import corrective_click, jittered_box, mask_box
 from training.train import TrainConfig, learning_rate, make_batch, mask_losses, train
 
@@ -59,6 +67,40 @@ def test_short_training_run_writes_a_loadable_half_checkpoint(tmp_path):
     assert summary["steps"] == 3 and summary["spec"]["name"] == "sam_micro"
 
 
+def test_init_from_a_smaller_input_size_keeps_the_weights(tmp_path):
+    small, large = tmp_path / "256.pth", tmp_path / "512.pth"
+    config = TrainConfig(spec="sam_micro", steps=1, images_per_step=1, prompts_per_image=2)
+    before = train(config, small, log=lambda message: None)
+    # one step at learning rate 0: the written model is the resized initialisation
+    config = dataclasses.replace(config, init=str(small), image_size=512, lr=0.0, min_lr=0.0)
+    train(config, large, log=lambda message: None)
+
+    summary = json.loads(large.with_suffix(".json").read_text())
+    assert summary["spec"]["image_size"] == 512
+    spec = SamSpec.from_dict(summary["spec"])
+    after = build_sam(spec, large)
+    assert after.image_encoder.pos_embed.shape == (1, 32, 32, 64)
+    assert after.prompt_encoder.mask_input_size == (128, 128)
+    # size-free weights carry over unchanged (fp16 storage aside)
+    for name in ("image_encoder.patch_embed.proj.weight", "mask_decoder.iou_token.weight"):
+        torch.testing.assert_close(
+            after.state_dict()[name], before.state_dict()[name], atol=1e-3, rtol=1e-3
+        )
+    # the position embedding is the old one resized: its mean survives bicubic resizing
+    old, new = before.image_encoder.pos_embed, after.image_encoder.pos_embed
+    torch.testing.assert_close(new.mean(dim=(1, 2)), old.mean(dim=(1, 2)), atol=2e-3, rtol=0)
+    logits, _ = after.mask_decoder(
+        image_embeddings=after.image_encoder(torch.zeros(1, 3, 512, 512)),
+        image_pe=after.prompt_encoder.get_dense_pe(),
+        sparse_prompt_embeddings=torch.zeros(1, 0, 64),
+        dense_prompt_embeddings=after.prompt_encoder.no_mask_embed.weight.reshape(
+            1, -1, 1, 1
+        ).expand(1, -1, 32, 32),
+        multimask_output=True,
+    )
+    assert logits.shape == (1, 3, 128, 128)
+
+
 def test_iou_andcorrective_click():
     a = np.zeros((10, 10), bool)
     a[2:6, 2:6] = True
@@ -86,6 +128,20 @@ def test_evaluation_runs_through_the_protocol(checkpoints):
         assert 0 <= metrics[key] <= 1
     assert metrics["point_oracle"] >= metrics["point"]
     assert metrics["refine_round1"] == metrics["point"]
+
+
+def test_count_thresholds_are_tuned_on_the_validation_set_not_the_heldout_one(checkpoints):
+    valid, held = validation(2), heldout(2)
+    assert not np.array_equal(valid[0].image[:32, :32], held[0].image[:32, :32])
+    predict = in_process_predictor("sam_micro", checkpoints["sam_micro"])
+    grid = {"pred_iou_thresh": [0.0, 0.99], "points_per_side": [4]}
+    results = tune_count(predict, valid[:1], grid)
+    assert sorted(r["params"]["pred_iou_thresh"] for r in results) == [0.0, 0.99]
+    rates = [(-r["exact_count_rate"], r["mean_abs_count_error"]) for r in results]
+    assert rates == sorted(rates)  # best first
+    strict = next(r for r in results if r["params"]["pred_iou_thresh"] == 0.99)
+    loose = next(r for r in results if r["params"]["pred_iou_thresh"] == 0.0)
+    assert strict["precision"] <= 1 and loose["recall"] >= strict["recall"]
 
 
 def test_boxes_from_masks():

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import itertools
 import json
 import sys
 from collections.abc import Callable
@@ -24,7 +25,7 @@ from samclient.body import segment_request
 from samserve.masks import decode_segmentation
 
 from .prompts import corrective_click, mask_box, random_pixel
-from .synthetic import HELDOUT_SEED, Sample, dataset
+from .synthetic import HELDOUT_SEED, VALIDATION_SEED, Sample, dataset
 
 Predict = Callable[[dict[str, Any]], dict[str, Any]]
 HELDOUT_COUNT = 100
@@ -34,6 +35,12 @@ HELDOUT_LONG_SIDE = (300, 900)
 def heldout(count: int = HELDOUT_COUNT) -> list[Sample]:
     """The fixed held-out set: seed ``HELDOUT_SEED``, never used in training."""
     return list(dataset(HELDOUT_SEED, count, HELDOUT_LONG_SIDE))
+
+
+def validation(count: int) -> list[Sample]:
+    """The validation set (seed ``VALIDATION_SEED``) settings are tuned on; drawn like
+    the held-out set, disjoint from it and from training."""
+    return list(dataset(VALIDATION_SEED, count, HELDOUT_LONG_SIDE))
 
 
 def iou(a: np.ndarray, b: np.ndarray) -> float:
@@ -153,6 +160,27 @@ def count_objects(
     }
 
 
+COUNT_GRID: dict[str, list[Any]] = {
+    "pred_iou_thresh": [0.5, 0.6, 0.7, 0.8],
+    "stability_score_thresh": [0.8, 0.9],
+    "min_mask_region_area": [20, 200],
+}
+"""What ``tune_count`` tries; the other ``COUNT_PARAMS`` stay as they are."""
+
+
+def tune_count(
+    predict: Predict, samples: list[Sample], grid: dict[str, list[Any]] | None = None
+) -> list[dict[str, Any]]:
+    """``count_objects`` for every combination of ``grid`` on ``samples`` (use the
+    validation set), best first: highest exact-count rate, then lowest count error."""
+    grid = COUNT_GRID if grid is None else grid
+    results = [
+        count_objects(predict, samples, {**COUNT_PARAMS, **dict(zip(grid, values))})
+        for values in itertools.product(*grid.values())
+    ]
+    return sorted(results, key=lambda r: (-r["exact_count_rate"], r["mean_abs_count_error"]))
+
+
 def _matches(masks: list[np.ndarray], truths: list[np.ndarray]) -> int:
     """Greedy one-to-one matches at IoU >= 0.5 between predicted and true masks."""
     pairs = sorted(
@@ -199,8 +227,19 @@ def main(argv: list[str] | None = None) -> int:
         metavar="N",
         help="also count objects by segment everything on N held-out images",
     )
+    parser.add_argument(
+        "--tune-count",
+        type=int,
+        default=0,
+        metavar="N",
+        help="only choose counting thresholds (COUNT_GRID) on N validation images",
+    )
     args = parser.parse_args(argv)
     predict = in_process_predictor(args.spec, args.checkpoint)
+    if args.tune_count:
+        for result in tune_count(predict, validation(args.tune_count)):
+            print(json.dumps(result), flush=True)
+        return 0
     metrics = evaluate(predict, heldout(args.count))
     if args.count_objects:
         metrics["count_objects"] = count_objects(predict, heldout(args.count_objects))

@@ -42,6 +42,9 @@ TRAIN_SEED = 0
 """First training seed; training uses seeds TRAIN_SEED, TRAIN_SEED + 1, ... < HELDOUT_SEED."""
 HELDOUT_SEED = 10_000
 """Seed of the held-out evaluation set. Training must never use this seed."""
+VALIDATION_SEED = 20_000
+"""Seed of the validation set that settings (such as counting thresholds) are chosen on, so
+that the held-out set only ever measures. Training must not use it either."""
 
 MIN_SIDE = 32
 """Smallest image side make_sample accepts."""
