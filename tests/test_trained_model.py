@@ -19,7 +19,8 @@ pytestmark = pytest.mark.integration
 
 SHIPPED = Path(__file__).resolve().parent.parent / "models" / "sam_small_shapes.pth"
 IMAGES = 40
-MINIMUM = {"box": 0.61, "point_box": 0.61, "point": 0.46}  # measured: 0.680, 0.682, 0.522
+# measured on these 40 images in process: 0.777, 0.773, 0.581 (all 100: 0.789, 0.789, 0.607)
+MINIMUM = {"box": 0.74, "point_box": 0.74, "point": 0.55}
 
 
 def test_shipped_model_segments_heldout_images_through_torchserve(server, rest):

@@ -107,14 +107,14 @@ SMALL_SPECS: dict[str, SamSpec] = {
         iou_head_hidden_dim=64,
         mask_in_chans=8,
     ),
-    # The project's trained model (docs/model_card.md): 256 input, 2.6 M parameters.
+    # The project's trained model (docs/model_card.md): 512 input, 2.6 M parameters.
     "sam_small": SamSpec(
         "sam_small",
         160,
         6,
         5,
         (2, 5),
-        image_size=256,
+        image_size=512,
         window_size=8,
         prompt_embed_dim=96,
         decoder_mlp_dim=384,
