@@ -13,8 +13,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from io import BytesIO
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -48,6 +50,32 @@ def parse_prompts(points: list[str], boxes: list[str], together: bool) -> list[d
     return prompts + [{"box": box} for box in parsed_boxes]
 
 
+def segment(
+    predict: Callable[[dict[str, Any]], dict[str, Any]], image: bytes, prompts: list[dict]
+) -> dict[str, Any]:
+    """All ``prompts`` on ``image``, as SAM advises: three masks (best first) for a
+    single click, which is ambiguous, and one mask for boxes and several points. The image
+    goes with the first request; a second, if needed, names it by ``image_id``. Returns
+    the first response with every prompt's result in the order given."""
+    ambiguous = [len(p.get("points", [])) == 1 and "box" not in p for p in prompts]
+    first_multimask = ambiguous[0] if prompts else True
+    first = [i for i, a in enumerate(ambiguous) if a == first_multimask]
+    rest = [i for i, a in enumerate(ambiguous) if a != first_multimask]
+    response = predict(
+        segment_request(image=image, prompts=[prompts[i] for i in first], multimask=first_multimask)
+    )
+    results = dict(zip(first, response["results"]))
+    if rest:
+        body = segment_request(
+            image_id=response["image_id"],
+            prompts=[prompts[i] for i in rest],
+            multimask=not first_multimask,
+        )
+        results.update(zip(rest, predict(body)["results"]))
+    response["results"] = [results[i] for i in range(len(prompts))]
+    return response
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("image", type=Path)
@@ -64,18 +92,17 @@ def main(argv: list[str] | None = None) -> int:
 
     data = args.image.read_bytes()
     prompts = parse_prompts(args.point, args.box, args.with_box)
-    body = segment_request(image=data, prompts=prompts)
     keys = load_keys(args.workdir)
     if args.grpc:
         from samclient.grpc_client import GrpcClient
 
         with GrpcClient(args.host, args.port or 7070, keys=keys) as client:
-            response = client.predict(args.model, body)
+            response = segment(lambda body: client.predict(args.model, body), data, prompts)
     else:
         from samclient.rest_client import RestClient
 
         client = RestClient(f"http://{args.host}:{args.port or 8080}", keys=keys)
-        response = client.predict(args.model, body)
+        response = segment(lambda body: client.predict(args.model, body), data, prompts)
 
     image = np.asarray(ImageOps.exif_transpose(Image.open(BytesIO(data))).convert("RGB"))
     best = [decode_segmentation(result["masks"][0]) for result in response["results"]]
