@@ -739,8 +739,10 @@ def test_killed_worker_is_restarted_and_requests_succeed_again(
             f"{sum(e['ok'] for e in log)} of {len(log)} requests succeeded, {len(wrong)} wrong"
         )
     assert new_pid == int(new["pid"]) != pid
-    # Errors only for requests that were in flight when the worker died.
-    assert all(e["start"] < killed_at < e["end"] for e in failed), failed
+    # Errors only for requests the kill caught: in flight when the worker died, or sent in
+    # the moment before the frontend noticed (it still hands those to the dead worker's
+    # batch: 507 "Worker died", seen once in CI); none once the new worker was READY.
+    assert all(killed_at < e["end"] and e["start"] < ready_at for e in failed), failed
     assert len(failed) <= len(threads)
     # Every answer, before and after the restart, is the right one.
     assert not wrong, wrong
