@@ -245,3 +245,28 @@ def test_mask_pixel_and_response_size_limits(micro_sam):
     assert replies[0].body["error"]["code"] == "response_too_large"
     exact = SegmentService(SamEngine(micro_sam), Settings(max_response_bytes=size + 100))
     assert exact.handle([_request(image, prompts=prompts, output="png")])[0].status == 200
+
+
+def test_segment_script_asks_three_masks_for_a_click_and_one_for_a_box(service):
+    """scripts/segment.py splits prompts by kind; results come back in the order given."""
+    from segment import segment
+
+    bodies = []
+
+    def predict(body: dict) -> dict:
+        bodies.append(body)
+        reply = service.handle([(body, "application/json")])[0]
+        assert reply.status == 200, reply.body
+        return reply.body
+
+    prompts = [
+        {"box": [5.0, 5.0, 40.0, 30.0]},
+        {"points": [[20.0, 20.0]], "labels": [1]},
+        {"points": [[10.0, 10.0], [30.0, 20.0]], "labels": [1, 0]},
+    ]
+    response = segment(predict, png_bytes(make_image(48, 64, seed=3)), prompts)
+    assert [b["multimask"] for b in bodies] == [False, True]
+    assert "image" in bodies[0] and bodies[1]["image_id"] == response["image_id"]
+    assert [len(r["masks"]) for r in response["results"]] == [1, 3, 1]
+    single = predict({"image_id": response["image_id"], "prompts": prompts[2:], "multimask": False})
+    assert response["results"][2]["masks"] == single["results"][0]["masks"]
