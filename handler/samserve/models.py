@@ -107,7 +107,7 @@ SMALL_SPECS: dict[str, SamSpec] = {
         iou_head_hidden_dim=64,
         mask_in_chans=8,
     ),
-    # The project's trained model (docs/model_card.md): 512 input, 2.6 M parameters.
+    # The project's trained model (docs/model_card.md): 512 input, 2.7 M parameters.
     "sam_small": SamSpec(
         "sam_small",
         160,
