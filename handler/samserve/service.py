@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 from segment_anything.modeling import Sam
 
-from .engine import MIB, ImageEmbedding, Prompt, SamEngine
+from .engine import MIB, ImageEmbedding, Prompt, SamEngine, release_freed_memory
 from .errors import RequestError
 from .everything import EverythingParams, segment_everything
 from .images import decode_image, image_id_of
@@ -90,6 +90,7 @@ class SegmentService:
         """
         replies: list[Reply | None] = [None] * len(requests)
         jobs: dict[int, _Job] = {}
+        encoder_runs = self.engine.encoder_runs
         for index, (body, content_type) in enumerate(requests):
             started = time.perf_counter()
             with _replying(replies, index):
@@ -109,6 +110,8 @@ class SegmentService:
                 reply = Reply(200, self._segment(job))
                 self._check_response_size(len(reply.encode()))
                 replies[index] = reply
+        if self.engine.encoder_runs != encoder_runs:
+            release_freed_memory()
         return replies  # type: ignore[return-value]
 
     def _load(self, request: SegmentRequest, started: float) -> _Job:
