@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from samserve.decoder import predict_masks
+from samserve.decoder import predict_masks, upscaled_masks
 from samserve.models import assemble_sam, spec_by_name
 
 
@@ -76,3 +76,19 @@ def test_gradients_match_segment_anything(sam):
     assert grads[0].keys() == grads[1].keys()
     for name in grads[0]:
         torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-5, rtol=1e-3)
+
+
+@pytest.mark.parametrize("chunk", [None, 100, 4096])
+def test_upscaled_masks_in_any_chunks_are_segment_anythings(sam, chunk):
+    """Token-major upscaling (CPU: per-prompt chunks; GPU: one step) equals SAM's
+    ``hyper_in @ output_upscaling(src)``, chunk boundaries inside a row of tokens included."""
+    decoder = sam.mask_decoder
+    side = sam.prompt_encoder.image_embedding_size
+    generator = torch.Generator().manual_seed(3)
+    src = torch.randn(2, side[0] * side[1], decoder.transformer_dim, generator=generator)
+    hyper_in = torch.randn(2, 3, decoder.transformer_dim // 8, generator=generator)
+    with torch.inference_mode():
+        upscaled = decoder.output_upscaling(src.transpose(1, 2).reshape(2, -1, *side))
+        expected = (hyper_in @ upscaled.flatten(2)).view(2, 3, *upscaled.shape[-2:])
+        got = upscaled_masks(decoder.output_upscaling, src, hyper_in, side, chunk)
+    torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-4)

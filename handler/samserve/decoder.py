@@ -14,6 +14,12 @@ rounding), less work. Two facts make the difference:
   NxC by Cx(C/2) projections (``q_proj``/``k_proj``/``v_proj``/``out_proj`` on the image,
   about 0.27 GFLOP each per prompt on official SAM) become NxC by Cx(heads x T) products,
   about 4x cheaper, and the per-head splits and merges of NxC tensors disappear.
+* The upscaling to low-res masks (two stride-2 transposed convolutions) acts on each image
+  token alone, so it runs on token rows in cache-sized chunks (``upscaled_masks``).
+
+Memory traffic, not arithmetic, bounds the rest on a CPU, so per-prompt image tensors
+never get the shared positional encoding added (its product is taken once, shared), and
+attention residuals are added inside the matmul that makes them.
 
 Shapes follow ``segment_anything.modeling.transformer``: C channels, N image tokens,
 T prompt tokens, B prompts; image-side tensors are 1xNxC while shared, BxNxC after.
@@ -22,14 +28,12 @@ T prompt tokens, B prompts; image-side tensors are 1xNxC while shared, BxNxC aft
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from segment_anything.modeling import MaskDecoder, TwoWayTransformer
 from segment_anything.modeling.transformer import Attention, TwoWayAttentionBlock
 from torch import Tensor
-
-PredictMasks = Callable[[MaskDecoder, Tensor, Tensor, Tensor, Tensor], tuple[Tensor, Tensor]]
 
 
 def predict_masks(
@@ -44,18 +48,74 @@ def predict_masks(
     batch = sparse.shape[0]
     output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)
     tokens = torch.cat((output_tokens.unsqueeze(0).expand(batch, -1, -1), sparse), dim=1)
-    _, channels, height, width = embedding.shape
     hs, src = two_way_transformer(decoder.transformer, embedding + dense, image_pe, tokens)
-    src = src.expand(batch, -1, -1).transpose(1, 2).reshape(batch, channels, height, width)
-    upscaled = decoder.output_upscaling(src)
     mask_tokens_out = hs[:, 1 : (1 + decoder.num_mask_tokens), :]
     hyper_in = torch.stack(
         [mlp(mask_tokens_out[:, i, :]) for i, mlp in enumerate(decoder.output_hypernetworks_mlps)],
         dim=1,
     )
-    b, c, h, w = upscaled.shape
-    masks = (hyper_in @ upscaled.view(b, c, h * w)).view(b, -1, h, w)
+    chunk = UPSCALE_CHUNK if embedding.device.type == "cpu" else None
+    masks = upscaled_masks(
+        decoder.output_upscaling, src.expand(batch, -1, -1), hyper_in, embedding.shape[-2:], chunk
+    )
     return masks, decoder.iou_prediction_head(hs[:, 0, :])
+
+
+UPSCALE_CHUNK = 1024
+"""Image tokens upscaled per step on a CPU: 1024 tokens' activations (16K x 64 and 16K x 32
+sub-pixel features, 4 + 2 MiB) stay in cache between the steps that use them, where a
+whole 64x64 image's (24 MiB per prompt) spill to memory; measured on 2 cores, the time
+per prompt is then the same for 1 or 64 prompts. GPUs take all prompts in one step."""
+
+
+def upscaled_masks(
+    upscaling: torch.nn.Sequential,
+    src: Tensor,
+    hyper_in: Tensor,
+    size: tuple[int, int],
+    chunk: int | None = UPSCALE_CHUNK,
+) -> Tensor:
+    """SAM's ``output_upscaling`` then its hypernetwork product, token by token.
+
+    ``src`` is BxNxC image tokens (N = h x w for ``size`` (h, w)), ``hyper_in`` BxMx(C/8)
+    mask-token weights. Returns BxMx4hx4w low-res logits: ``hyper_in @ upscaling(src)``.
+    ``chunk`` image tokens of one prompt go per step; None: everything in one step.
+
+    Both transposed convolutions have kernel 2 and stride 2, so the 4x4 pixels above an
+    image token depend on that token alone: each convolution is a matmul on token rows
+    (out channels x 2 x 2 columns), ``LayerNorm2d`` a layer norm over one sub-pixel's
+    channels and GELU is pointwise. Computed so, never as a Bx(C/8)x4hx4w feature map,
+    the transposes disappear and the work can go in cache-sized chunks.
+    """
+    batch, count, channels = src.shape
+    if chunk is None:
+        features = _upscale_rows(upscaling, src.reshape(batch * count, channels))
+        logits = features.view(batch, count * 16, -1) @ hyper_in.transpose(1, 2)
+    else:
+        logits = torch.cat(
+            [
+                _upscale_rows(upscaling, src[b, start : start + chunk]) @ hyper_in[b].t()
+                for b in range(batch)
+                for start in range(0, count, chunk)
+            ]
+        )
+    masks = hyper_in.shape[1]
+    height, width = size
+    # Rows are (token y, token x, dy1, dx1, dy2, dx2): pixel (4y + 2dy1 + dy2, 4x + 2dx1 + dx2).
+    logits = logits.view(batch, height, width, 2, 2, 2, 2, masks).permute(0, 7, 1, 3, 5, 2, 4, 6)
+    return logits.reshape(batch, masks, 4 * height, 4 * width)
+
+
+def _upscale_rows(upscaling: torch.nn.Sequential, rows: Tensor) -> Tensor:
+    """``output_upscaling`` of R image tokens (RxC) as (Rx16)x(C/8) sub-pixel features, rows
+    ordered (token, dy1, dx1, dy2, dx2)."""
+    conv1, norm, _, conv2, _ = upscaling
+    mid, out = conv1.out_channels, conv2.out_channels
+    w1 = conv1.weight.permute(0, 2, 3, 1).reshape(rows.shape[1], 4 * mid)
+    w2 = conv2.weight.permute(0, 2, 3, 1).reshape(mid, 4 * out)
+    x = torch.addmm(conv1.bias.repeat(4), rows, w1).view(-1, mid)
+    x = F.gelu(F.layer_norm(x, (mid,), norm.weight, norm.bias, norm.eps))
+    return F.gelu(torch.addmm(conv2.bias.repeat(4), x, w2)).view(-1, out)
 
 
 def two_way_transformer(
@@ -63,13 +123,14 @@ def two_way_transformer(
 ) -> tuple[Tensor, Tensor]:
     """``TwoWayTransformer.forward``: ``image`` 1xCxhxw or BxCxhxw, ``image_pe`` 1xCxhxw,
     ``tokens`` BxTxC. Returns the BxTxC tokens and the 1|BxNxC image tokens."""
-    keys = image.flatten(2).permute(0, 2, 1)
-    key_pe = image_pe.flatten(2).permute(0, 2, 1)
+    # Token-major copies: every later image-side op reads rows of C channels.
+    keys = image.flatten(2).transpose(1, 2).contiguous()
+    key_pe = image_pe.flatten(2).transpose(1, 2).contiguous()
     queries = tokens
     for layer in transformer.layers:
         queries, keys = _block(layer, queries, keys, tokens, key_pe)
     attn_out = _tokens_to_image(
-        transformer.final_attn_token_to_image, queries + tokens, keys + key_pe, keys
+        transformer.final_attn_token_to_image, queries + tokens, keys, key_pe, keys
     )
     return transformer.norm_final_attn(queries + attn_out), keys
 
@@ -84,12 +145,16 @@ def _block(
         q = queries + query_pe
         queries = queries + layer.self_attn(q=q, k=q, v=queries)
     queries = layer.norm1(queries)
-    k = keys + key_pe
-    attn_out = _tokens_to_image(layer.cross_attn_token_to_image, queries + query_pe, k, keys)
+    # Image tokens shared by all prompts take the encoding once; per-prompt ones never
+    # (see _times_image_plus_pe).
+    k, k_pe = (keys + key_pe, None) if keys.shape[0] == 1 else (keys, key_pe)
+    attn_out = _tokens_to_image(layer.cross_attn_token_to_image, queries + query_pe, k, k_pe, keys)
     queries = layer.norm2(queries + attn_out)
     queries = layer.norm3(queries + layer.mlp(queries))
-    attn_out = _image_to_tokens(layer.cross_attn_image_to_token, k, queries + query_pe, queries)
-    return queries, layer.norm4(keys + attn_out)
+    keys = _image_to_tokens(
+        layer.cross_attn_image_to_token, k, k_pe, queries + query_pe, queries, keys
+    )
+    return queries, layer.norm4(keys)
 
 
 def _heads(linear: torch.nn.Linear, heads: int) -> tuple[Tensor, Tensor]:
@@ -98,8 +163,11 @@ def _heads(linear: torch.nn.Linear, heads: int) -> tuple[Tensor, Tensor]:
     return weight.view(heads, -1, weight.shape[1]), bias.view(heads, -1)
 
 
-def _tokens_to_image(attn: Attention, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    """``attn(q=q, k=k, v=v)`` for BxTxC tokens ``q`` and 1|BxNxC image tokens ``k``, ``v``.
+def _tokens_to_image(
+    attn: Attention, q: Tensor, k: Tensor, k_pe: Tensor | None, v: Tensor
+) -> Tensor:
+    """``attn(q=q, k=k + k_pe, v=v)`` for BxTxC tokens ``q``, 1|BxNxC image tokens ``k``
+    and ``v`` and 1xNxC ``k_pe`` (None: already in ``k``).
 
     Scores ``(q W_q^T + b_q)_h (k W_k^T + b_k)_h^T`` are ``q'_h k^T`` with
     ``q'_h = (q W_q^T + b_q)_h W_k,h`` (the ``b_k`` term is the same for every image token,
@@ -113,47 +181,56 @@ def _tokens_to_image(attn: Attention, q: Tensor, k: Tensor, v: Tensor) -> Tensor
     query = attn.q_proj(q).view(batch, count, heads, -1)
     scale = 1.0 / math.sqrt(query.shape[-1])
     q_image = torch.einsum("bthd,hdc->bhtc", query, w_k).reshape(batch, heads * count, -1)
-    probs = torch.softmax(_times_image(q_image * scale, k.transpose(1, 2)), dim=-1)
+    probs = torch.softmax(_times_image_plus_pe(q_image * scale, k, k_pe), dim=-1)
     mixed = _times_image(probs, v).view(batch, heads, count, -1)
     out = torch.einsum("bhtc,hdc->bthd", mixed, w_v) + b_v
     return attn.out_proj(out.reshape(batch, count, -1))
 
 
-def _image_to_tokens(attn: Attention, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    """``attn(q=q, k=k, v=v)`` for 1|BxNxC image tokens ``q`` and BxTxC tokens ``k``, ``v``.
+def _image_to_tokens(
+    attn: Attention, q: Tensor, q_pe: Tensor | None, k: Tensor, v: Tensor, residual: Tensor
+) -> Tensor:
+    """``residual + attn(q=q + q_pe, k=k, v=v)`` for 1|BxNxC image tokens ``q`` and
+    ``residual``, 1xNxC ``q_pe`` (None: already in ``q``) and BxTxC tokens ``k``, ``v``.
 
     Scores ``(q W_q^T + b_q)_h k'_h^T`` are ``q (W_q,h^T k'_h^T) + b_q,h k'_h^T`` with
     ``k' = k W_k^T + b_k``; the output ``softmax_h v'_h`` projected by ``W_o`` is
-    ``softmax_h (v'_h W_o,h^T)`` summed over heads, plus ``b_o``.
+    ``softmax_h (v'_h W_o,h^T + b_o / heads)`` summed over heads (softmax rows sum to one).
     """
     heads = attn.num_heads
     batch, count, channels = k.shape
     w_q, b_q = _heads(attn.q_proj, heads)
     key = attn.k_proj(k).view(batch, count, heads, -1)
     scale = 1.0 / math.sqrt(key.shape[-1])
-    to_scores = torch.einsum("bthd,hdc->bcht", key * scale, w_q).reshape(batch, channels, -1)
-    offset = torch.einsum("bthd,hd->bht", key * scale, b_q).reshape(batch, 1, -1)
+    from_image = torch.einsum("bthd,hdc->bhtc", key * scale, w_q).reshape(batch, -1, channels)
+    offset = torch.einsum("bthd,hd->bht", key * scale, b_q).reshape(batch, -1, 1)
     value = attn.v_proj(v).view(batch, count, heads, -1)
     w_o = attn.out_proj.weight.view(channels, heads, -1)
-    to_out = torch.einsum("bthd,chd->bhtc", value, w_o).reshape(batch, heads * count, channels)
+    to_out = torch.einsum("bthd,chd->bhtc", value, w_o) + attn.out_proj.bias / heads
+    to_out = to_out.reshape(batch, heads * count, channels)
 
-    scores = _image_times(q, to_scores) + offset
-    probs = torch.softmax(scores.view(*scores.shape[:2], heads, count), dim=-1)
-    return torch.baddbmm(attn.out_proj.bias, probs.view(scores.shape), to_out)
+    # Scores transposed, Bx(heads x T)xN: softmax over T then runs along N-long rows
+    # (over T-long rows, T about 7, it is slow: scalar code).
+    scores = _times_image_plus_pe(from_image, q, q_pe) + offset
+    probs = torch.softmax(scores.view(batch, heads, count, -1), dim=2)
+    return torch.baddbmm(residual, probs.view(scores.shape).transpose(1, 2), to_out)
+
+
+def _times_image_plus_pe(left: Tensor, image: Tensor, image_pe: Tensor | None) -> Tensor:
+    """BxKxC @ (image + image_pe)^T for 1|BxNxC ``image`` and 1xNxC ``image_pe`` (or None).
+
+    Per-prompt image tokens never get the positional encoding added (a BxNxC pass
+    through memory): their product with the shared encoding is one matmul for all prompts.
+    """
+    if image_pe is None:
+        return _times_image(left, image.transpose(1, 2))
+    return torch.baddbmm(_times_image(left, image_pe.transpose(1, 2)), left, image.transpose(1, 2))
 
 
 def _times_image(left: Tensor, image: Tensor) -> Tensor:
-    """BxKxN @ 1|BxNxM: with one shared image, a single large matmul for all B."""
-    if image.shape[0] == 1 and left.shape[0] > 1:
+    """BxKxN @ 1|BxNxM: with one shared image, a single large 2-D matmul for all B (one
+    that takes a transposed ``image`` as it is, where a batched one may copy it)."""
+    if image.shape[0] == 1:
         batch, rows, _ = left.shape
         return (left.reshape(batch * rows, -1) @ image[0]).view(batch, rows, -1)
     return left @ image
-
-
-def _image_times(image: Tensor, right: Tensor) -> Tensor:
-    """1|BxNxC @ BxCxK: with one shared image, a single large matmul for all B."""
-    if image.shape[0] == 1 and right.shape[0] > 1:
-        batch, channels, cols = right.shape
-        flat = right.permute(1, 0, 2).reshape(channels, batch * cols)
-        return (image[0] @ flat).view(-1, batch, cols).transpose(0, 1)
-    return image @ right
