@@ -476,10 +476,8 @@ def bench_model(
     result["parameters"] = sum(p.numel() for p in sam.parameters())
     result["embedding_mib"] = round(spec.prompt_embed_dim * spec.embedding_size**2 * 4 / 2**20, 3)
     predictor, result["in_process"] = floor_predictor(sam, images[0], device)
-    # This project's archive compiles its decoder (compile_decoder); the naive baseline
-    # runs SamPredictor eagerly, as the examples it stands for do.
     for archive, handler, settings in (
-        (f"samserve_{name}", HANDLER, {"torch_threads": threads, "compile_decoder": True}),
+        (f"samserve_{name}", HANDLER, {"torch_threads": threads}),
         (f"naive_{name}", NAIVE_HANDLER, {"torch_threads": threads}),
     ):
         build_archive(spec, checkpoint, server.model_store, archive, settings=settings,

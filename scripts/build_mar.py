@@ -40,7 +40,7 @@ def model_config(spec: SamSpec, settings: dict[str, Any], workers: int = 1) -> d
         "batchSize": 4,
         "maxBatchDelay": 5,
         "responseTimeout": 300,
-        # Loading vit_h, or compiling the decoder (compile_decoder), takes minutes on a CPU.
+        # Loading vit_h takes minutes on a CPU.
         "startupTimeout": 600,
         "handler": {"spec": spec.to_dict(), **settings},
     }

@@ -20,7 +20,7 @@ from segment_anything.modeling import Sam
 from segment_anything.utils.transforms import ResizeLongestSide
 
 from .cache import LRUCache
-from .decoder import PredictMasks, predict_masks
+from .decoder import predict_masks
 from .masks import MaskWindow
 from .upscale import upscale_masks
 
@@ -33,21 +33,37 @@ def _load_libc() -> ctypes.CDLL | None:
         libc = ctypes.CDLL(name) if name else None
     except OSError:
         return None
-    return libc if libc is not None and hasattr(libc, "malloc_trim") else None
+    return libc if libc is not None and hasattr(libc, "mallopt") else None
 
 
 _LIBC = _load_libc()
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_MMAP_THRESHOLD_MAX = 32 * MIB  # glibc's ceiling on 64-bit
+
+
+def keep_freed_memory() -> None:
+    """Let glibc's heap keep freed blocks of up to 32 MiB for reuse (``mallopt``).
+
+    The decoder makes one or more MiB-sized tensors per op; by default glibc serves
+    many of them with fresh ``mmap`` s and unmaps them on free, so every op page-faults
+    its output in again (measured: a 4 MiB add took 3 ms instead of 0.2, and a vit_b
+    click 60 ms instead of 40). ``release_freed_memory`` hands the heap back after
+    encoder runs, so the RSS still follows what the caches hold.
+    """
+    if _LIBC is not None:
+        _LIBC.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX)
+        _LIBC.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)
 
 
 def release_freed_memory() -> None:
     """Give the heap's free pages back to the OS (glibc's ``malloc_trim``; elsewhere a no-op).
 
-    An encoder run frees tens of MiB of activations and the cache evicts whole embeddings,
-    but glibc keeps freed chunks below its (self-raising) mmap threshold in the heap, so
-    the worker's RSS drifts above what the caches hold. Costs a few ms, so it runs after
-    encoder runs, not after clicks.
+    An encoder run frees tens of MiB of activations and the cache evicts whole embeddings;
+    the heap keeps them (see ``keep_freed_memory``), so the worker's RSS would drift above
+    what the caches hold. Costs a few ms, so it runs after encoder runs, not after clicks
+    (whose first op after it page-faults its memory back in once).
     """
-    if _LIBC is not None:
+    if _LIBC is not None and hasattr(_LIBC, "malloc_trim"):
         _LIBC.malloc_trim(0)
 
 
@@ -128,20 +144,18 @@ def decode_prompts(
     boxes: torch.Tensor | None,
     mask_input: torch.Tensor | None,
     multimask: bool,
-    decode: PredictMasks = predict_masks,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Prompt encoder + mask decoder for B prompts on one 1xCxhxw embedding.
 
     Inputs are in the model's input frame, as ``SamPredictor.predict_torch`` takes them:
     ``points`` (BxNx2 coords, BxN labels), ``boxes`` Bx4, ``mask_input`` Bx1xhxw. Returns
-    BxCxh'xw' low-res logits and BxC predicted IoUs, as ``Sam.mask_decoder`` does, with
-    the decoder run by ``decode`` (``samserve.decoder``; a compiled copy of it when the
-    engine compiles). Gradients flow (training uses it).
+    BxCxh'xw' low-res logits and BxC predicted IoUs, as ``Sam.mask_decoder`` does (with
+    ``samserve.decoder``'s equivalent). Gradients flow (training uses it).
     """
     sparse, dense = model.prompt_encoder(points=points, boxes=boxes, masks=mask_input)
     if mask_input is None:
         dense = dense[:1]  # the "no mask" embedding, the same for every prompt
-    masks, iou = decode(
+    masks, iou = predict_masks(
         model.mask_decoder, embedding, model.prompt_encoder.get_dense_pe(), sparse, dense
     )
     chosen = slice(1, None) if multimask else slice(0, 1)
@@ -162,8 +176,8 @@ class SamEngine:
         logits_cache_bytes: int = 256 * MIB,
         encoder_batch_size: int = 1,
         decoder_batch_size: int = 4,
-        compile_decoder: bool = False,
     ) -> None:
+        keep_freed_memory()
         self.model = model.eval()
         self.transform = ResizeLongestSide(model.image_encoder.img_size)
         self.encoder_batch_size = max(1, encoder_batch_size)
@@ -173,33 +187,6 @@ class SamEngine:
         )
         self.logits: LRUCache[StoredLogits] = LRUCache(logits_cache_bytes, lambda s: s.nbytes)
         self.encoder_runs = 0  # images encoded, for tests and stats
-        self.decode: PredictMasks = predict_masks
-        if compile_decoder:
-            self._compile_decoder()
-
-    def _compile_decoder(self) -> None:
-        """``torch.compile`` the mask decoder (``samserve.decoder``), then warm it up.
-
-        Between its matmuls the decoder is memory-bound elementwise work (layer norms,
-        GELUs, softmax, adds); inductor fuses it (results equal to 1e-6). Shapes are
-        dynamic, so one compile serves every prompt count and kind; PyTorch specialises a
-        batch of one and per-prompt mask inputs, so those are warmed up too. Compiling
-        takes a minute or two, once, when the worker starts (inductor caches it on disk
-        for later starts).
-        """
-        self.decode = torch.compile(predict_masks, dynamic=True)
-        side = self.model.prompt_encoder.image_embedding_size
-        size = (self.model.image_encoder.img_size,) * 2
-        embedding = ImageEmbedding(
-            torch.zeros(1, self.model.prompt_encoder.embed_dim, *side, device=self.device),
-            size,
-            size,
-        )
-        low = self.model.prompt_encoder.mask_input_size
-        click = Prompt(point_coords=np.array([[8.0, 8.0]]), point_labels=np.array([1]))
-        refine = Prompt(click.point_coords, click.point_labels, mask_input=np.zeros((1, *low)))
-        for prompts in ([click] * 2, [click], [refine] * 2, [refine]):
-            self.predict(embedding, prompts)
 
     @property
     def device(self) -> torch.device:
@@ -287,7 +274,7 @@ class SamEngine:
             masks = torch.as_tensor(mask, dtype=torch.float, device=self.device)
 
         low_res, iou = decode_prompts(
-            self.model, embedding.embedding, points, boxes, masks, multimask, self.decode
+            self.model, embedding.embedding, points, boxes, masks, multimask
         )
         low_res, iou = low_res.float().cpu(), iou.float().cpu()
         return [

@@ -78,7 +78,6 @@ class SegmentService:
             logits_cache_bytes=int(settings.logits_cache_mb * MIB),
             encoder_batch_size=settings.encoder_batch_size,
             decoder_batch_size=settings.decoder_batch_size,
-            compile_decoder=settings.compile_decoder,
         )
         return cls(engine, settings)
 

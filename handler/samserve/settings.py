@@ -26,7 +26,6 @@ class Settings:
     max_response_bytes: int = 63 * 1024 * 1024
     encoder_batch_size: int = 2
     decoder_batch_size: int = 4  # prompts per mask-decoder call (see SamEngine.predict)
-    compile_decoder: bool = False  # torch.compile the decoder at worker start (minutes)
     torch_threads: int = 0  # 0: the machine's cores divided among the model's workers
 
     @classmethod
