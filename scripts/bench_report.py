@@ -125,7 +125,7 @@ def table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
     return [*lines, ""]
 
 
-STAGES = ("encoder", "decoder", "encode_masks", "total")
+STAGES = ("encoder", "decoder", "upscale", "encode_masks", "total")
 
 
 def _latency_row(path: str, stats: dict[str, Any]) -> list[Any]:
@@ -182,12 +182,14 @@ def model_section(name: str, r: dict[str, Any], image_size: str) -> list[str]:
         achieved = d["achieved"][count]
         rows.append(
             [count, p["latency"]["p50"], p["per_prompt_ms"], d["per_prompt_vs_single"].get(count),
-             p["server_ms"].get("decoder"), p["server_ms"].get("encode_masks"),
+             p["server_ms"].get("decoder"), p["server_ms"].get("upscale"),
+             p["server_ms"].get("encode_masks"),
              achieved["gflops_decoder"], achieved["gflops_end_to_end"]]
         )  # fmt: skip
     out += table(
         ["prompts", "request p50 ms", "ms per prompt", "per prompt / 1-prompt request",
-         "server decoder ms", "server encode_masks ms", "GFLOP/s decoder", "GFLOP/s end-to-end"],
+         "server decoder ms", "server upscale ms", "server encode_masks ms", "GFLOP/s decoder",
+         "GFLOP/s end-to-end"],
         rows,
     )  # fmt: skip
     out += ["### Throughput: concurrent clients, each clicking on its own cached image", ""]

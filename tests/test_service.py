@@ -176,10 +176,10 @@ def test_unexpected_failure_is_a_json_500_for_that_request_only(service, monkeyp
     broken = _request(image, prompts=[{"box": [1, 1, 50, 50]}])
     real_predict = service.engine.predict
 
-    def predict(embedding, prompts, multimask=True):
+    def predict(embedding, prompts, multimask=True, timing_ms=None):
         if prompts[0].box is not None:
             raise RuntimeError("simulated decoder bug")
-        return real_predict(embedding, prompts, multimask)
+        return real_predict(embedding, prompts, multimask, timing_ms)
 
     monkeypatch.setattr(service.engine, "predict", predict)
     replies = service.handle([good, broken, good])
@@ -197,25 +197,28 @@ def test_encoder_failure_fails_only_requests_that_need_it(service, monkeypatch):
 
 
 def test_many_prompts_on_a_large_image_are_decoded_in_chunks(micro_sam, monkeypatch):
-    """Only a bounded number of full-size masks is alive at once; answers are unchanged."""
+    """Only a bounded number of full-size masks is alive at once: a decoder call's worth
+    of prompts, fewer where the masks are large; answers are unchanged."""
     from samserve import service as service_module
 
-    service = SegmentService(SamEngine(micro_sam), Settings())
+    service = SegmentService(SamEngine(micro_sam, decoder_batch_size=8), Settings())
     image = png_bytes(make_image(200, 300))
     prompts = [{"points": [[10 + 9 * k, 20 + 5 * k]], "labels": [1]} for k in range(12)]
-    whole = service.handle([_request(image, prompts=prompts, output="none")])[0]
-    assert whole.status == 200
     calls = []
     real_predict = service.engine.predict
 
-    def predict(embedding, chunk, multimask=True):
+    def predict(embedding, chunk, multimask=True, timing_ms=None):
         calls.append(len(chunk))
-        return real_predict(embedding, chunk, multimask)
+        return real_predict(embedding, chunk, multimask, timing_ms)
 
     monkeypatch.setattr(service.engine, "predict", predict)
+    whole = service.handle([_request(image, prompts=prompts, output="none")])[0]
+    assert whole.status == 200 and calls == [8, 4]
+    calls.clear()
     monkeypatch.setattr(service_module, "MASK_PIXELS_PER_CALL", 5 * 3 * 200 * 300)
     chunked = service.handle([_request(image, prompts=prompts, output="none")])[0]
     assert calls == [5, 5, 2]
+    assert set(chunked.body["timing_ms"]) >= {"decoder", "upscale", "encode_masks"}
     for a, b in zip(whole.body["results"], chunked.body["results"]):
         assert [m["area"] for m in a["masks"]] == [m["area"] for m in b["masks"]]
         assert [m["score"] for m in a["masks"]] == pytest.approx(

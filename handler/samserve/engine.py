@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import hashlib
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -229,9 +230,16 @@ class SamEngine:
 
     @torch.inference_mode()
     def predict(
-        self, embedding: ImageEmbedding, prompts: Sequence[Prompt], multimask: bool = True
+        self,
+        embedding: ImageEmbedding,
+        prompts: Sequence[Prompt],
+        multimask: bool = True,
+        timing_ms: dict[str, float] | None = None,
     ) -> list[Prediction]:
         """Decode ``prompts`` on one embedded image; one prediction per prompt, in order.
+
+        ``timing_ms``, if given, accumulates the milliseconds spent in the prompt encoder and
+        mask decoder (``decoder``) and in making full-size masks (``upscale``).
 
         Prompts of equal shape (same number of points, box or not, mask_input or not) go
         through the prompt encoder and mask decoder together, ``decoder_batch_size`` per
@@ -246,14 +254,20 @@ class SamEngine:
             for start in range(0, len(group), self.decoder_batch_size):
                 indices = group[start : start + self.decoder_batch_size]
                 batch = [prompts[i] for i in indices]
-                for i, prediction in zip(indices, self._predict_batch(embedding, batch, multimask)):
+                answers = self._predict_batch(embedding, batch, multimask, timing_ms)
+                for i, prediction in zip(indices, answers):
                     predictions[i] = prediction
         return predictions  # type: ignore[return-value]
 
     def _predict_batch(
-        self, embedding: ImageEmbedding, prompts: Sequence[Prompt], multimask: bool
+        self,
+        embedding: ImageEmbedding,
+        prompts: Sequence[Prompt],
+        multimask: bool,
+        timing_ms: dict[str, float] | None,
     ) -> list[Prediction]:
         """Decode B prompts of one signature in one call, as ``SamPredictor.predict_torch``."""
+        started = time.perf_counter()
         first = prompts[0]
         original_size = embedding.original_size
         points = boxes = masks = None
@@ -276,8 +290,9 @@ class SamEngine:
         low_res, iou = decode_prompts(
             self.model, embedding.embedding, points, boxes, masks, multimask
         )
-        low_res, iou = low_res.float().cpu(), iou.float().cpu()
-        return [
+        low_res, iou = low_res.float().cpu(), iou.float().cpu()  # waits for a GPU
+        decoded = time.perf_counter()
+        predictions = [
             Prediction(
                 masks=upscale_masks(
                     logits,
@@ -291,6 +306,11 @@ class SamEngine:
             )
             for logits, scores in zip(low_res, iou)
         ]
+        if timing_ms is not None:
+            timing_ms["decoder"] = timing_ms.get("decoder", 0.0) + (decoded - started) * 1000
+            upscale_ms = (time.perf_counter() - decoded) * 1000
+            timing_ms["upscale"] = timing_ms.get("upscale", 0.0) + upscale_ms
+        return predictions
 
     def store_logits(self, image_id: str, logits: np.ndarray) -> str:
         """Keep 1xhxw (or hxw) low-res logits for reuse as ``mask_input``; returns their id.

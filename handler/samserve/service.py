@@ -180,17 +180,17 @@ class SegmentService:
                 f"= {mask_pixels} mask pixels; at most {self.settings.max_mask_pixels} per "
                 "request: send fewer prompts per request, multimask false, or a smaller image",
             )
-        # Decode in chunks so that only one chunk's full-size masks are alive at a time.
-        chunk = max(1, MASK_PIXELS_PER_CALL // (masks_per_prompt * width * height))
+        # Decode a decoder call's worth of prompts at a time, and encode their masks before
+        # the next: then only one chunk's full-size masks are alive (and in cache).
+        full_size = MASK_PIXELS_PER_CALL // (masks_per_prompt * width * height)
+        chunk = max(1, min(full_size, self.engine.decoder_batch_size))
         results = []
         size = 0
-        decoder_ms = encode_ms = 0.0
+        stages = {"decoder": 0.0, "upscale": 0.0, "encode_masks": 0.0}
         for start in range(0, len(prompts), chunk):
-            tic = time.perf_counter()
             predictions = self.engine.predict(
-                embedding, prompts[start : start + chunk], job.request.multimask
+                embedding, prompts[start : start + chunk], job.request.multimask, stages
             )
-            decoder_ms += _ms_since(tic)
             tic = time.perf_counter()
             for prediction in predictions:
                 best = int(np.argmax(prediction.scores))
@@ -205,10 +205,9 @@ class SegmentService:
                         ),
                     }
                 )
-            encode_ms += _ms_since(tic)
+            stages["encode_masks"] += _ms_since(tic)
         if prompts:
-            job.timing_ms["decoder"] = decoder_ms
-            job.timing_ms["encode_masks"] = encode_ms
+            job.timing_ms.update(stages)
         return _response(job, results=results)
 
     def _check_response_size(self, size: int) -> None:
