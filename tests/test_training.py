@@ -101,6 +101,17 @@ def test_init_from_a_smaller_input_size_keeps_the_weights(tmp_path):
     assert logits.shape == (1, 3, 128, 128)
 
 
+def test_frozen_encoder_stays_and_the_decoder_trains(tmp_path):
+    first, second = tmp_path / "a.pth", tmp_path / "b.pth"
+    config = TrainConfig(spec="sam_micro", steps=1, images_per_step=1, prompts_per_image=2)
+    before = train(config, first, log=lambda message: None).state_dict()
+    config = dataclasses.replace(config, init=str(first), steps=3, freeze_encoder=True, lr=1e-2)
+    after = train(config, second, log=lambda message: None).state_dict()
+    changed = {k for k in before if not torch.equal(before[k].half(), after[k].half())}
+    assert changed and all(k.startswith(("mask_decoder.", "prompt_encoder.")) for k in changed)
+    assert any(k.startswith("mask_decoder.") for k in changed)
+
+
 def test_iou_andcorrective_click():
     a = np.zeros((10, 10), bool)
     a[2:6, 2:6] = True

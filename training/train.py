@@ -54,11 +54,13 @@ class TrainConfig:
     weight_decay: float = 0.05
     focal_weight: float = 1.0
     focal_alpha: float = 0.25  # weight of foreground pixels in the focal loss; < 0: none
+    iou_weight: float = 1.0  # weight of the IoU-prediction MSE (SAM: 1)
     refine: bool = True
     seed: int = TRAIN_SEED
     threads: int = 0
     init: str = ""  # a checkpoint to start from (fine-tuning); "": fresh weights
     image_size: int = 0  # > 0: the spec's encoder input size replaced by this one
+    freeze_encoder: bool = False  # train the prompt encoder and mask decoder only
 
 
 @dataclass
@@ -155,7 +157,7 @@ def step_loss(
         logits, iou_pred = decode_prompts(sam, embedding, points, boxes, None, multimask)
         loss, iou = mask_losses(logits, target, config.focal_weight, config.focal_alpha)
         best = loss.argmin(dim=1)
-        total = total + loss[rows, best].mean() + F.mse_loss(iou_pred, iou)
+        total = total + loss[rows, best].mean() + config.iou_weight * F.mse_loss(iou_pred, iou)
         parts[kind].append(float(iou[rows, best].mean()))
 
         if config.refine:
@@ -167,7 +169,7 @@ def step_loss(
                 sam, embedding, (coords2, labels2), boxes, previous[:, None], False
             )
             loss_r, iou_r = mask_losses(logits_r, target, config.focal_weight, config.focal_alpha)
-            total = total + loss_r.mean() + F.mse_loss(iou_pred_r, iou_r)
+            total = total + loss_r.mean() + config.iou_weight * F.mse_loss(iou_pred_r, iou_r)
             parts["refine"].append(float(iou_r.mean()))
     return total / len(batch.masks), {k: float(np.mean(v)) for k, v in parts.items() if v}
 
@@ -225,9 +227,15 @@ def train(config: TrainConfig, out: Path, log=print) -> Sam:
     if config.init:
         sam.load_state_dict(resized_state(torch.load(config.init, weights_only=True), sam))
     sam.train()
-    optimizer = torch.optim.AdamW(sam.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    # A frozen encoder builds no autograd graph: its forward is all a step pays for it.
+    sam.image_encoder.requires_grad_(not config.freeze_encoder)
+    trained = [p for p in sam.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trained, lr=config.lr, weight_decay=config.weight_decay)
     params = sum(p.numel() for p in sam.parameters())
-    log(f"training {spec.name}: {params / 1e6:.2f} M parameters, config {asdict(config)}")
+    log(
+        f"training {spec.name}: {params / 1e6:.2f} M parameters "
+        f"({sum(p.numel() for p in trained) / 1e6:.2f} M trained), config {asdict(config)}"
+    )
     started = time.monotonic()
     history: list[dict[str, float]] = []
     step = 0
@@ -243,7 +251,7 @@ def train(config: TrainConfig, out: Path, log=print) -> Sam:
         loss, parts = step_loss(sam, batch, rng, config)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(sam.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(trained, 1.0)
         optimizer.step()
         history.append({"step": step, "loss": loss.item(), **parts})
         if step % 50 == 0:
