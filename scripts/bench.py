@@ -582,7 +582,11 @@ def main(argv: list[str] | None = None) -> int:
         "matmul": matmul_gflops(device, counts.matmul_repeats),
         "models": {},
     }
-    print(f"matmul: {results['matmul']['gflops']} GFLOP/s", flush=True)
+    # The rate this machine gives varies by tens of percent over a run (shared host), so
+    # it is measured around every model and the highest is the reference: the
+    # conservative one for "share of the matmul rate".
+    rates = [results["matmul"]["gflops"]]
+    print(f"matmul: {rates[0]} GFLOP/s", flush=True)
 
     server = TorchServe(
         args.cache / "run", args.cache / "model_store", Ports.offset(args.port_offset)
@@ -595,14 +599,19 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 result = bench_model(name, server, args.cache, images, counts, args.threads,
                                      device)  # fmt: skip
-                result["derived"] = derived(result, results["matmul"]["gflops"])
                 print(f"[{name}] done", flush=True)
             except Exception as err:
                 print(f"[{name}] FAILED: {type(err).__name__}: {err}", file=sys.stderr)
                 result = {"model": name, "error": f"{type(err).__name__}: {err}"}
             results["models"][name] = result
+            rates.append(matmul_gflops(device, counts.matmul_repeats)["gflops"])
+            print(f"matmul: {rates[-1]} GFLOP/s", flush=True)
     finally:
         server.stop()
+    results["matmul"] |= {"gflops": max(rates), "samples": rates}
+    for result in results["models"].values():
+        if "error" not in result:
+            result["derived"] = derived(result, results["matmul"]["gflops"])
     results["machine"]["load_avg_1min_at_end"] = round(os.getloadavg()[0], 2)
     results["checks"] = checks(results)
 

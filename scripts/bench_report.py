@@ -224,7 +224,14 @@ def render_markdown(results: dict[str, Any]) -> str:
     out += table(["machine", ""], list(results["machine"].items()))
     out += [
         f"Dense fp32 matmul ({matmul['n']}x{matmul['n']} `torch.mm`, best of "
-        f"{results['counts']['matmul_repeats']}): **{matmul['gflops']:,.1f} GFLOP/s**.",
+        f"{results['counts']['matmul_repeats']}): **{matmul['gflops']:,.1f} GFLOP/s**"
+        + (
+            f", the highest of {len(matmul['samples'])} measurements (at the start and after "
+            f"each model: {', '.join(f'{g:,.1f}' for g in matmul['samples'])}); the shares "
+            "below divide by it."
+            if "samples" in matmul
+            else "."
+        ),
         "",
         "## Must show",
         "",
