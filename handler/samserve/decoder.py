@@ -28,6 +28,7 @@ T prompt tokens, B prompts; image-side tensors are 1xNxC while shared, BxNxC aft
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -88,13 +89,14 @@ def upscaled_masks(
     the transposes disappear and the work can go in cache-sized chunks.
     """
     batch, count, channels = src.shape
+    upscale_rows = _row_upscaler(upscaling)
     if chunk is None:
-        features = _upscale_rows(upscaling, src.reshape(batch * count, channels))
+        features = upscale_rows(src.reshape(batch * count, channels))
         logits = features.view(batch, count * 16, -1) @ hyper_in.transpose(1, 2)
     else:
         logits = torch.cat(
             [
-                _upscale_rows(upscaling, src[b, start : start + chunk]) @ hyper_in[b].t()
+                upscale_rows(src[b, start : start + chunk]) @ hyper_in[b].t()
                 for b in range(batch)
                 for start in range(0, count, chunk)
             ]
@@ -106,16 +108,22 @@ def upscaled_masks(
     return logits.reshape(batch, masks, 4 * height, 4 * width)
 
 
-def _upscale_rows(upscaling: torch.nn.Sequential, rows: Tensor) -> Tensor:
-    """``output_upscaling`` of R image tokens (RxC) as (Rx16)x(C/8) sub-pixel features, rows
-    ordered (token, dy1, dx1, dy2, dx2)."""
+def _row_upscaler(upscaling: torch.nn.Sequential) -> Callable[[Tensor], Tensor]:
+    """``output_upscaling`` as a map from R image tokens (RxC) to (Rx16)x(C/8) sub-pixel
+    features, rows ordered (token, dy1, dx1, dy2, dx2); the convolutions' weights are laid
+    out as matmul operands once, for every chunk."""
     conv1, norm, _, conv2, _ = upscaling
     mid, out = conv1.out_channels, conv2.out_channels
-    w1 = conv1.weight.permute(0, 2, 3, 1).reshape(rows.shape[1], 4 * mid)
+    w1 = conv1.weight.permute(0, 2, 3, 1).reshape(conv1.in_channels, 4 * mid)
     w2 = conv2.weight.permute(0, 2, 3, 1).reshape(mid, 4 * out)
-    x = torch.addmm(conv1.bias.repeat(4), rows, w1).view(-1, mid)
-    x = F.gelu(F.layer_norm(x, (mid,), norm.weight, norm.bias, norm.eps))
-    return F.gelu(torch.addmm(conv2.bias.repeat(4), x, w2)).view(-1, out)
+    b1, b2 = conv1.bias.repeat(4), conv2.bias.repeat(4)
+
+    def upscale_rows(rows: Tensor) -> Tensor:
+        x = torch.addmm(b1, rows, w1).view(-1, mid)
+        x = F.gelu(F.layer_norm(x, (mid,), norm.weight, norm.bias, norm.eps))
+        return F.gelu(torch.addmm(b2, x, w2)).view(-1, out)
+
+    return upscale_rows
 
 
 def two_way_transformer(
