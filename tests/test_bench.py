@@ -63,7 +63,8 @@ def _fake_result(warm_ms: float) -> dict:
 
 def test_report_checks_markdown_and_plot(tmp_path: Path) -> None:
     results = {
-        "label": "test", "image_size": "64x96", "matmul": {"n": 2048, "gflops": 100.0},
+        "label": "test", "image_size": "64x96",
+        "matmul": {"n": 2048, "gflops": 100.0, "samples": [100.0, 90.0]},
         "counts": {"matmul_repeats": 3}, "machine": {"cpu": "test", "gpu": None,
                                                      "torch_threads_per_worker": 2},
         "models": {"vit_b": _fake_result(11.0), "sam_small": _fake_result(30.0),
@@ -88,6 +89,10 @@ def test_report_checks_markdown_and_plot(tmp_path: Path) -> None:
     row = "| warm REST p50 / in-process floor p50 | sam_small | 3 | <= 1.2 | **fail** |"
     assert row in markdown
     assert "**Not measured**: RuntimeError: checkpoint does not fit" in markdown
+    assert (
+        "**100.0 GFLOP/s**, the highest of 2 measurements (at the start and after each "
+        "model: 100.0, 90.0)" in markdown
+    )
     pytest.importorskip("matplotlib")
     plot(results, tmp_path / "plot.png")
     assert (tmp_path / "plot.png").read_bytes()[:4] == b"\x89PNG"
