@@ -233,6 +233,9 @@ def test_mask_window_rle_is_what_pycocotools_encodes(shape, density):
         assert window.rle() == coco_rle(mask)
         np.testing.assert_array_equal(window.dense(), mask)
         assert window.window.sum() == mask.sum()
+        column_major = MaskWindow.of(np.asfortranarray(mask))  # as upscale makes them
+        assert column_major.rle() == coco_rle(mask)
+        np.testing.assert_array_equal(column_major.dense(), mask)
 
 
 def test_mask_window_is_tight_and_placed():
@@ -244,3 +247,10 @@ def test_mask_window_is_tight_and_placed():
     (record,) = encode_masks([window], np.array([0.5]), "rle")
     assert record["bbox"] == [30, 10, 16, 10] and record["area"] == 31
     np.testing.assert_array_equal(decode_segmentation(record), mask)
+
+
+def test_mask_window_keeps_no_view_of_the_callers_mask():
+    mask = np.ones((6, 5), dtype=bool)
+    window = MaskWindow.of(mask)
+    mask[:] = False
+    assert window.window.all() and window.rle() == coco_rle(np.ones((6, 5), dtype=bool))

@@ -58,6 +58,8 @@ def test_matches_postprocess_masks(original_size, padded, low):
         # Only float rounding may differ: pixels whose logit is within a hair of 0.
         assert np.all(np.abs(value[differ]) < 1e-4), value[differ]
         assert differ.mean() <= 1e-5
+        # Column-major, the order COCO RLE reads: no transposing copy before pycocotools.
+        assert window.window.flags.f_contiguous
 
 
 def test_all_negative_logits_give_empty_masks_without_work():

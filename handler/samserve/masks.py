@@ -21,7 +21,9 @@ class MaskWindow:
 
     ``window`` is an hxw bool array whose top-left pixel is (``top``, ``left``) of the
     full mask; every pixel outside it is False. ``size`` is (H, W). Masks of small
-    objects in large images stay small, and so does the work of encoding them.
+    objects in large images stay small, and so does the work of encoding them. A window
+    may be column-major (Fortran order, as ``upscale`` makes them): COCO RLE reads masks
+    column by column, and such windows reach pycocotools without a transposing copy.
     """
 
     window: np.ndarray
@@ -42,17 +44,19 @@ class MaskWindow:
             return cls.empty(size)
         cols = np.flatnonzero(mask.any(axis=0))
         window = mask[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
+        if window.shape != mask.shape:  # a copy, not a view of a much larger mask
+            window = window.copy(order="K")  # in the mask's memory order
         size = (int(size[0]), int(size[1]))
-        return cls(np.ascontiguousarray(window), top + int(rows[0]), left + int(cols[0]), size)
+        return cls(window, top + int(rows[0]), left + int(cols[0]), size)
 
     @classmethod
     def of(cls, mask: np.ndarray) -> MaskWindow:
-        """The window of a full HxW bool mask."""
-        return cls.crop(np.asarray(mask, dtype=bool), 0, 0, mask.shape)
+        """The window of a full HxW bool mask (a copy: later changes to ``mask`` stay out)."""
+        return cls.crop(np.array(mask, dtype=bool), 0, 0, mask.shape)
 
     def dense(self) -> np.ndarray:
-        """The full HxW bool mask."""
-        mask = np.zeros(self.size, dtype=bool)
+        """The full HxW bool mask (column-major: the order COCO RLE reads)."""
+        mask = np.zeros(self.size, dtype=bool, order="F")
         height, width = self.window.shape
         mask[self.top : self.top + height, self.left : self.left + width] = self.window
         return mask
@@ -68,7 +72,8 @@ class MaskWindow:
         height, width = self.size
         rows, cols = self.window.shape
         if 4 * rows * cols > height * width:
-            return mask_utils.encode(np.asfortranarray(self.dense(), dtype=np.uint8))
+            full = self.window if self.window.shape == self.size else self.dense()
+            return mask_utils.encode(np.asfortranarray(full).view(np.uint8))
         columns = np.zeros((cols, rows + 2), dtype=bool)  # window columns, padded above/below
         columns[:, 1:-1] = self.window.T
         change = np.flatnonzero(columns[:, 1:] != columns[:, :-1])

@@ -6,10 +6,12 @@ thresholds at ``mask_threshold``. Both steps are separable linear maps whose wei
 non-negative and sum to one, so every output pixel is a convex combination of a few
 low-res cells: where all of them are <= the threshold, so is the pixel. This module
 composes the two steps into one small map per axis (built by running ``F.interpolate``
-itself on an identity, so the sampling rules are PyTorch's) and evaluates it only on the
-rows and columns that some cell above the threshold reaches. The result equals
-thresholding ``postprocess_masks`` up to float rounding of pixels within ~1e-6 of the
-threshold, at a cost that scales with the mask's extent instead of the image's size.
+itself on an identity in float64, so the sampling rules are PyTorch's) and evaluates it
+only on the rows and columns that some cell above the threshold reaches. The result
+equals thresholding ``postprocess_masks`` except at pixels within float rounding of the
+threshold (PyTorch's float32 interpolation places its samples to about 1e-4 of a cell;
+the composed maps are closer to exact), at a cost that scales with the mask's extent
+instead of the image's size.
 """
 
 from __future__ import annotations
@@ -79,18 +81,13 @@ def upscale_masks(
     low_res = low_res.float().cpu()
     rows = axis_map(low_res.shape[-2], padded_size, input_size[0], original_size[0])
     cols = axis_map(low_res.shape[-1], padded_size, input_size[1], original_size[1])
-    return [
-        _upscale_one(logits, rows, cols, padded_size, input_size[1], original_size, threshold)
-        for logits in low_res
-    ]
+    return [_upscale_one(logits, rows, cols, original_size, threshold) for logits in low_res]
 
 
 def _upscale_one(
     logits: torch.Tensor,
     rows: AxisMap,
     cols: AxisMap,
-    padded_size: int,
-    cropped_width: int,
     original_size: tuple[int, int],
     threshold: float,
 ) -> MaskWindow:
@@ -104,14 +101,18 @@ def _upscale_one(
     left, right = cols.pixels_reached(int(hit_cols[0]), int(hit_cols[-1]))
     if top == bottom or left == right:
         return MaskWindow.empty(original_size)
-    row_index, row_weight = rows.index[top:bottom], rows.weight[top:bottom]
-    partial = sum(  # (bottom - top) x w: the row pass, composed map, window rows only
-        logits[row_index[:, k]] * row_weight[:, k, None] for k in range(row_index.shape[1])
-    )
-    # The column pass as SAM does it (two linear interpolations along the row), which
-    # PyTorch vectorises better than gathers; it covers the window's rows only.
-    values = F.interpolate(partial[None], size=padded_size, mode="linear", align_corners=False)
-    values = F.interpolate(
-        values[..., :cropped_width], size=original_size[1], mode="linear", align_corners=False
-    )[0, :, left:right]
-    return MaskWindow.crop((values > threshold).numpy(), top, left, original_size)
+    # Rows first (a window's rows x w), then columns on the transposed result: both passes
+    # gather whole contiguous rows, and the mask comes out column-major, the order COCO
+    # RLE reads, with no transposing copy.
+    partial = _apply(rows.index[top:bottom], rows.weight[top:bottom], logits)
+    values = _apply(cols.index[left:right], cols.weight[left:right], partial.T.contiguous())
+    return MaskWindow.crop((values > threshold).numpy().T, top, left, original_size)
+
+
+def _apply(index: torch.Tensor, weight: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+    """One axis map on the first axis of ``source`` (SxM): an ``index.shape[0]`` x M tensor
+    whose row i is the sum over k of ``weight[i, k] * source[index[i, k]]``."""
+    out = source.index_select(0, index[:, 0]).mul_(weight[:, 0, None])
+    for k in range(1, index.shape[1]):
+        out.addcmul_(source.index_select(0, index[:, k]), weight[:, k, None])
+    return out
