@@ -24,6 +24,7 @@ def segment_request(
     multimask: bool = True,
     output: str = "rle",
     everything: dict[str, Any] | None = None,
+    best_only: bool = False,
 ) -> dict[str, Any]:
     """A JSON request: encoded image bytes (sent as base64) or an ``image_id``, and prompts
     or ``everything`` (segment-everything parameters, ``{}`` for SAM's defaults).
@@ -33,6 +34,8 @@ def segment_request(
     if (image is None) == (image_id is None):
         raise ValueError("give exactly one of image and image_id")
     body: dict[str, Any] = {"multimask": multimask, "output": output}
+    if best_only:
+        body["best_only"] = True
     if image is not None:
         body["image"] = base64.b64encode(image).decode("ascii")
     else:

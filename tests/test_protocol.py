@@ -114,6 +114,7 @@ def test_defaults_multimask_true_output_rle_no_prompts():
     request = parse_request({"image_id": "abc"}, "application/json", LIMITS)
     assert request == SegmentRequest(image_id="abc")
     assert request.multimask is True
+    assert request.best_only is False
     assert request.output == "rle"
     assert request.prompts == ()
     assert request.image is None
@@ -270,6 +271,8 @@ def test_invalid_base64(image):
         ({"image_id": "a", "multimask": "true"}, "multimask"),
         ({"image_id": "a", "multimask": 1}, "multimask"),
         ({"image_id": "a", "multimask": None}, "multimask"),
+        ({"image_id": "a", "best_only": "yes"}, "best_only"),
+        ({"image_id": "a", "best_only": 0}, "best_only"),
         ({"image_id": "a", "output": "jpeg"}, "output"),
         ({"image_id": "a", "output": "RLE"}, "output"),
         ({"image_id": "a", "output": None}, "output"),
@@ -383,3 +386,8 @@ def test_label_must_be_an_integer(label):
             {"image_id": "a", "prompts": [{"points": [[1, 2]], "labels": [label]}]}, Limits()
         )
     assert caught.value.code == "invalid_request" and "labels[0]" in caught.value.message
+
+
+def test_best_only_is_parsed():
+    request = parse_request({"image_id": "a", "best_only": True}, "application/json", LIMITS)
+    assert request.best_only is True

@@ -137,6 +137,30 @@ def test_output_none_and_order_of_results(service):
         assert all("segmentation" not in m and "png" not in m for m in result["masks"])
 
 
+@pytest.mark.parametrize("multimask", [True, False])
+def test_best_only_returns_the_best_of_the_masks_multimask_gives(service, monkeypatch, multimask):
+    image = png_bytes(make_image(120, 160, seed=3))
+    prompts = [POINT, {"box": [5, 5, 90, 70]}, {"points": [[20, 100]], "labels": [1]}]
+    every = service.handle([_request(image, prompts=prompts, multimask=multimask)])[0].body
+    made = []
+    real_predict = service.engine.predict
+
+    def predict(*args, **kwargs):
+        answers = real_predict(*args, **kwargs)
+        made.extend(len(answer.masks) for answer in answers)
+        return answers
+
+    monkeypatch.setattr(service.engine, "predict", predict)
+    best = service.handle(
+        [_request(image_id=every["image_id"], prompts=prompts, multimask=multimask, best_only=True)]
+    )[0].body
+    assert made == [1] * len(prompts)  # the other masks were never made full-size
+    for all_masks, only in zip(every["results"], best["results"], strict=True):
+        (record,) = only["masks"]
+        assert record == all_masks["masks"][0]  # the best-scoring one, as sent first
+        assert only["logits_id"] == all_masks["logits_id"]
+
+
 def test_exif_rotated_upload_uses_upright_frame(service):
     array = make_image(60, 100)
     exif = Image.Exif()
@@ -176,10 +200,10 @@ def test_unexpected_failure_is_a_json_500_for_that_request_only(service, monkeyp
     broken = _request(image, prompts=[{"box": [1, 1, 50, 50]}])
     real_predict = service.engine.predict
 
-    def predict(embedding, prompts, multimask=True, timing_ms=None):
+    def predict(embedding, prompts, *args, **kwargs):
         if prompts[0].box is not None:
             raise RuntimeError("simulated decoder bug")
-        return real_predict(embedding, prompts, multimask, timing_ms)
+        return real_predict(embedding, prompts, *args, **kwargs)
 
     monkeypatch.setattr(service.engine, "predict", predict)
     replies = service.handle([good, broken, good])
@@ -207,9 +231,9 @@ def test_many_prompts_on_a_large_image_are_decoded_in_chunks(micro_sam, monkeypa
     calls = []
     real_predict = service.engine.predict
 
-    def predict(embedding, chunk, multimask=True, timing_ms=None):
+    def predict(embedding, chunk, *args, **kwargs):
         calls.append(len(chunk))
-        return real_predict(embedding, chunk, multimask, timing_ms)
+        return real_predict(embedding, chunk, *args, **kwargs)
 
     monkeypatch.setattr(service.engine, "predict", predict)
     whole = service.handle([_request(image, prompts=prompts, output="none")])[0]

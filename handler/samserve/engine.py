@@ -235,11 +235,14 @@ class SamEngine:
         prompts: Sequence[Prompt],
         multimask: bool = True,
         timing_ms: dict[str, float] | None = None,
+        best_only: bool = False,
     ) -> list[Prediction]:
         """Decode ``prompts`` on one embedded image; one prediction per prompt, in order.
 
-        ``timing_ms``, if given, accumulates the milliseconds spent in the prompt encoder and
-        mask decoder (``decoder``) and in making full-size masks (``upscale``).
+        ``best_only`` keeps only the highest-scoring of the decoder's masks for each prompt
+        (the one a click UI shows): the others are never upscaled. ``timing_ms``, if given,
+        accumulates the milliseconds spent in the prompt encoder and mask decoder
+        (``decoder``) and in making full-size masks (``upscale``).
 
         Prompts of equal shape (same number of points, box or not, mask_input or not) go
         through the prompt encoder and mask decoder together, ``decoder_batch_size`` per
@@ -255,7 +258,7 @@ class SamEngine:
             for start in range(0, len(group), self.decoder_batch_size):
                 indices = group[start : start + self.decoder_batch_size]
                 batch = [prompts[i] for i in indices]
-                answers = self._predict_batch(embedding, batch, multimask, timing_ms)
+                answers = self._predict_batch(embedding, batch, multimask, best_only, timing_ms)
                 for i, prediction in zip(indices, answers):
                     predictions[i] = prediction
         return predictions  # type: ignore[return-value]
@@ -265,6 +268,7 @@ class SamEngine:
         embedding: ImageEmbedding,
         prompts: Sequence[Prompt],
         multimask: bool,
+        best_only: bool,
         timing_ms: dict[str, float] | None,
     ) -> list[Prediction]:
         """Decode B prompts of one signature in one call, as ``SamPredictor.predict_torch``."""
@@ -291,6 +295,10 @@ class SamEngine:
         low_res, iou = decode_prompts(
             self.model, embedding.embedding, points, boxes, masks, multimask
         )
+        if best_only:
+            best = iou.argmax(dim=1, keepdim=True)  # Bx1, the first of equal scores
+            low_res = low_res[torch.arange(len(best)), best[:, 0]][:, None]
+            iou = iou.gather(1, best)
         low_res, iou = low_res.float().cpu(), iou.float().cpu()  # waits for a GPU
         decoded = time.perf_counter()
         predictions = [

@@ -25,7 +25,9 @@ from .errors import RequestError
 from .everything import EverythingParams
 from .masks import OUTPUT_FORMATS
 
-REQUEST_FIELDS = frozenset({"image", "image_id", "prompts", "multimask", "output", "everything"})
+REQUEST_FIELDS = frozenset(
+    {"image", "image_id", "prompts", "multimask", "best_only", "output", "everything"}
+)
 PROMPT_FIELDS = frozenset({"points", "labels", "box", "mask_input"})
 MAX_ID_LENGTH = 128
 
@@ -60,6 +62,7 @@ class SegmentRequest:
     image_id: str | None = None
     prompts: tuple[PromptRequest, ...] = ()
     multimask: bool = True
+    best_only: bool = False
     output: str = "rle"
     everything: EverythingParams | None = None
 
@@ -155,13 +158,16 @@ def parse_json(data: Any, limits: Limits) -> SegmentRequest:
     multimask = data.get("multimask", True)
     if not isinstance(multimask, bool):
         raise _invalid("multimask", f"must be true or false, got {_type_name(multimask)}")
+    best_only = data.get("best_only", False)
+    if not isinstance(best_only, bool):
+        raise _invalid("best_only", f"must be true or false, got {_type_name(best_only)}")
     output = data.get("output", "rle")
     if output not in OUTPUT_FORMATS:
         raise _invalid("output", f"must be one of {list(OUTPUT_FORMATS)}, got {output!r}")
     everything = _parse_everything(data.get("everything"))
     if everything is not None and prompts:
         raise _invalid("request", "send 'prompts' or 'everything', not both")
-    return SegmentRequest(image, image_id, prompts, multimask, output, everything)
+    return SegmentRequest(image, image_id, prompts, multimask, best_only, output, everything)
 
 
 def _parse_everything(value: Any) -> EverythingParams | None:

@@ -170,7 +170,7 @@ class SegmentService:
             self._to_prompt(p, f"prompts[{i}]", job.image_id, width, height)
             for i, p in enumerate(job.request.prompts)
         ]
-        masks_per_prompt = 3 if job.request.multimask else 1
+        masks_per_prompt = 3 if job.request.multimask and not job.request.best_only else 1
         mask_pixels = len(prompts) * masks_per_prompt * width * height
         if mask_pixels > self.settings.max_mask_pixels:
             raise RequestError(
@@ -178,7 +178,8 @@ class SegmentService:
                 "too_many_mask_pixels",
                 f"{len(prompts)} prompts x {masks_per_prompt} masks x {width}x{height} pixels "
                 f"= {mask_pixels} mask pixels; at most {self.settings.max_mask_pixels} per "
-                "request: send fewer prompts per request, multimask false, or a smaller image",
+                "request: send fewer prompts per request, multimask false, best_only true, "
+                "or a smaller image",
             )
         # Decode a decoder call's worth of prompts at a time, and encode their masks before
         # the next: then only one chunk's full-size masks are alive (and in cache).
@@ -189,7 +190,11 @@ class SegmentService:
         stages = {"decoder": 0.0, "upscale": 0.0, "encode_masks": 0.0}
         for start in range(0, len(prompts), chunk):
             predictions = self.engine.predict(
-                embedding, prompts[start : start + chunk], job.request.multimask, stages
+                embedding,
+                prompts[start : start + chunk],
+                job.request.multimask,
+                stages,
+                best_only=job.request.best_only,
             )
             tic = time.perf_counter()
             for prediction in predictions:
