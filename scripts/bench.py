@@ -343,12 +343,15 @@ class Served:
                 out[path]["server_ms"] = server_timing(responses[path])
         return out
 
-    def prompts(self, image: BenchImage, image_id: str, counts: Counts) -> list[dict[str, Any]]:
-        """Requests with 1, 4, 16, 64 click prompts on one cached image."""
+    def prompts(
+        self, image: BenchImage, image_id: str, counts: Counts, best_only: bool = False
+    ) -> list[dict[str, Any]]:
+        """Requests with 1, 4, 16, 64 click prompts on one cached image: three masks per
+        click, or with ``best_only`` the best-scoring one."""
         rows = []
         for count in counts.prompt_counts:
             prompts = click_prompts(image.clicks(count, seed=1))
-            body = segment_request(image_id=image_id, prompts=prompts)
+            body = segment_request(image_id=image_id, prompts=prompts, best_only=best_only)
             times, responses = self.repeat(body, counts.prompt_repeats)
             latency = summarize(times)
             rows.append(
@@ -495,6 +498,8 @@ def bench_model(
         gc.collect()
         print(f"[{name}] prompts per request {counts.prompt_counts}", flush=True)
         result["prompts"] = served.prompts(images[0], ids[0], counts)
+        print(f"[{name}] prompts per request, best mask only", flush=True)
+        result["prompts_best"] = served.prompts(images[0], ids[0], counts, best_only=True)
         print(f"[{name}] concurrent clients {counts.concurrency}", flush=True)
         clicks = images[0].clicks(64, seed=3)
         result["concurrency"] = [

@@ -28,12 +28,32 @@ def ratio(numerator: float | None, denominator: float | None) -> float | None:
     return round(numerator / denominator, 4)
 
 
+# The series of requests with 1..64 prompts: key in the results, words in the report.
+PROMPT_SERIES = {"prompts": "3 masks per click", "prompts_best": "best mask only"}
+
+
 def derived(result: dict[str, Any], matmul_gflops: float) -> dict[str, Any]:
-    """One model's ratios: warm vs floor, naive vs warm, per-prompt cost vs a 1-prompt
-    request, achieved GFLOP/s (server decoder time and end-to-end) vs matmul, RLE size."""
+    """One model's ratios: warm vs floor, naive vs warm, RLE size, and for each prompt
+    series (``PROMPT_SERIES``) per-prompt cost vs a 1-prompt request and achieved GFLOP/s
+    (server decoder time and end-to-end) vs matmul."""
     warm = result["warm_rest"]["p50"]
     flops = result["in_process"]["decoder_flops_per_prompt"]
-    rows = {str(row["prompts"]): row for row in result["prompts"]}  # str keys, as in JSON
+    out: dict[str, Any] = {
+        "warm_rest_vs_floor": ratio(warm, result["in_process"]["predict"]["p50"]),
+        "naive_vs_warm_rest": ratio(result["naive"]["p50"], warm),
+        "rle_vs_packed": result["sizes"]["rle"]["response_vs_packed"],
+    }
+    for series in PROMPT_SERIES:
+        if series in result:
+            out[series] = _series_ratios(result[series], flops, matmul_gflops)
+    return out
+
+
+def _series_ratios(
+    series: Sequence[dict[str, Any]], flops: float, matmul_gflops: float
+) -> dict[str, Any]:
+    """Per-prompt time vs the 1-prompt request, and GFLOP/s, for one series of requests."""
+    rows = {str(row["prompts"]): row for row in series}  # str keys, as in JSON
     single = rows["1"]["latency"]["p50"] if "1" in rows else None
     achieved = {}
     for count, row in rows.items():
@@ -46,15 +66,12 @@ def derived(result: dict[str, Any], matmul_gflops: float) -> dict[str, Any]:
             "vs_matmul_end_to_end": ratio(end_to_end, matmul_gflops),
         }
     return {
-        "warm_rest_vs_floor": ratio(warm, result["in_process"]["predict"]["p50"]),
-        "naive_vs_warm_rest": ratio(result["naive"]["p50"], warm),
         "per_prompt_vs_single": {
             count: ratio(row["per_prompt_ms"], single)
             for count, row in rows.items()
             if count != "1"
         },
         "achieved": achieved,
-        "rle_vs_packed": result["sizes"]["rle"]["response_vs_packed"],
     }
 
 
@@ -65,24 +82,27 @@ def checks(results: dict[str, Any]) -> list[dict[str, Any]]:
         d = result.get("derived")
         if not d:
             continue
-        achieved = d["achieved"].get("16", {})
         items = [
             ("warm REST p50 / in-process floor p50", "warm_rest_vs_floor", d["warm_rest_vs_floor"]),
             ("naive p50 / warm REST p50", "naive_vs_warm_rest", d["naive_vs_warm_rest"]),
-            *[
-                (f"per-prompt time: {count} prompts / 1-prompt request", "per_prompt_vs_single", v)
-                for count, v in d["per_prompt_vs_single"].items()
-            ],
-            *[
-                (
-                    f"16 prompts: achieved / matmul GFLOP/s, {kind.replace('_', '-')}",
-                    "achieved_vs_matmul",
-                    achieved.get(f"vs_matmul_{kind}"),
-                )
-                for kind in ("decoder", "end_to_end")
-            ],  # fmt: skip
-            ("RLE response bytes / raw packed bitmask bytes", "rle_vs_packed", d["rle_vs_packed"]),
         ]
+        for series, words in PROMPT_SERIES.items():
+            if series not in d:
+                continue
+            achieved = d[series]["achieved"].get("16", {})
+            items += [
+                (f"per-prompt time: {count} prompts / 1-prompt request, {words}",
+                 "per_prompt_vs_single", v)
+                for count, v in d[series]["per_prompt_vs_single"].items()
+            ]  # fmt: skip
+            items += [
+                (f"16 prompts: achieved / matmul GFLOP/s, {kind.replace('_', '-')}, {words}",
+                 "achieved_vs_matmul", achieved.get(f"vs_matmul_{kind}"))
+                for kind in ("decoder", "end_to_end")
+            ]  # fmt: skip
+        items.append(
+            ("RLE response bytes / raw packed bitmask bytes", "rle_vs_packed", d["rle_vs_packed"])
+        )
         for check, key, value in items:
             bound, at_most = TARGETS[key]
             applies = _applies(key, name, result)
@@ -176,22 +196,26 @@ def model_section(name: str, r: dict[str, Any], image_size: str) -> list[str]:
             "(`samserve/decoder.py`).",
             "",
         ]
-    rows = []
-    for p in r["prompts"]:
-        count = str(p["prompts"])
-        achieved = d["achieved"][count]
-        rows.append(
-            [count, p["latency"]["p50"], p["per_prompt_ms"], d["per_prompt_vs_single"].get(count),
-             p["server_ms"].get("decoder"), p["server_ms"].get("upscale"),
-             p["server_ms"].get("encode_masks"),
-             achieved["gflops_decoder"], achieved["gflops_end_to_end"]]
+    for series, words in PROMPT_SERIES.items():
+        if series not in r:
+            continue
+        rows = []
+        for p in r[series]:
+            count = str(p["prompts"])
+            achieved = d[series]["achieved"][count]
+            rows.append(
+                [count, p["latency"]["p50"], p["per_prompt_ms"],
+                 d[series]["per_prompt_vs_single"].get(count), p["server_ms"].get("decoder"),
+                 p["server_ms"].get("upscale"), p["server_ms"].get("encode_masks"),
+                 achieved["gflops_decoder"], achieved["gflops_end_to_end"]]
+            )  # fmt: skip
+        out += [f"One click per prompt, {words}:", ""]
+        out += table(
+            ["prompts", "request p50 ms", "ms per prompt", "per prompt / 1-prompt request",
+             "server decoder ms", "server upscale ms", "server encode_masks ms",
+             "GFLOP/s decoder", "GFLOP/s end-to-end"],
+            rows,
         )  # fmt: skip
-    out += table(
-        ["prompts", "request p50 ms", "ms per prompt", "per prompt / 1-prompt request",
-         "server decoder ms", "server upscale ms", "server encode_masks ms", "GFLOP/s decoder",
-         "GFLOP/s end-to-end"],
-        rows,
-    )  # fmt: skip
     out += ["### Throughput: concurrent clients, each clicking on its own cached image", ""]
     out += table(
         ["clients", "requests", "errors", "requests/s", "p50 ms", "p95 ms", "p99 ms"],
@@ -272,6 +296,9 @@ def plot(results: dict[str, Any], path: Path) -> None:
         lat.errorbar(x, p50, yerr=[0 * p50, p95 - p50], fmt="none", ecolor="k", capsize=3)
         counts = [p["prompts"] for p in r["prompts"]]
         per.plot(counts, [p["per_prompt_ms"] for p in r["prompts"]], "o-", label=f"{name} request")
+        if "prompts_best" in r:
+            best = [p["per_prompt_ms"] for p in r["prompts_best"]]
+            per.plot(counts, best, "^:", label=f"{name} request, best mask only")
         decoder = [p["server_ms"].get("decoder", np.nan) / p["prompts"] for p in r["prompts"]]
         per.plot(counts, decoder, "s--", label=f"{name} server decoder")
         rss = r["memory"]["rss"]

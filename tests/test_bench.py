@@ -41,6 +41,12 @@ def _fake_result(warm_ms: float) -> dict:
          "server_ms": {"decoder": 5.0 * n**0.5, "encode_masks": 1.0}}
         for n in (1, 4, 16, 64)
     ]  # fmt: skip
+    # Best mask only: a 1-prompt request in 8 ms, 7 ms per prompt in larger ones.
+    prompts_best = [
+        {"prompts": n, "latency": _stats(8.0 if n == 1 else 7.0 * n),
+         "per_prompt_ms": 8.0 if n == 1 else 7.0, "server_ms": {"decoder": 4.0 * n}}
+        for n in (1, 4, 16, 64)
+    ]  # fmt: skip
     sizes = {"raw_packed": 1000.0, "raw_bool": 8000.0}
     for output, size in (("rle", 20.0), ("png", 80.0), ("none", 5.0)):
         sizes[output] = {"payload_per_mask": size, "response_per_mask": size + 5,
@@ -54,6 +60,7 @@ def _fake_result(warm_ms: float) -> dict:
                  "image_bytes": 100},
         "naive": _stats(9000.0), "warm_rest": _stats(warm_ms), "warm_grpc": _stats(warm_ms),
         "prompts": prompts,
+        "prompts_best": prompts_best,
         "concurrency": [{"clients": 1, "requests": 5, "errors": 0, "requests_per_s": 2.0,
                          "latency": _stats(5.0)}],
         "sizes": sizes,
@@ -74,9 +81,13 @@ def test_report_checks_markdown_and_plot(tmp_path: Path) -> None:
         results["models"][name]["derived"] = derived(results["models"][name], 100.0)
     vit_b = results["models"]["vit_b"]["derived"]
     assert vit_b["warm_rest_vs_floor"] == pytest.approx(1.1)
-    assert vit_b["per_prompt_vs_single"]["16"] == pytest.approx(0.25)
+    assert vit_b["prompts"]["per_prompt_vs_single"]["16"] == pytest.approx(0.25)
     # 16 GFLOP in 20 ms of decoder: 800 GFLOP/s, 8x the matmul rate.
-    assert vit_b["achieved"]["16"]["gflops_decoder"] == pytest.approx(800.0)
+    assert vit_b["prompts"]["achieved"]["16"]["gflops_decoder"] == pytest.approx(800.0)
+    assert vit_b["prompts_best"]["per_prompt_vs_single"]["16"] == pytest.approx(7 / 8)
+    # 16 GFLOP in 112 ms end to end: 143 GFLOP/s.
+    best_16 = vit_b["prompts_best"]["achieved"]["16"]
+    assert best_16["gflops_end_to_end"] == pytest.approx(16e3 / 112, rel=1e-3)
 
     results["checks"] = checks(results)
     verdicts = {(c["model"], c["check"]): c["pass"] for c in results["checks"]}
@@ -84,11 +95,17 @@ def test_report_checks_markdown_and_plot(tmp_path: Path) -> None:
     assert verdicts[("sam_small", "warm REST p50 / in-process floor p50")] is False
     assert verdicts[("vit_b", "naive p50 / warm REST p50")] is True
     assert verdicts[("sam_small", "naive p50 / warm REST p50")] is None  # vit_b only
+    three, best = "3 masks per click", "best mask only"
+    assert verdicts[("vit_b", f"per-prompt time: 16 prompts / 1-prompt request, {three}")] is True
+    assert verdicts[("vit_b", f"per-prompt time: 16 prompts / 1-prompt request, {best}")] is False
+    assert verdicts[("vit_b", f"16 prompts: achieved / matmul GFLOP/s, end-to-end, {best}")]
 
     markdown = render_markdown(results)
     row = "| warm REST p50 / in-process floor p50 | sam_small | 3 | <= 1.2 | **fail** |"
     assert row in markdown
     assert "**Not measured**: RuntimeError: checkpoint does not fit" in markdown
+    assert "One click per prompt, 3 masks per click:" in markdown
+    assert "One click per prompt, best mask only:" in markdown
     assert (
         "**100.0 GFLOP/s**, the highest of 2 measurements (at the start and after each "
         "model: 100.0, 90.0)" in markdown
