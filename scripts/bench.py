@@ -69,7 +69,7 @@ class Counts:
     warmup: int = 3
     cold: int = 4  # distinct images sent cold; the first also warms the worker up
     naive: int = 5  # naive requests timed (each runs the image encoder)
-    prompt_repeats: int = 5  # requests per prompt count
+    prompt_repeats: int = 7  # requests per prompt count, the counts taking turns
     prompt_counts: tuple[int, ...] = (1, 4, 16, 64)
     concurrency: tuple[int, ...] = (1, 2, 4)
     seconds: float = 10.0  # per concurrency level
@@ -347,13 +347,28 @@ class Served:
         self, image: BenchImage, image_id: str, counts: Counts, best_only: bool = False
     ) -> list[dict[str, Any]]:
         """Requests with 1, 4, 16, 64 click prompts on one cached image: three masks per
-        click, or with ``best_only`` the best-scoring one."""
+        click, or with ``best_only`` the best-scoring one.
+
+        The counts take turns (1, 4, 16, 64, 1, 4, ...): this machine's speed drifts by
+        tens of percent over minutes, and the ratios between counts should not."""
+        bodies = {
+            count: segment_request(
+                image_id=image_id,
+                prompts=click_prompts(image.clicks(count, seed=1)),
+                best_only=best_only,
+            )
+            for count in counts.prompt_counts
+        }
+        for body in bodies.values():
+            self.predict(body)  # warm-up, untimed
+        timed_runs: dict[int, list[tuple[float, dict[str, Any]]]] = {c: [] for c in bodies}
+        for _ in range(counts.prompt_repeats):
+            for count, body in bodies.items():
+                timed_runs[count].append(self.predict(body))
         rows = []
-        for count in counts.prompt_counts:
-            prompts = click_prompts(image.clicks(count, seed=1))
-            body = segment_request(image_id=image_id, prompts=prompts, best_only=best_only)
-            times, responses = self.repeat(body, counts.prompt_repeats)
-            latency = summarize(times)
+        for count, runs in timed_runs.items():
+            latency = summarize([ms for ms, _ in runs])
+            responses = [response for _, response in runs]
             rows.append(
                 {
                     "prompts": count,
