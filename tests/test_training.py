@@ -19,7 +19,14 @@ from training.evaluate import (
     validation,
 )
 from training.prompts import corrective_click, jittered_box, mask_box
-from training.train import TrainConfig, learning_rate, make_batch, mask_losses, train
+from training.train import (
+    TrainConfig,
+    learning_rate,
+    make_batch,
+    mask_losses,
+    step_draws,
+    train,
+)
 
 
 def test_mask_losses_reward_the_right_mask():
@@ -48,6 +55,23 @@ def test_batch_is_in_the_model_frame(micro_sam):
     for targets, full in zip(batch.masks, batch.full):
         assert targets.shape[1:] == (64, 64) and targets.min() >= 0 and targets.max() <= 1
         assert max(full.shape[1:]) == 256 and len(full) == len(targets)
+
+
+def test_worker_processes_draw_what_the_loop_draws():
+    """Steps drawn ahead in worker processes (for a GPU) are the loop's own, in order,
+    and leave each step's generator where the loop would (it goes on to the prompts)."""
+    config = TrainConfig(images_per_step=2, long_side=(100, 200))
+    runs = {}
+    for workers in (0, 2):
+        with step_draws(dataclasses.replace(config, workers=workers), 256, 64) as draws:
+            runs[workers] = [next(draws) for _ in range(5)]
+    for (inline, inline_rng), (ahead, ahead_rng) in zip(runs[0], runs[2], strict=True):
+        for a, b in zip(inline[0] + inline[1], ahead[0] + ahead[1], strict=True):
+            assert torch.equal(a, b)
+        for a, b in zip(inline[2], ahead[2], strict=True):
+            np.testing.assert_array_equal(a, b)
+        assert inline_rng.bit_generator.state == ahead_rng.bit_generator.state
+    assert not torch.equal(runs[0][0][0][0][0], runs[0][1][0][0][0])  # steps differ
 
 
 def test_short_training_run_writes_a_loadable_half_checkpoint(tmp_path):

@@ -16,11 +16,17 @@ cosine decay.
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
+import itertools
 import json
 import math
+import multiprocessing
 import sys
 import time
+from collections.abc import Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -61,6 +67,9 @@ class TrainConfig:
     init: str = ""  # a checkpoint to start from (fine-tuning); "": fresh weights
     image_size: int = 0  # > 0: the spec's encoder input size replaced by this one
     freeze_encoder: bool = False  # train the prompt encoder and mask decoder only
+    device: str = ""  # "": CUDA when there is a GPU, else the CPU
+    bf16: bool = True  # bf16 autocast on CUDA (the CPU always runs float32)
+    workers: int = 0  # > 0: processes that draw the next steps' images ahead (for a GPU)
 
 
 @dataclass
@@ -80,28 +89,89 @@ class Batch:
 def make_batch(sam: Sam, rng: np.random.Generator, config: TrainConfig) -> Batch:
     """Draw images, resize them with SAM's transform, and build low-res mask targets."""
     size = sam.image_encoder.img_size
-    low = sam.prompt_encoder.mask_input_size[0]
+    return to_model(sam, draw_images(rng, config, size, sam.prompt_encoder.mask_input_size[0]))
+
+
+def draw_images(
+    rng: np.random.Generator, config: TrainConfig, size: int, low: int
+) -> tuple[list[torch.Tensor], list[torch.Tensor], list[np.ndarray]]:
+    """One step's images, on the CPU and without the model: ``images_per_step`` 3xhxw uint8
+    images resized so the long side is ``size``, their Nxlowxlow float mask targets (the
+    padded ``size`` square pooled to the low-res grid) and Nxhxw bool masks."""
     transform = ResizeLongestSide(size)
-    inputs, targets, fulls = [], [], []
+    images, targets, fulls = [], [], []
     for _ in range(config.images_per_step):
         height, width = sample_size(rng, config.long_side)
         sample = make_sample(rng, height, width, config.max_objects)
         image = transform.apply_image(sample.image)
-        tensor = torch.as_tensor(image).permute(2, 0, 1).contiguous()
-        inputs.append(sam.preprocess(tensor[None].float())[0])
+        images.append(torch.as_tensor(image).permute(2, 0, 1).contiguous())
         h, w = image.shape[:2]
         masks = torch.as_tensor(sample.masks, dtype=torch.float32)[:, None]
         resized = F.interpolate(masks, (h, w), mode="bilinear", align_corners=False)
         padded = F.pad(resized, (0, size - w, 0, size - h))
         targets.append(F.adaptive_avg_pool2d(padded, (low, low))[:, 0])
         fulls.append(resized[:, 0].numpy() > 0.5)
-    return Batch(torch.stack(inputs), targets, fulls)
+    return images, targets, fulls
+
+
+def to_model(
+    sam: Sam, drawn: tuple[list[torch.Tensor], list[torch.Tensor], list[np.ndarray]]
+) -> Batch:
+    """``draw_images``'s output on the model's device, images normalised and padded."""
+    images, targets, fulls = drawn
+    device = sam.device
+    inputs = [sam.preprocess(image.to(device)[None].float())[0] for image in images]
+    return Batch(torch.stack(inputs), [t.to(device) for t in targets], fulls)
+
+
+def _draw_step(
+    config: TrainConfig, step: int, size: int, low: int
+) -> tuple[tuple[list[torch.Tensor], list[torch.Tensor], list[np.ndarray]], np.random.Generator]:
+    """Step ``step``'s images and the step's generator after drawing them (it goes on to
+    draw the prompts), as the training loop would make them: for worker processes."""
+    rng = np.random.default_rng([config.seed, step])
+    return draw_images(rng, config, size, low), rng
+
+
+def _one_thread() -> None:
+    torch.set_num_threads(1)
+
+
+@contextmanager
+def step_draws(
+    config: TrainConfig, size: int, low: int
+) -> Iterator[Iterator[tuple[tuple, np.random.Generator]]]:
+    """The steps' images and generators, in step order: drawn in the loop, or with
+    ``workers`` processes up to two steps per worker ahead of it. Either way step ``s``
+    gets exactly what ``np.random.default_rng([seed, s])`` draws."""
+    if config.workers <= 0:
+        yield (_draw_step(config, step, size, low) for step in itertools.count())
+        return
+    context = multiprocessing.get_context("spawn")  # no fork of a process holding CUDA
+    with ProcessPoolExecutor(config.workers, mp_context=context, initializer=_one_thread) as pool:
+        ahead: collections.deque[Future] = collections.deque()
+
+        def draws() -> Iterator[tuple[tuple, np.random.Generator]]:
+            step = 0
+            while True:
+                while len(ahead) < 2 * config.workers:
+                    ahead.append(pool.submit(_draw_step, config, step + len(ahead), size, low))
+                yield ahead.popleft().result()
+                step += 1
+
+        try:
+            yield draws()
+        finally:
+            for future in ahead:
+                future.cancel()
 
 
 def mask_losses(
     logits: torch.Tensor, target: torch.Tensor, focal_weight: float, focal_alpha: float = 0.25
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-mask loss (focal x weight + dice) and actual IoU, for KxCxhxw logits vs Kxhxw."""
+    """Per-mask loss (focal x weight + dice) and actual IoU, for KxCxhxw logits vs Kxhxw
+    (float32 whatever the logits' type: bf16 sums over a mask's pixels are too coarse)."""
+    logits = logits.float()
     target = target[:, None].expand_as(logits)
     prob = logits.sigmoid()
     bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
@@ -120,6 +190,11 @@ def mask_losses(
     return focal_weight * focal + dice, iou
 
 
+def _iou_loss(predicted: torch.Tensor, actual: torch.Tensor) -> torch.Tensor:
+    """MSE between the IoU head's predictions and the masks' actual IoUs, in float32."""
+    return F.mse_loss(predicted.float(), actual)
+
+
 PROMPT_KINDS = ("point", "box", "point_box")
 
 
@@ -134,8 +209,9 @@ def step_loss(
     Decoder calls, not prompts, set the cost of a step, so one kind per image keeps steps
     cheap and lets the run take more optimizer steps in the same time.
     """
+    device = batch.inputs.device
     embeddings = sam.image_encoder(batch.inputs)
-    total = embeddings.new_zeros(())
+    total = embeddings.new_zeros((), dtype=torch.float32)
     parts: dict[str, list[float]] = {k: [] for k in (*PROMPT_KINDS, "refine")}
     for b, (targets, full) in enumerate(zip(batch.masks, batch.full)):
         chosen = rng.integers(len(targets), size=config.prompts_per_image)
@@ -143,33 +219,37 @@ def step_loss(
         if len(chosen) == 0:
             continue
         kind = PROMPT_KINDS[rng.integers(len(PROMPT_KINDS))]
-        target = targets[chosen]
-        rows = torch.arange(len(chosen))
-        coords = torch.tensor([[random_pixel(full[i], rng)] for i in chosen], dtype=torch.float)
-        labels = torch.ones(len(chosen), 1, dtype=torch.int)
+        target = targets[torch.as_tensor(chosen, device=device)]
+        rows = torch.arange(len(chosen), device=device)
+        coords = torch.tensor(
+            [[random_pixel(full[i], rng)] for i in chosen], dtype=torch.float, device=device
+        )
+        labels = torch.ones(len(chosen), 1, dtype=torch.int, device=device)
         points = None if kind == "box" else (coords, labels)
         boxes = None
         if kind != "point":
-            boxes = torch.tensor([jittered_box(full[i], rng) for i in chosen], dtype=torch.float)
+            boxes = torch.tensor(
+                [jittered_box(full[i], rng) for i in chosen], dtype=torch.float, device=device
+            )
         # A single point is ambiguous: three masks, and only the best one's loss counts.
         multimask = kind == "point"
         embedding = embeddings[b : b + 1]
         logits, iou_pred = decode_prompts(sam, embedding, points, boxes, None, multimask)
         loss, iou = mask_losses(logits, target, config.focal_weight, config.focal_alpha)
         best = loss.argmin(dim=1)
-        total = total + loss[rows, best].mean() + config.iou_weight * F.mse_loss(iou_pred, iou)
+        total = total + loss[rows, best].mean() + config.iou_weight * _iou_loss(iou_pred, iou)
         parts[kind].append(float(iou[rows, best].mean()))
 
         if config.refine:
             previous = logits[rows, best].detach()
             extra, extra_labels = _error_points(previous, target, rng)
-            coords2 = torch.cat([coords, extra[:, None]], dim=1)
-            labels2 = torch.cat([labels, extra_labels[:, None]], dim=1)
+            coords2 = torch.cat([coords, extra.to(device)[:, None]], dim=1)
+            labels2 = torch.cat([labels, extra_labels.to(device)[:, None]], dim=1)
             logits_r, iou_pred_r = decode_prompts(
                 sam, embedding, (coords2, labels2), boxes, previous[:, None], False
             )
             loss_r, iou_r = mask_losses(logits_r, target, config.focal_weight, config.focal_alpha)
-            total = total + loss_r.mean() + config.iou_weight * F.mse_loss(iou_pred_r, iou_r)
+            total = total + loss_r.mean() + config.iou_weight * _iou_loss(iou_pred_r, iou_r)
             parts["refine"].append(float(iou_r.mean()))
     return total / len(batch.masks), {k: float(np.mean(v)) for k, v in parts.items() if v}
 
@@ -179,7 +259,7 @@ def _error_points(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """A corrective click per prompt from Kxhxw low-res ``logits`` vs ``target``, in the
     input frame (low-res cells are 4 input pixels wide)."""
-    pred, truth = (logits > 0).numpy(), (target > 0.5).numpy()
+    pred, truth = (logits > 0).cpu().numpy(), (target > 0.5).cpu().numpy()
     clicks = [corrective_click(p, t, rng) for p, t in zip(pred, truth)]
     points = torch.tensor([point for point, _ in clicks], dtype=torch.float) * 4
     return points, torch.tensor([label for _, label in clicks], dtype=torch.int)
@@ -220,56 +300,49 @@ def train(config: TrainConfig, out: Path, log=print) -> Sam:
     """Run training and write ``out`` (fp16 state dict) and ``out.with_suffix('.json')``."""
     torch.set_num_threads(config.threads or torch.get_num_threads())
     torch.manual_seed(config.seed)
+    device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     spec = spec_by_name(config.spec)
     if config.image_size:
         spec = dataclasses.replace(spec, image_size=config.image_size)
     sam = assemble_sam(spec)
     if config.init:
         sam.load_state_dict(resized_state(torch.load(config.init, weights_only=True), sam))
-    sam.train()
+    sam.to(device).train()
+    autocast = torch.autocast("cuda", torch.bfloat16, enabled=config.bf16 and device.type == "cuda")
     # A frozen encoder builds no autograd graph: its forward is all a step pays for it.
     sam.image_encoder.requires_grad_(not config.freeze_encoder)
     trained = [p for p in sam.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trained, lr=config.lr, weight_decay=config.weight_decay)
     params = sum(p.numel() for p in sam.parameters())
     log(
-        f"training {spec.name}: {params / 1e6:.2f} M parameters "
+        f"training {spec.name} on {device}: {params / 1e6:.2f} M parameters "
         f"({sum(p.numel() for p in trained) / 1e6:.2f} M trained), config {asdict(config)}"
     )
-    started = time.monotonic()
     history: list[dict[str, float]] = []
     step = 0
-    while True:
-        elapsed = time.monotonic() - started
-        progress = elapsed / (60 * config.minutes) if config.minutes else step / config.steps
-        if progress >= 1:
-            break
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(progress, config, step)
-        rng = np.random.default_rng([config.seed, step])
-        batch = make_batch(sam, rng, config)
-        loss, parts = step_loss(sam, batch, rng, config)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(trained, 1.0)
-        optimizer.step()
-        history.append({"step": step, "loss": loss.item(), **parts})
-        if step % 50 == 0:
-            recent = history[-50:]
-            keys = {k for h in recent for k in h}
-            means = {k: np.mean([h[k] for h in recent if k in h]) for k in keys}
-            log(
-                f"step {step:5d}  {elapsed / 60:5.1f} min  lr {optimizer.param_groups[0]['lr']:.2e}"
-                f"  loss {means['loss']:.3f}  train IoU point {means.get('point', 0):.3f}"
-                f"  box {means.get('box', 0):.3f}  point+box {means.get('point_box', 0):.3f}"
-                f"  refine {means.get('refine', 0):.3f}"
-            )
-        step += 1
+    low = sam.prompt_encoder.mask_input_size[0]
+    with step_draws(config, spec.image_size, low) as draws:
+        started = time.monotonic()
+        for drawn, rng in draws:
+            elapsed = time.monotonic() - started
+            progress = elapsed / (60 * config.minutes) if config.minutes else step / config.steps
+            if progress >= 1:
+                break
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(progress, config, step)
+            with autocast:
+                loss, parts = step_loss(sam, to_model(sam, drawn), rng, config)
+            _optimize(optimizer, trained, loss)
+            history.append({"step": step, "loss": loss.item(), **parts})
+            if step % 50 == 0:
+                _log_progress(log, step, elapsed, optimizer, history[-50:])
+            step += 1
     sam.eval()
     save_checkpoint(sam, out)
     summary = {
         "spec": spec.to_dict(),
         "config": asdict(config),
+        "device": str(device),
         "steps": step,
         "minutes": (time.monotonic() - started) / 60,
         "parameters": params,
@@ -280,10 +353,35 @@ def train(config: TrainConfig, out: Path, log=print) -> Sam:
     return sam
 
 
+def _optimize(optimizer: torch.optim.Optimizer, trained: list, loss: torch.Tensor) -> None:
+    """One AdamW step on ``loss``, gradients clipped at norm 1."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(trained, 1.0)
+    optimizer.step()
+
+
+def _log_progress(
+    log, step: int, elapsed: float, optimizer: torch.optim.Optimizer, recent: list[dict]
+) -> None:
+    """One line: the step, time, learning rate and the recent steps' mean loss and IoUs."""
+    keys = {k for h in recent for k in h}
+    means = {k: np.mean([h[k] for h in recent if k in h]) for k in keys}
+    log(
+        f"step {step:5d}  {elapsed / 60:5.1f} min  lr {optimizer.param_groups[0]['lr']:.2e}"
+        f"  loss {means['loss']:.3f}  train IoU point {means.get('point', 0):.3f}"
+        f"  box {means.get('box', 0):.3f}  point+box {means.get('point_box', 0):.3f}"
+        f"  refine {means.get('refine', 0):.3f}"
+    )
+
+
 def save_checkpoint(sam: Sam, path: Path) -> None:
     """An fp16 state dict: half the bytes; ``build_sam`` loads it back as float32."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    state = {k: v.half() if v.is_floating_point() else v for k, v in sam.state_dict().items()}
+    state = {
+        k: v.detach().cpu().half() if v.is_floating_point() else v.cpu()
+        for k, v in sam.state_dict().items()
+    }
     torch.save(state, path)
 
 
