@@ -112,6 +112,12 @@ def test_rest_and_grpc_give_the_same_answer(rest, grpc_client):
         over_rest = rest.predict(MODEL, body)
         over_grpc = grpc_client.predict(MODEL, body)
         assert _without_timing(over_grpc) == _without_timing(over_rest)
+    click = [point_prompt([[100, 100]], [1])]
+    every = rest.predict(MODEL, segment_request(image_id=image_id, prompts=click))
+    best = segment_request(image_id=image_id, prompts=click, best_only=True)
+    for answer in (rest.predict(MODEL, best), grpc_client.predict(MODEL, best)):
+        (mask,) = answer["results"][0]["masks"]
+        assert mask == every["results"][0]["masks"][0]
     grpc_first = grpc_client.predict(MODEL, segment_request(png_bytes(make_image(99, 101))))
     assert grpc_first["cached"] is False and (grpc_first["width"], grpc_first["height"]) == (
         101,
