@@ -9,9 +9,10 @@ composes the two steps into one small map per axis (built by running ``F.interpo
 itself on an identity in float64, so the sampling rules are PyTorch's) and evaluates it
 only on the rows and columns that some cell above the threshold reaches. The result
 equals thresholding ``postprocess_masks`` except at pixels within float rounding of the
-threshold (PyTorch's float32 interpolation places its samples to about 1e-4 of a cell;
-the composed maps are closer to exact), at a cost that scales with the mask's extent
-instead of the image's size.
+threshold (PyTorch's float32 interpolation rounds its sample positions, which moves
+values by up to ~1e-4 on logits of a few units; the composed maps, built in float64, are
+closer to exact), at a cost that scales with the mask's extent instead of the image's
+size.
 """
 
 from __future__ import annotations
