@@ -86,15 +86,17 @@ class Batch:
     full: list[np.ndarray]
 
 
+Drawn = tuple[list[torch.Tensor], list[torch.Tensor], list[np.ndarray]]
+"""One step's images, mask targets and full masks as ``draw_images`` makes them."""
+
+
 def make_batch(sam: Sam, rng: np.random.Generator, config: TrainConfig) -> Batch:
     """Draw images, resize them with SAM's transform, and build low-res mask targets."""
     size = sam.image_encoder.img_size
     return to_model(sam, draw_images(rng, config, size, sam.prompt_encoder.mask_input_size[0]))
 
 
-def draw_images(
-    rng: np.random.Generator, config: TrainConfig, size: int, low: int
-) -> tuple[list[torch.Tensor], list[torch.Tensor], list[np.ndarray]]:
+def draw_images(rng: np.random.Generator, config: TrainConfig, size: int, low: int) -> Drawn:
     """One step's images, on the CPU and without the model: ``images_per_step`` 3xhxw uint8
     images resized so the long side is ``size``, their Nxlowxlow float mask targets (the
     padded ``size`` square pooled to the low-res grid) and Nxhxw bool masks."""
@@ -114,9 +116,7 @@ def draw_images(
     return images, targets, fulls
 
 
-def to_model(
-    sam: Sam, drawn: tuple[list[torch.Tensor], list[torch.Tensor], list[np.ndarray]]
-) -> Batch:
+def to_model(sam: Sam, drawn: Drawn) -> Batch:
     """``draw_images``'s output on the model's device, images normalised and padded."""
     images, targets, fulls = drawn
     device = sam.device
@@ -126,7 +126,7 @@ def to_model(
 
 def _draw_step(
     config: TrainConfig, step: int, size: int, low: int
-) -> tuple[tuple[list[torch.Tensor], list[torch.Tensor], list[np.ndarray]], np.random.Generator]:
+) -> tuple[Drawn, np.random.Generator]:
     """Step ``step``'s images and the step's generator after drawing them (it goes on to
     draw the prompts), as the training loop would make them: for worker processes."""
     rng = np.random.default_rng([config.seed, step])
@@ -140,7 +140,7 @@ def _one_thread() -> None:
 @contextmanager
 def step_draws(
     config: TrainConfig, size: int, low: int
-) -> Iterator[Iterator[tuple[tuple, np.random.Generator]]]:
+) -> Iterator[Iterator[tuple[Drawn, np.random.Generator]]]:
     """The steps' images and generators, in step order: drawn in the loop, or with
     ``workers`` processes up to two steps per worker ahead of it. Either way step ``s``
     gets exactly what ``np.random.default_rng([seed, s])`` draws."""
@@ -151,7 +151,7 @@ def step_draws(
     with ProcessPoolExecutor(config.workers, mp_context=context, initializer=_one_thread) as pool:
         ahead: collections.deque[Future] = collections.deque()
 
-        def draws() -> Iterator[tuple[tuple, np.random.Generator]]:
+        def draws() -> Iterator[tuple[Drawn, np.random.Generator]]:
             step = 0
             while True:
                 while len(ahead) < 2 * config.workers:
