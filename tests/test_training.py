@@ -21,10 +21,11 @@ from training.evaluate import (
 from training.prompts import corrective_click, jittered_box, mask_box
 from training.train import (
     TrainConfig,
+    draw_images,
     learning_rate,
-    make_batch,
     mask_losses,
     step_draws,
+    to_model,
     train,
 )
 
@@ -50,7 +51,8 @@ def test_learning_rate_warms_up_then_decays():
 
 def test_batch_is_in_the_model_frame(micro_sam):
     config = TrainConfig(images_per_step=3, long_side=(200, 500))
-    batch = make_batch(micro_sam, np.random.default_rng(0), config)
+    drawn = draw_images(np.random.default_rng(0), config, 256, 64)
+    batch = to_model(micro_sam, drawn)
     assert batch.inputs.shape == (3, 3, 256, 256)
     for targets, full in zip(batch.masks, batch.full):
         assert targets.shape[1:] == (64, 64) and targets.min() >= 0 and targets.max() <= 1

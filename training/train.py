@@ -90,12 +90,6 @@ Drawn = tuple[list[torch.Tensor], list[torch.Tensor], list[np.ndarray]]
 """One step's images, mask targets and full masks as ``draw_images`` makes them."""
 
 
-def make_batch(sam: Sam, rng: np.random.Generator, config: TrainConfig) -> Batch:
-    """Draw images, resize them with SAM's transform, and build low-res mask targets."""
-    size = sam.image_encoder.img_size
-    return to_model(sam, draw_images(rng, config, size, sam.prompt_encoder.mask_input_size[0]))
-
-
 def draw_images(rng: np.random.Generator, config: TrainConfig, size: int, low: int) -> Drawn:
     """One step's images, on the CPU and without the model: ``images_per_step`` 3xhxw uint8
     images resized so the long side is ``size``, their Nxlowxlow float mask targets (the
