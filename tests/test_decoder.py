@@ -92,3 +92,32 @@ def test_upscaled_masks_in_any_chunks_are_segment_anythings(sam, chunk):
         expected = (hyper_in @ upscaled.flatten(2)).view(2, 3, *upscaled.shape[-2:])
         got = upscaled_masks(decoder.output_upscaling, src, hyper_in, side, chunk)
     torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-4)
+
+
+def test_chosen_mask_tokens_are_segment_anythings_same_tokens(sam):
+    """``choose`` picks mask tokens per prompt from the IoU predictions; only those are
+    upscaled, and they equal SAM's logits and scores for the same tokens."""
+    embed_dim, side = sam.prompt_encoder.embed_dim, sam.prompt_encoder.image_embedding_size
+    embedding = torch.randn(1, embed_dim, *side, generator=torch.Generator().manual_seed(3))
+    image_pe = sam.prompt_encoder.get_dense_pe()
+    sparse, dense = _prompts(sam, 3, False, seed=7)
+    with torch.inference_mode():
+        expected_masks, expected_iou = sam.mask_decoder.predict_masks(
+            embedding, image_pe, sparse, dense
+        )
+        seen = []
+
+        def worst_then_best(iou):
+            seen.append(iou.clone())
+            return torch.stack([iou.argmin(dim=1), iou.argmax(dim=1)], dim=1)
+
+        masks, iou = predict_masks(
+            sam.mask_decoder, embedding, image_pe, sparse, dense[:1], worst_then_best
+        )
+    torch.testing.assert_close(seen[0], expected_iou, atol=2e-6, rtol=1e-5)
+    chosen = torch.stack([expected_iou.argmin(dim=1), expected_iou.argmax(dim=1)], dim=1)
+    assert not torch.equal(chosen[:, 0], chosen[:, 1])
+    assert masks.shape == (3, 2, side[0] * 4, side[1] * 4)
+    rows = torch.arange(3)[:, None]
+    torch.testing.assert_close(masks, expected_masks[rows, chosen], atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(iou, expected_iou[rows, chosen], atol=2e-6, rtol=1e-5)

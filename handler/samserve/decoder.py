@@ -17,9 +17,9 @@ rounding), less work. Two facts make the difference:
 * The upscaling to low-res masks (two stride-2 transposed convolutions) acts on each image
   token alone, so it runs on token rows in cache-sized chunks (``upscaled_masks``).
 
-Memory traffic, not arithmetic, bounds the rest on a CPU, so per-prompt image tensors
-never get the shared positional encoding added (its product is taken once, shared), and
-attention residuals are added inside the matmul that makes them.
+Attention residuals are added inside the matmul that makes them. Per-prompt image tokens
+get the positional encoding added once per layer, as SAM does: a BxNxC add costs about a
+quarter of the product with the encoding that would replace it (measured on 2 cores).
 
 Shapes follow ``segment_anything.modeling.transformer``: C channels, N image tokens,
 T prompt tokens, B prompts; image-side tensors are 1xNxC while shared, BxNxC after.
@@ -38,13 +38,21 @@ from torch import Tensor
 
 
 def predict_masks(
-    decoder: MaskDecoder, embedding: Tensor, image_pe: Tensor, sparse: Tensor, dense: Tensor
+    decoder: MaskDecoder,
+    embedding: Tensor,
+    image_pe: Tensor,
+    sparse: Tensor,
+    dense: Tensor,
+    choose: Callable[[Tensor], Tensor] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """``MaskDecoder.predict_masks`` for B prompts on one image.
 
     ``embedding`` and ``image_pe`` are 1xCxhxw; ``sparse`` is BxTxC prompt tokens;
-    ``dense`` is 1xCxhxw (no mask input: shared) or BxCxhxw. Returns all mask tokens'
-    Bx(1+M)xh'xw' low-res logits (h' = 4h) and Bx(1+M) IoU predictions.
+    ``dense`` is 1xCxhxw (no mask input: shared) or BxCxhxw. ``choose`` maps the Bx(1+M)
+    IoU predictions to BxK indices of the mask tokens whose logits are wanted; the
+    others' are never made (the IoU head runs before the upscaling). Returns BxKxh'xw'
+    low-res logits (h' = 4h) and their BxK IoU predictions; without ``choose``, all
+    1+M mask tokens', as SAM returns them.
     """
     batch = sparse.shape[0]
     output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)
@@ -55,11 +63,18 @@ def predict_masks(
         [mlp(mask_tokens_out[:, i, :]) for i, mlp in enumerate(decoder.output_hypernetworks_mlps)],
         dim=1,
     )
+    iou = decoder.iou_prediction_head(hs[:, 0, :])
+    chosen = None if choose is None else choose(iou)
     chunk = UPSCALE_CHUNK if embedding.device.type == "cpu" else None
     masks = upscaled_masks(
-        decoder.output_upscaling, src.expand(batch, -1, -1), hyper_in, embedding.shape[-2:], chunk
+        decoder.output_upscaling,
+        src.expand(batch, -1, -1),
+        hyper_in,
+        embedding.shape[-2:],
+        chunk,
+        chosen,
     )
-    return masks, decoder.iou_prediction_head(hs[:, 0, :])
+    return masks, iou if chosen is None else iou.gather(1, chosen)
 
 
 UPSCALE_CHUNK = 1024
@@ -75,12 +90,15 @@ def upscaled_masks(
     hyper_in: Tensor,
     size: tuple[int, int],
     chunk: int | None = UPSCALE_CHUNK,
+    chosen: Tensor | None = None,
 ) -> Tensor:
     """SAM's ``output_upscaling`` then its hypernetwork product, token by token.
 
     ``src`` is BxNxC image tokens (N = h x w for ``size`` (h, w)), ``hyper_in`` BxMx(C/8)
-    mask-token weights. Returns BxMx4hx4w low-res logits: ``hyper_in @ upscaling(src)``.
-    ``chunk`` image tokens of one prompt go per step; None: everything in one step.
+    mask-token weights. Returns BxMx4hx4w low-res logits: ``hyper_in @ upscaling(src)``,
+    or with ``chosen`` (BxK indices into M) only those K masks of each prompt; a mask's
+    logits are the same bits whichever others are kept. ``chunk`` image tokens of one
+    prompt go per step; None: everything in one step.
 
     Both transposed convolutions have kernel 2 and stride 2, so the 4x4 pixels above an
     image token depend on that token alone: each convolution is a matmul on token rows
@@ -93,19 +111,30 @@ def upscaled_masks(
     if chunk is None:
         features = upscale_rows(src.reshape(batch * count, channels))
         logits = features.view(batch, count * 16, -1) @ hyper_in.transpose(1, 2)
+        if chosen is not None:
+            logits = logits.gather(2, chosen[:, None, :].expand(-1, logits.shape[1], -1))
     else:
+        # Every mask's product is taken, then the chosen kept: the products' rounding
+        # then never depends on which masks a request asked for.
         logits = torch.cat(
             [
-                upscale_rows(src[b, start : start + chunk]) @ hyper_in[b].t()
+                _chosen_columns(
+                    upscale_rows(src[b, start : start + chunk]) @ hyper_in[b].t(),
+                    None if chosen is None else chosen[b],
+                )
                 for b in range(batch)
                 for start in range(0, count, chunk)
             ]
         )
-    masks = hyper_in.shape[1]
+    masks = logits.shape[-1]
     height, width = size
     # Rows are (token y, token x, dy1, dx1, dy2, dx2): pixel (4y + 2dy1 + dy2, 4x + 2dx1 + dx2).
     logits = logits.view(batch, height, width, 2, 2, 2, 2, masks).permute(0, 7, 1, 3, 5, 2, 4, 6)
     return logits.reshape(batch, masks, 4 * height, 4 * width)
+
+
+def _chosen_columns(logits: Tensor, chosen: Tensor | None) -> Tensor:
+    return logits if chosen is None else logits.index_select(1, chosen)
 
 
 def _row_upscaler(upscaling: torch.nn.Sequential) -> Callable[[Tensor], Tensor]:
@@ -138,7 +167,7 @@ def two_way_transformer(
     for layer in transformer.layers:
         queries, keys = _block(layer, queries, keys, tokens, key_pe)
     attn_out = _tokens_to_image(
-        transformer.final_attn_token_to_image, queries + tokens, keys, key_pe, keys
+        transformer.final_attn_token_to_image, queries + tokens, keys + key_pe, keys
     )
     return transformer.norm_final_attn(queries + attn_out), keys
 
@@ -153,15 +182,11 @@ def _block(
         q = queries + query_pe
         queries = queries + layer.self_attn(q=q, k=q, v=queries)
     queries = layer.norm1(queries)
-    # Image tokens shared by all prompts take the encoding once; per-prompt ones never
-    # (see _times_image_plus_pe).
-    k, k_pe = (keys + key_pe, None) if keys.shape[0] == 1 else (keys, key_pe)
-    attn_out = _tokens_to_image(layer.cross_attn_token_to_image, queries + query_pe, k, k_pe, keys)
+    k = keys + key_pe
+    attn_out = _tokens_to_image(layer.cross_attn_token_to_image, queries + query_pe, k, keys)
     queries = layer.norm2(queries + attn_out)
     queries = layer.norm3(queries + layer.mlp(queries))
-    keys = _image_to_tokens(
-        layer.cross_attn_image_to_token, k, k_pe, queries + query_pe, queries, keys
-    )
+    keys = _image_to_tokens(layer.cross_attn_image_to_token, k, queries + query_pe, queries, keys)
     return queries, layer.norm4(keys)
 
 
@@ -171,11 +196,8 @@ def _heads(linear: torch.nn.Linear, heads: int) -> tuple[Tensor, Tensor]:
     return weight.view(heads, -1, weight.shape[1]), bias.view(heads, -1)
 
 
-def _tokens_to_image(
-    attn: Attention, q: Tensor, k: Tensor, k_pe: Tensor | None, v: Tensor
-) -> Tensor:
-    """``attn(q=q, k=k + k_pe, v=v)`` for BxTxC tokens ``q``, 1|BxNxC image tokens ``k``
-    and ``v`` and 1xNxC ``k_pe`` (None: already in ``k``).
+def _tokens_to_image(attn: Attention, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """``attn(q=q, k=k, v=v)`` for BxTxC tokens ``q`` and 1|BxNxC image tokens ``k``, ``v``.
 
     Scores ``(q W_q^T + b_q)_h (k W_k^T + b_k)_h^T`` are ``q'_h k^T`` with
     ``q'_h = (q W_q^T + b_q)_h W_k,h`` (the ``b_k`` term is the same for every image token,
@@ -189,17 +211,15 @@ def _tokens_to_image(
     query = attn.q_proj(q).view(batch, count, heads, -1)
     scale = 1.0 / math.sqrt(query.shape[-1])
     q_image = torch.einsum("bthd,hdc->bhtc", query, w_k).reshape(batch, heads * count, -1)
-    probs = torch.softmax(_times_image_plus_pe(q_image * scale, k, k_pe), dim=-1)
+    probs = torch.softmax(_times_image(q_image * scale, k.transpose(1, 2)), dim=-1)
     mixed = _times_image(probs, v).view(batch, heads, count, -1)
     out = torch.einsum("bhtc,hdc->bthd", mixed, w_v) + b_v
     return attn.out_proj(out.reshape(batch, count, -1))
 
 
-def _image_to_tokens(
-    attn: Attention, q: Tensor, q_pe: Tensor | None, k: Tensor, v: Tensor, residual: Tensor
-) -> Tensor:
-    """``residual + attn(q=q + q_pe, k=k, v=v)`` for 1|BxNxC image tokens ``q`` and
-    ``residual``, 1xNxC ``q_pe`` (None: already in ``q``) and BxTxC tokens ``k``, ``v``.
+def _image_to_tokens(attn: Attention, q: Tensor, k: Tensor, v: Tensor, residual: Tensor) -> Tensor:
+    """``residual + attn(q=q, k=k, v=v)`` for 1|BxNxC image tokens ``q`` and ``residual``
+    and BxTxC tokens ``k``, ``v``.
 
     Scores ``(q W_q^T + b_q)_h k'_h^T`` are ``q (W_q,h^T k'_h^T) + b_q,h k'_h^T`` with
     ``k' = k W_k^T + b_k``; the output ``softmax_h v'_h`` projected by ``W_o`` is
@@ -219,20 +239,9 @@ def _image_to_tokens(
 
     # Scores transposed, Bx(heads x T)xN: softmax over T then runs along N-long rows
     # (over T-long rows, T about 7, it is slow: scalar code).
-    scores = _times_image_plus_pe(from_image, q, q_pe) + offset
+    scores = _times_image(from_image, q.transpose(1, 2)) + offset
     probs = torch.softmax(scores.view(batch, heads, count, -1), dim=2)
     return torch.baddbmm(residual, probs.view(scores.shape).transpose(1, 2), to_out)
-
-
-def _times_image_plus_pe(left: Tensor, image: Tensor, image_pe: Tensor | None) -> Tensor:
-    """BxKxC @ (image + image_pe)^T for 1|BxNxC ``image`` and 1xNxC ``image_pe`` (or None).
-
-    Per-prompt image tokens never get the positional encoding added (a BxNxC pass
-    through memory): their product with the shared encoding is one matmul for all prompts.
-    """
-    if image_pe is None:
-        return _times_image(left, image.transpose(1, 2))
-    return torch.baddbmm(_times_image(left, image_pe.transpose(1, 2)), left, image.transpose(1, 2))
 
 
 def _times_image(left: Tensor, image: Tensor) -> Tensor:

@@ -145,22 +145,40 @@ def decode_prompts(
     boxes: torch.Tensor | None,
     mask_input: torch.Tensor | None,
     multimask: bool,
+    best_only: bool = False,
+    image_pe: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Prompt encoder + mask decoder for B prompts on one 1xCxhxw embedding.
 
     Inputs are in the model's input frame, as ``SamPredictor.predict_torch`` takes them:
     ``points`` (BxNx2 coords, BxN labels), ``boxes`` Bx4, ``mask_input`` Bx1xhxw. Returns
     BxCxh'xw' low-res logits and BxC predicted IoUs, as ``Sam.mask_decoder`` does (with
-    ``samserve.decoder``'s equivalent). Gradients flow (training uses it).
+    ``samserve.decoder``'s equivalent); ``best_only`` keeps, of those C, the one with the
+    highest predicted IoU (the first of equal scores), and the others are never made.
+    ``image_pe`` is ``model.prompt_encoder.get_dense_pe()``, computed when not given (a
+    fixed function of the model: callers that decode often compute it once). Gradients
+    flow (training uses it).
     """
     sparse, dense = model.prompt_encoder(points=points, boxes=boxes, masks=mask_input)
     if mask_input is None:
         dense = dense[:1]  # the "no mask" embedding, the same for every prompt
-    masks, iou = predict_masks(
-        model.mask_decoder, embedding, model.prompt_encoder.get_dense_pe(), sparse, dense
+
+    def choose(iou: torch.Tensor) -> torch.Tensor:
+        """Bx(1+M) IoU predictions -> BxK mask tokens: 1..M with multimask, else 0."""
+        first, stop = (1, iou.shape[1]) if multimask else (0, 1)
+        tokens = torch.arange(first, stop, device=iou.device).expand(len(iou), -1)
+        if best_only:
+            tokens = tokens.gather(1, iou[:, first:stop].argmax(dim=1, keepdim=True))
+        return tokens
+
+    return predict_masks(
+        model.mask_decoder,
+        embedding,
+        model.prompt_encoder.get_dense_pe() if image_pe is None else image_pe,
+        sparse,
+        dense,
+        choose,
     )
-    chosen = slice(1, None) if multimask else slice(0, 1)
-    return masks[:, chosen], iou[:, chosen]
 
 
 class SamEngine:
@@ -188,6 +206,8 @@ class SamEngine:
         )
         self.logits: LRUCache[StoredLogits] = LRUCache(logits_cache_bytes, lambda s: s.nbytes)
         self.encoder_runs = 0  # images encoded, for tests and stats
+        with torch.inference_mode():
+            self.image_pe = model.prompt_encoder.get_dense_pe()
 
     @property
     def device(self) -> torch.device:
@@ -223,8 +243,15 @@ class SamEngine:
             input_sizes.append(tuple(tensor.shape[-2:]))
         features = self.model.image_encoder(torch.cat(inputs))
         self.encoder_runs += len(images)
+        # Kept channels-last (C innermost in memory, the same 1xCxhxw tensor to every op):
+        # the decoder reads the embedding as h x w rows of C channels, and this layout
+        # spares each decoder call a transposing copy of it.
         return [
-            ImageEmbedding(features[i : i + 1].clone(), input_sizes[i], tuple(image.shape[:2]))
+            ImageEmbedding(
+                features[i : i + 1].clone(memory_format=torch.channels_last),
+                input_sizes[i],
+                tuple(image.shape[:2]),
+            )
             for i, image in enumerate(images)
         ]
 
@@ -293,12 +320,15 @@ class SamEngine:
             masks = torch.as_tensor(mask, dtype=torch.float, device=self.device)
 
         low_res, iou = decode_prompts(
-            self.model, embedding.embedding, points, boxes, masks, multimask
+            self.model,
+            embedding.embedding,
+            points,
+            boxes,
+            masks,
+            multimask,
+            best_only,
+            self.image_pe,
         )
-        if best_only:
-            best = iou.argmax(dim=1, keepdim=True)  # Bx1, the first of equal scores
-            low_res = low_res[torch.arange(len(best)), best[:, 0]][:, None]
-            iou = iou.gather(1, best)
         low_res, iou = low_res.float().cpu(), iou.float().cpu()  # waits for a GPU
         decoded = time.perf_counter()
         predictions = [
