@@ -316,8 +316,11 @@ def plot(results: dict[str, Any], path: Path) -> None:
     thr.set(xlabel="concurrent clients", ylabel="requests/s (one click each)", title="Throughput")
     for ax in (mem, thr):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    for ax in fig.axes:
+    for ax in (lat, mem, thr):
         ax.legend(fontsize=8)
+    # Headroom above the lines for the legend's two columns (log scale: a factor).
+    per.set_ylim(top=per.get_ylim()[1] * 8)
+    per.legend(fontsize=8, ncol=2, loc="upper right")
     machine = results["machine"]
     fig.suptitle(f"samserve {results['label']}: {machine['gpu'] or machine['cpu']}, "
                  f"{machine['torch_threads_per_worker']} threads per worker, "
