@@ -51,6 +51,7 @@ from samclient.errors import SamServeError  # noqa: E402
 from samclient.grpc_client import GrpcClient  # noqa: E402
 from samclient.rest_client import RestClient  # noqa: E402
 from samclient.server import Ports, TorchServe  # noqa: E402
+from samserve.decoder import project_image  # noqa: E402
 from samserve.engine import decode_prompts  # noqa: E402
 from samserve.images import decode_image  # noqa: E402
 from samserve.models import SamSpec, build_sam, random_checkpoint, spec_by_name  # noqa: E402
@@ -493,6 +494,17 @@ def bench_model(
         ) from err
     result["parameters"] = sum(p.numel() for p in sam.parameters())
     result["embedding_mib"] = round(spec.prompt_embed_dim * spec.embedding_size**2 * 4 / 2**20, 3)
+    # What the cache holds per image (ImageEmbedding.nbytes): the embedding and its
+    # first-block projections.
+    with torch.inference_mode():
+        features = torch.zeros(
+            (1, spec.prompt_embed_dim, *sam.prompt_encoder.image_embedding_size), device=device
+        )
+        dense = sam.prompt_encoder(points=None, boxes=None, masks=None)[1]
+        projections = project_image(
+            sam.mask_decoder, features, sam.prompt_encoder.get_dense_pe(), dense
+        )
+    result["cached_image_mib"] = round(result["embedding_mib"] + projections.nbytes / 2**20, 3)
     predictor, result["in_process"] = floor_predictor(sam, images[0], device)
     for archive, handler, settings in (
         (f"samserve_{name}", HANDLER, {"torch_threads": threads}),

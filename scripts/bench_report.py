@@ -162,8 +162,9 @@ def model_section(name: str, r: dict[str, Any], image_size: str) -> list[str]:
     note = " Random weights give noise masks: their sizes say little." if random else ""
     out += [
         f"{r['weights']} weights, {r['parameters']:,} parameters, image embedding "
-        f"{r['embedding_mib']} MiB; {image_size} JPEG images (~{r['cold']['image_bytes']:,} "
-        f"bytes).{note}",
+        f"{r['embedding_mib']} MiB ({r.get('cached_image_mib', '-')} MiB cached per image, with "
+        f"its first-block projections); {image_size} JPEG images "
+        f"(~{r['cold']['image_bytes']:,} bytes).{note}",
         "",
         "### One click (ms, client-side; server stages p50)",
         "",

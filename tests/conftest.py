@@ -29,7 +29,7 @@ MODEL = "sam"
 # 19080-19082, gRPC 18070-18071, workers from 20000; two test runs side by side need
 # different offsets (SAMSERVE_TEST_PORT_OFFSET).
 PORTS = Ports.offset(int(os.environ.get("SAMSERVE_TEST_PORT_OFFSET", "11000")))
-SMALL_CACHE_MB = 0.1  # holds one sam_micro embedding (64 KiB), not two
+SMALL_CACHE_MB = 0.2  # holds one sam_micro image (64 KiB embedding, 96 KiB projections), not two
 
 
 @pytest.fixture(scope="session")

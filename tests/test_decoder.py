@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from samserve.decoder import predict_masks, upscaled_masks
+from samserve.decoder import predict_masks, project_image, upscaled_masks
 from samserve.models import assemble_sam, spec_by_name
 
 
@@ -121,3 +121,27 @@ def test_chosen_mask_tokens_are_segment_anythings_same_tokens(sam):
     rows = torch.arange(3)[:, None]
     torch.testing.assert_close(masks, expected_masks[rows, chosen], atol=2e-5, rtol=1e-4)
     torch.testing.assert_close(iou, expected_iou[rows, chosen], atol=2e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_projected_image_gives_segment_anythings_logits(sam, batch):
+    """``project_image`` once per image, then every call without a mask input: SAM's
+    logits and scores, as without projections."""
+    embed_dim, side = sam.prompt_encoder.embed_dim, sam.prompt_encoder.image_embedding_size
+    embedding = torch.randn(1, embed_dim, *side, generator=torch.Generator().manual_seed(4))
+    image_pe = sam.prompt_encoder.get_dense_pe()
+    sparse, dense = _prompts(sam, batch, False, seed=11 + batch)
+    with torch.inference_mode():
+        expected_masks, expected_iou = sam.mask_decoder.predict_masks(
+            embedding, image_pe, sparse, dense
+        )
+        projections = project_image(sam.mask_decoder, embedding, image_pe, dense[:1])
+        masks, iou = predict_masks(
+            sam.mask_decoder, embedding, image_pe, sparse, dense[:1], projections=projections
+        )
+    heads = sam.mask_decoder.transformer.layers[0].cross_attn_token_to_image.num_heads
+    tokens = side[0] * side[1]
+    assert projections.keys_t.shape == (heads, embed_dim // 2 // heads, tokens)
+    assert projections.values.shape == (heads, tokens, embed_dim // 2 // heads)
+    torch.testing.assert_close(masks, expected_masks, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(iou, expected_iou, atol=2e-6, rtol=1e-5)

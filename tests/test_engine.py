@@ -114,11 +114,15 @@ def test_embed_caches_and_counts(micro_sam):
     assert engine.cached_embedding("b") is None
     stats = engine.embeddings.stats()
     assert (stats.hits, stats.misses, stats.entries) == (1, 1, 1)
-    assert stats.bytes == embedding.nbytes == 64 * 16 * 16 * 4
+    # sam_micro: a 1x64x16x16 float32 embedding and its first-block projections, three
+    # of 256 tokens x 32 (the attention's internal width)
+    assert embedding.embedding.shape == (1, 64, 16, 16)
+    assert embedding.projections.nbytes == 3 * 256 * 32 * 4
+    assert stats.bytes == embedding.nbytes == 64 * 16 * 16 * 4 + 3 * 256 * 32 * 4
 
 
 def test_embedding_cache_evicts_by_bytes(micro_sam):
-    one = 64 * 16 * 16 * 4  # sam_micro embedding: 1x64x16x16 float32
+    one = 64 * 16 * 16 * 4 + 3 * 256 * 32 * 4  # sam_micro embedding and its projections
     engine = SamEngine(micro_sam, embedding_cache_bytes=2 * one + one // 2)
     engine.embed({f"k{i}": make_image(64, 64, seed=i) for i in range(3)})
     stats = engine.embeddings.stats()

@@ -15,7 +15,7 @@ from samserve.masks import decode_segmentation
 from samserve.service import SegmentService
 from samserve.settings import Settings
 
-EMBEDDING_BYTES = 64 * 16 * 16 * 4  # sam_micro
+EMBEDDING_BYTES = 64 * 16 * 16 * 4 + 3 * 256 * 32 * 4  # sam_micro: embedding, projections
 
 
 @pytest.fixture()

@@ -1,7 +1,7 @@
 """SAM's mask decoder, computed for many prompts on one image embedding.
 
 Same modules, same weights, same answer as ``MaskDecoder.predict_masks`` (to float
-rounding), less work. Two facts make the difference:
+rounding), less work:
 
 * The image side is shared. SAM repeats the 1xCxhxw embedding once per prompt before its
   transformer; here it stays one tensor until the first layer that makes it per-prompt,
@@ -14,6 +14,10 @@ rounding), less work. Two facts make the difference:
   NxC by Cx(C/2) projections (``q_proj``/``k_proj``/``v_proj``/``out_proj`` on the image,
   about 0.27 GFLOP each per prompt on official SAM) become NxC by Cx(heads x T) products,
   about 4x cheaper, and the per-head splits and merges of NxC tensors disappear.
+* Except in the first block, where the image tokens are still the same for every prompt
+  without a mask input: there SAM's own image-side projections are cheapest, and they
+  depend on the image alone, so ``project_image`` makes them once per image and every
+  later call only multiplies them by its tokens' (heads x d products, d = 16).
 * The upscaling to low-res masks (two stride-2 transposed convolutions) acts on each image
   token alone, so it runs on token rows in cache-sized chunks (``upscaled_masks``).
 
@@ -29,6 +33,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -44,20 +49,25 @@ def predict_masks(
     sparse: Tensor,
     dense: Tensor,
     choose: Callable[[Tensor], Tensor] | None = None,
+    projections: ImageProjections | None = None,
 ) -> tuple[Tensor, Tensor]:
     """``MaskDecoder.predict_masks`` for B prompts on one image.
 
     ``embedding`` and ``image_pe`` are 1xCxhxw; ``sparse`` is BxTxC prompt tokens;
     ``dense`` is 1xCxhxw (no mask input: shared) or BxCxhxw. ``choose`` maps the Bx(1+M)
     IoU predictions to BxK indices of the mask tokens whose logits are wanted; the
-    others' are never made (the IoU head runs before the upscaling). Returns BxKxh'xw'
-    low-res logits (h' = 4h) and their BxK IoU predictions; without ``choose``, all
-    1+M mask tokens', as SAM returns them.
+    others' are never made (the IoU head runs before the upscaling). ``projections``,
+    ``project_image`` of this same embedding, 1xCxhxw ``dense`` and encoding, spare the
+    first block its image-side work. Returns BxKxh'xw' low-res
+    logits (h' = 4h) and their BxK IoU predictions; without ``choose``, all 1+M mask
+    tokens', as SAM returns them.
     """
     batch = sparse.shape[0]
     output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)
     tokens = torch.cat((output_tokens.unsqueeze(0).expand(batch, -1, -1), sparse), dim=1)
-    hs, src = two_way_transformer(decoder.transformer, embedding + dense, image_pe, tokens)
+    hs, src = two_way_transformer(
+        decoder.transformer, embedding + dense, image_pe, tokens, projections
+    )
     mask_tokens_out = hs[:, 1 : (1 + decoder.num_mask_tokens), :]
     hyper_in = torch.stack(
         [mlp(mask_tokens_out[:, i, :]) for i, mlp in enumerate(decoder.output_hypernetworks_mlps)],
@@ -75,6 +85,45 @@ def predict_masks(
         chosen,
     )
     return masks, iou if chosen is None else iou.gather(1, chosen)
+
+
+@dataclass(frozen=True)
+class ImageProjections:
+    """The first block's attention projections of one image's tokens, per head.
+
+    ``keys_t`` (heads x d x N) and ``values`` (heads x N x d) are token-to-image keys
+    (transposed) and values, ``queries_t`` (heads x d x N) image-to-token queries
+    (transposed): SAM's ``k_proj``, ``v_proj`` and ``q_proj`` of the image tokens (with
+    the positional encoding where SAM adds it). Three times the embedding's size over
+    two at official sizes (6 MiB at vit_b's 4).
+    """
+
+    keys_t: Tensor
+    values: Tensor
+    queries_t: Tensor
+
+    @property
+    def nbytes(self) -> int:
+        return sum(
+            t.element_size() * t.nelement() for t in (self.keys_t, self.values, self.queries_t)
+        )
+
+
+def project_image(
+    decoder: MaskDecoder, embedding: Tensor, image_pe: Tensor, dense: Tensor
+) -> ImageProjections:
+    """``ImageProjections`` of a 1xCxhxw ``embedding`` with the shared 1xCxhxw ``dense``
+    ("no mask") embedding and ``image_pe``, for ``predict_masks``."""
+    layer = decoder.transformer.layers[0]
+    keys = (embedding + dense).flatten(2)[0].t()  # NxC
+    keys_pe = keys + image_pe.flatten(2)[0].t()
+    t2i, i2t = layer.cross_attn_token_to_image, layer.cross_attn_image_to_token
+    count = keys.shape[0]
+    return ImageProjections(
+        keys_t=t2i.k_proj(keys_pe).view(count, t2i.num_heads, -1).permute(1, 2, 0).contiguous(),
+        values=t2i.v_proj(keys).view(count, t2i.num_heads, -1).transpose(0, 1).contiguous(),
+        queries_t=i2t.q_proj(keys_pe).view(count, i2t.num_heads, -1).permute(1, 2, 0).contiguous(),
+    )
 
 
 UPSCALE_CHUNK = 1024
@@ -156,16 +205,24 @@ def _row_upscaler(upscaling: torch.nn.Sequential) -> Callable[[Tensor], Tensor]:
 
 
 def two_way_transformer(
-    transformer: TwoWayTransformer, image: Tensor, image_pe: Tensor, tokens: Tensor
+    transformer: TwoWayTransformer,
+    image: Tensor,
+    image_pe: Tensor,
+    tokens: Tensor,
+    projections: ImageProjections | None = None,
 ) -> tuple[Tensor, Tensor]:
     """``TwoWayTransformer.forward``: ``image`` 1xCxhxw or BxCxhxw, ``image_pe`` 1xCxhxw,
-    ``tokens`` BxTxC. Returns the BxTxC tokens and the 1|BxNxC image tokens."""
+    ``tokens`` BxTxC; ``projections`` (of a 1xCxhxw ``image``) for the first block. Returns
+    the BxTxC tokens and the 1|BxNxC image tokens."""
     # Token-major copies: every later image-side op reads rows of C channels.
     keys = image.flatten(2).transpose(1, 2).contiguous()
     key_pe = image_pe.flatten(2).transpose(1, 2).contiguous()
     queries = tokens
-    for layer in transformer.layers:
-        queries, keys = _block(layer, queries, keys, tokens, key_pe)
+    for index, layer in enumerate(transformer.layers):
+        if index == 0 and projections is not None:
+            queries, keys = _projected_block(layer, queries, keys, tokens, projections)
+        else:
+            queries, keys = _block(layer, queries, keys, tokens, key_pe)
     attn_out = _tokens_to_image(
         transformer.final_attn_token_to_image, queries + tokens, keys + key_pe, keys
     )
@@ -176,18 +233,62 @@ def _block(
     layer: TwoWayAttentionBlock, queries: Tensor, keys: Tensor, query_pe: Tensor, key_pe: Tensor
 ) -> tuple[Tensor, Tensor]:
     """``TwoWayAttentionBlock.forward`` with both cross attentions done token-side."""
-    if layer.skip_first_layer_pe:
-        queries = layer.self_attn(q=queries, k=queries, v=queries)
-    else:
-        q = queries + query_pe
-        queries = queries + layer.self_attn(q=q, k=q, v=queries)
-    queries = layer.norm1(queries)
+    queries = _self_attention(layer, queries, query_pe)
     k = keys + key_pe
     attn_out = _tokens_to_image(layer.cross_attn_token_to_image, queries + query_pe, k, keys)
     queries = layer.norm2(queries + attn_out)
     queries = layer.norm3(queries + layer.mlp(queries))
     keys = _image_to_tokens(layer.cross_attn_image_to_token, k, queries + query_pe, queries, keys)
     return queries, layer.norm4(keys)
+
+
+def _projected_block(
+    layer: TwoWayAttentionBlock,
+    queries: Tensor,
+    keys: Tensor,
+    query_pe: Tensor,
+    projections: ImageProjections,
+) -> tuple[Tensor, Tensor]:
+    """``TwoWayAttentionBlock.forward`` on 1xNxC image tokens ``keys`` whose projections are
+    given: per head, Bx(T x d) token projections times d x N image ones."""
+    queries = _self_attention(layer, queries, query_pe)
+    attn = layer.cross_attn_token_to_image
+    batch, count, _ = queries.shape
+    query = _split_heads(attn.q_proj(queries + query_pe), attn.num_heads)  # heads x BT x d
+    scale = 1.0 / math.sqrt(query.shape[-1])
+    probs = torch.softmax(torch.bmm(query * scale, projections.keys_t), dim=-1)
+    mixed = torch.bmm(probs, projections.values).view(attn.num_heads, batch, count, -1)
+    attn_out = attn.out_proj(mixed.permute(1, 2, 0, 3).reshape(batch, count, -1))
+    queries = layer.norm2(queries + attn_out)
+    queries = layer.norm3(queries + layer.mlp(queries))
+
+    attn = layer.cross_attn_image_to_token
+    key = _split_heads(attn.k_proj(queries + query_pe), attn.num_heads)
+    scale = 1.0 / math.sqrt(key.shape[-1])
+    # Scores transposed, heads x BT x N, as in _image_to_tokens: softmax over T runs
+    # along N-long rows.
+    scores = torch.bmm(key * scale, projections.queries_t).view(attn.num_heads, batch, count, -1)
+    probs = torch.softmax(scores, dim=2).transpose(0, 1).reshape(batch, -1, scores.shape[-1])
+    keys = torch.baddbmm(keys, probs.transpose(1, 2), _value_out(attn, queries))
+    return queries, layer.norm4(keys)
+
+
+def _self_attention(layer: TwoWayAttentionBlock, queries: Tensor, query_pe: Tensor) -> Tensor:
+    """A block's token self-attention and first norm (no residual in SAM's first block)."""
+    if layer.skip_first_layer_pe:
+        return layer.norm1(layer.self_attn(q=queries, k=queries, v=queries))
+    q = queries + query_pe
+    return layer.norm1(queries + layer.self_attn(q=q, k=q, v=queries))
+
+
+def _split_heads(projected: Tensor, heads: int) -> Tensor:
+    """BxTx(heads x d) projected tokens as heads x (B x T) x d."""
+    batch, count, _ = projected.shape
+    return (
+        projected.view(batch, count, heads, -1)
+        .permute(2, 0, 1, 3)
+        .reshape(heads, batch * count, -1)
+    )
 
 
 def _heads(linear: torch.nn.Linear, heads: int) -> tuple[Tensor, Tensor]:
@@ -232,16 +333,25 @@ def _image_to_tokens(attn: Attention, q: Tensor, k: Tensor, v: Tensor, residual:
     scale = 1.0 / math.sqrt(key.shape[-1])
     from_image = torch.einsum("bthd,hdc->bhtc", key * scale, w_q).reshape(batch, -1, channels)
     offset = torch.einsum("bthd,hd->bht", key * scale, b_q).reshape(batch, -1, 1)
-    value = attn.v_proj(v).view(batch, count, heads, -1)
-    w_o = attn.out_proj.weight.view(channels, heads, -1)
-    to_out = torch.einsum("bthd,chd->bhtc", value, w_o) + attn.out_proj.bias / heads
-    to_out = to_out.reshape(batch, heads * count, channels)
+    to_out = _value_out(attn, v)
 
     # Scores transposed, Bx(heads x T)xN: softmax over T then runs along N-long rows
     # (over T-long rows, T about 7, it is slow: scalar code).
     scores = _times_image(from_image, q.transpose(1, 2)) + offset
     probs = torch.softmax(scores.view(batch, heads, count, -1), dim=2)
     return torch.baddbmm(residual, probs.view(scores.shape).transpose(1, 2), to_out)
+
+
+def _value_out(attn: Attention, v: Tensor) -> Tensor:
+    """Bx(heads x T)xC: each head's values of BxTxC tokens ``v`` through that head's part
+    of the output projection, plus the output bias over heads (softmax rows sum to one, so
+    attention-weighted sums of these rows over all heads are ``out_proj`` of the output)."""
+    heads = attn.num_heads
+    batch, count, channels = v.shape
+    value = attn.v_proj(v).view(batch, count, heads, -1)
+    w_o = attn.out_proj.weight.view(channels, heads, -1)
+    to_out = torch.einsum("bthd,chd->bhtc", value, w_o) + attn.out_proj.bias / heads
+    return to_out.reshape(batch, heads * count, channels)
 
 
 def _times_image(left: Tensor, image: Tensor) -> Tensor:

@@ -21,7 +21,7 @@ from segment_anything.modeling import Sam
 from segment_anything.utils.transforms import ResizeLongestSide
 
 from .cache import LRUCache
-from .decoder import predict_masks
+from .decoder import ImageProjections, predict_masks, project_image
 from .masks import MaskWindow
 from .upscale import upscale_masks
 
@@ -74,17 +74,20 @@ class ImageEmbedding:
 
     ``embedding`` is 1xCxhxw on the model's device (1x256x64x64 for official SAM);
     ``input_size`` is (H, W) of the resized image before padding; ``original_size`` is
-    (H, W) of the image as decoded.
+    (H, W) of the image as decoded. ``projections`` (``samserve.decoder.project_image``)
+    spare every decoder call without a mask input the first block's image-side work.
     """
 
     embedding: torch.Tensor
     input_size: tuple[int, int]
     original_size: tuple[int, int]
+    projections: ImageProjections | None = None
 
     @property
     def nbytes(self) -> int:
-        """Bytes held by the embedding tensor (what the cache bound counts)."""
-        return self.embedding.element_size() * self.embedding.nelement()
+        """Bytes held by the embedding and its projections (what the cache bound counts)."""
+        projected = 0 if self.projections is None else self.projections.nbytes
+        return self.embedding.element_size() * self.embedding.nelement() + projected
 
 
 @dataclass(frozen=True)
@@ -147,6 +150,7 @@ def decode_prompts(
     multimask: bool,
     best_only: bool = False,
     image_pe: torch.Tensor | None = None,
+    projections: ImageProjections | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Prompt encoder + mask decoder for B prompts on one 1xCxhxw embedding.
 
@@ -156,12 +160,15 @@ def decode_prompts(
     ``samserve.decoder``'s equivalent); ``best_only`` keeps, of those C, the one with the
     highest predicted IoU (the first of equal scores), and the others are never made.
     ``image_pe`` is ``model.prompt_encoder.get_dense_pe()``, computed when not given (a
-    fixed function of the model: callers that decode often compute it once). Gradients
+    fixed function of the model: callers that decode often compute it once);
+    ``projections`` are the embedding's (``ImageEmbedding.projections``). Gradients
     flow (training uses it).
     """
     sparse, dense = model.prompt_encoder(points=points, boxes=boxes, masks=mask_input)
     if mask_input is None:
         dense = dense[:1]  # the "no mask" embedding, the same for every prompt
+    else:
+        projections = None  # they were made with the "no mask" embedding
 
     def choose(iou: torch.Tensor) -> torch.Tensor:
         """Bx(1+M) IoU predictions -> BxK mask tokens: 1..M with multimask, else 0."""
@@ -178,6 +185,7 @@ def decode_prompts(
         sparse,
         dense,
         choose,
+        projections,
     )
 
 
@@ -208,6 +216,8 @@ class SamEngine:
         self.encoder_runs = 0  # images encoded, for tests and stats
         with torch.inference_mode():
             self.image_pe = model.prompt_encoder.get_dense_pe()
+            # The dense embedding of prompts without a mask input ("no mask"), 1xCxhxw.
+            self.no_mask_dense = model.prompt_encoder(points=None, boxes=None, masks=None)[1]
 
     @property
     def device(self) -> torch.device:
@@ -246,13 +256,19 @@ class SamEngine:
         # Kept channels-last (C innermost in memory, the same 1xCxhxw tensor to every op):
         # the decoder reads the embedding as h x w rows of C channels, and this layout
         # spares each decoder call a transposing copy of it.
+        embeddings = [
+            features[i : i + 1].clone(memory_format=torch.channels_last) for i in range(len(images))
+        ]
         return [
             ImageEmbedding(
-                features[i : i + 1].clone(memory_format=torch.channels_last),
+                embedding,
                 input_sizes[i],
                 tuple(image.shape[:2]),
+                project_image(
+                    self.model.mask_decoder, embedding, self.image_pe, self.no_mask_dense
+                ),
             )
-            for i, image in enumerate(images)
+            for i, (embedding, image) in enumerate(zip(embeddings, images))
         ]
 
     @torch.inference_mode()
@@ -328,6 +344,7 @@ class SamEngine:
             multimask,
             best_only,
             self.image_pe,
+            embedding.projections,
         )
         low_res, iou = low_res.float().cpu(), iou.float().cpu()  # waits for a GPU
         decoded = time.perf_counter()
