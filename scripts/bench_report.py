@@ -258,9 +258,17 @@ def render_markdown(results: dict[str, Any]) -> str:
             else "."
         ),
         "",
-        "## Must show",
-        "",
     ]
+    samples = matmul.get("samples", [])
+    if samples and min(samples) < STABLE_HOST * max(samples):
+        out += [
+            f"**Unstable host**: the slowest matmul measurement was "
+            f"{min(samples) / max(samples):.2f} of the fastest (under {STABLE_HOST}): the "
+            "machine's speed changed during the run, so shares and ratios measured at "
+            "different times are unreliable. Rerun on a quieter machine.",
+            "",
+        ]
+    out += ["## Must show", ""]
     verdict = {True: "pass", False: "**fail**", None: "n/a"}
     out += table(
         ["check", "model", "value", "target", "result"],
@@ -270,6 +278,11 @@ def render_markdown(results: dict[str, Any]) -> str:
     for name, result in results["models"].items():
         out += model_section(name, result, results["image_size"])
     return "\n".join(out)
+
+
+STABLE_HOST = 0.8
+"""The lowest slowest-to-fastest matmul rate ratio within one run that counts as a
+stable host; shared hosts here drift by 20-30 % over minutes, and far more under load."""
 
 
 def plot(results: dict[str, Any], path: Path) -> None:

@@ -110,6 +110,11 @@ def test_report_checks_markdown_and_plot(tmp_path: Path) -> None:
         "**100.0 GFLOP/s**, the highest of 2 measurements (at the start and after each "
         "model: 100.0, 90.0)" in markdown
     )
+    assert "Unstable host" not in markdown  # 90 of 100: within this host's usual drift
+    results["matmul"]["samples"] = [100.0, 60.0]
+    assert "**Unstable host**: the slowest matmul measurement was 0.60 of the fastest" in (
+        render_markdown(results)
+    )
     pytest.importorskip("matplotlib")
     plot(results, tmp_path / "plot.png")
     assert (tmp_path / "plot.png").read_bytes()[:4] == b"\x89PNG"

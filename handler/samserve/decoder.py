@@ -58,9 +58,8 @@ def predict_masks(
     IoU predictions to BxK indices of the mask tokens whose logits are wanted; the
     others' are never made (the IoU head runs before the upscaling). ``projections``,
     ``project_image`` of this same embedding, 1xCxhxw ``dense`` and encoding, spare the
-    first block its image-side work. Returns BxKxh'xw' low-res
-    logits (h' = 4h) and their BxK IoU predictions; without ``choose``, all 1+M mask
-    tokens', as SAM returns them.
+    first block its image-side work. Returns BxKxh'xw' low-res logits (h' = 4h) and their
+    BxK IoU predictions; without ``choose``, all 1+M mask tokens', as SAM returns them.
     """
     batch = sparse.shape[0]
     output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)
@@ -94,8 +93,8 @@ class ImageProjections:
     ``keys_t`` (heads x d x N) and ``values`` (heads x N x d) are token-to-image keys
     (transposed) and values, ``queries_t`` (heads x d x N) image-to-token queries
     (transposed): SAM's ``k_proj``, ``v_proj`` and ``q_proj`` of the image tokens (with
-    the positional encoding where SAM adds it). Three times the embedding's size over
-    two at official sizes (6 MiB at vit_b's 4).
+    the positional encoding where SAM adds it). Together 1.5 times the embedding's size
+    (6 MiB beside vit_b's 4).
     """
 
     keys_t: Tensor
@@ -183,6 +182,7 @@ def upscaled_masks(
 
 
 def _chosen_columns(logits: Tensor, chosen: Tensor | None) -> Tensor:
+    """The ``chosen`` (K indices) columns of RxM ``logits``; all of them without."""
     return logits if chosen is None else logits.index_select(1, chosen)
 
 
