@@ -264,8 +264,9 @@ def render_markdown(results: dict[str, Any]) -> str:
         out += [
             f"**Unstable host**: the slowest matmul measurement was "
             f"{min(samples) / max(samples):.2f} of the fastest (under {STABLE_HOST}): the "
-            "machine's speed changed during the run, so shares and ratios measured at "
-            "different times are unreliable. Rerun on a quieter machine.",
+            "machine's speed changed during the run. Shares divide by the fastest rate, so "
+            "they err low; numbers taken minutes apart (the two models, say) compare "
+            "poorly. A quieter machine gives steadier numbers.",
             "",
         ]
     out += ["## Must show", ""]
@@ -282,7 +283,8 @@ def render_markdown(results: dict[str, Any]) -> str:
 
 STABLE_HOST = 0.8
 """The lowest slowest-to-fastest matmul rate ratio within one run that counts as a
-stable host; shared hosts here drift by 20-30 % over minutes, and far more under load."""
+stable host. This project's shared host often drifts by 20 % over minutes, and by half
+under its neighbours' load."""
 
 
 def plot(results: dict[str, Any], path: Path) -> None:
