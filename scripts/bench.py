@@ -233,7 +233,8 @@ def floor_predictor(
     """The floor: a ``SamPredictor`` with ``image`` set once, and what it cost: the
     encoder ms and the FLOPs of one click prompt (prompt encoder + mask decoder, 3 masks)
     as SAM's own decoder counts them (the reference for GFLOP/s) and as samserve's
-    decoder executes them (``samserve.decoder`` moves projections onto the prompt side)."""
+    decoder executes them (``samserve.decoder`` moves projections onto the prompt side,
+    and makes the first block's image-side ones once per image)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     predictor = SamPredictor(sam)
