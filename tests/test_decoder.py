@@ -91,7 +91,11 @@ def test_upscaled_masks_in_any_chunks_are_segment_anythings(sam, chunk):
         upscaled = decoder.output_upscaling(src.transpose(1, 2).reshape(2, -1, *side))
         expected = (hyper_in @ upscaled.flatten(2)).view(2, 3, *upscaled.shape[-2:])
         got = upscaled_masks(decoder.output_upscaling, src, hyper_in, side, chunk)
+        chosen = torch.tensor([[2, 0], [1, 1]])  # per prompt, any masks in any order
+        kept = upscaled_masks(decoder.output_upscaling, src, hyper_in, side, chunk, chosen)
     torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-4)
+    # A mask's logits are the same bits whichever others are kept.
+    assert torch.equal(kept, got[torch.arange(2)[:, None], chosen])
 
 
 def test_chosen_mask_tokens_are_segment_anythings_same_tokens(sam):
