@@ -64,8 +64,14 @@ def predict_masks(
     batch = sparse.shape[0]
     output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)
     tokens = torch.cat((output_tokens.unsqueeze(0).expand(batch, -1, -1), sparse), dim=1)
+    # Only the IoU and mask tokens' outputs are read: the prompt tokens skip the final attention.
     hs, src = two_way_transformer(
-        decoder.transformer, embedding + dense, image_pe, tokens, projections
+        decoder.transformer,
+        embedding + dense,
+        image_pe,
+        tokens,
+        projections,
+        outputs=1 + decoder.num_mask_tokens,
     )
     mask_tokens_out = hs[:, 1 : (1 + decoder.num_mask_tokens), :]
     hyper_in = torch.stack(
@@ -210,10 +216,12 @@ def two_way_transformer(
     image_pe: Tensor,
     tokens: Tensor,
     projections: ImageProjections | None = None,
+    outputs: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """``TwoWayTransformer.forward``: ``image`` 1xCxhxw or BxCxhxw, ``image_pe`` 1xCxhxw,
     ``tokens`` BxTxC; ``projections`` (of a 1xCxhxw ``image``) for the first block. Returns
-    the BxTxC tokens and the 1|BxNxC image tokens."""
+    the BxTxC tokens (only the first ``outputs`` of them, when given: the final attention
+    acts on each token alone) and the 1|BxNxC image tokens."""
     # Token-major copies: every later image-side op reads rows of C channels.
     keys = image.flatten(2).transpose(1, 2).contiguous()
     key_pe = image_pe.flatten(2).transpose(1, 2).contiguous()
@@ -223,6 +231,7 @@ def two_way_transformer(
             queries, keys = _projected_block(layer, queries, keys, tokens, projections)
         else:
             queries, keys = _block(layer, queries, keys, tokens, key_pe)
+    queries, tokens = queries[:, :outputs], tokens[:, :outputs]
     attn_out = _tokens_to_image(
         transformer.final_attn_token_to_image, queries + tokens, keys + key_pe, keys
     )
