@@ -258,6 +258,7 @@ def floor_predictor(
         "encoder_ms": round(encoder_ms, 3),
         "decoder_flops_per_prompt": int(reference.get_total_flops()),
         "executed_flops_per_prompt": int(executed.get_total_flops()),
+        "projections_mib": round(projections.nbytes / 2**20, 3),
     }
 
 
@@ -501,18 +502,11 @@ def bench_model(
         ) from err
     result["parameters"] = sum(p.numel() for p in sam.parameters())
     result["embedding_mib"] = round(spec.prompt_embed_dim * spec.embedding_size**2 * 4 / 2**20, 3)
+    predictor, result["in_process"] = floor_predictor(sam, images[0], device)
     # What the cache holds per image (ImageEmbedding.nbytes): the embedding and its
     # first-block projections.
-    with torch.inference_mode():
-        features = torch.zeros(
-            (1, spec.prompt_embed_dim, *sam.prompt_encoder.image_embedding_size), device=device
-        )
-        dense = sam.prompt_encoder(points=None, boxes=None, masks=None)[1]
-        projections = project_image(
-            sam.mask_decoder, features, sam.prompt_encoder.get_dense_pe(), dense
-        )
-    result["cached_image_mib"] = round(result["embedding_mib"] + projections.nbytes / 2**20, 3)
-    predictor, result["in_process"] = floor_predictor(sam, images[0], device)
+    projections_mib = result["in_process"]["projections_mib"]
+    result["cached_image_mib"] = round(result["embedding_mib"] + projections_mib, 3)
     for archive, handler, settings in (
         (f"samserve_{name}", HANDLER, {"torch_threads": threads}),
         (f"naive_{name}", NAIVE_HANDLER, {"torch_threads": threads}),
