@@ -155,12 +155,8 @@ def parse_json(data: Any, limits: Limits) -> SegmentRequest:
         )
     prompts = tuple(_parse_prompt(p, f"prompts[{i}]", limits) for i, p in enumerate(prompts_data))
 
-    multimask = data.get("multimask", True)
-    if not isinstance(multimask, bool):
-        raise _invalid("multimask", f"must be true or false, got {_type_name(multimask)}")
-    best_only = data.get("best_only", False)
-    if not isinstance(best_only, bool):
-        raise _invalid("best_only", f"must be true or false, got {_type_name(best_only)}")
+    multimask = _flag(data, "multimask", True)
+    best_only = _flag(data, "best_only", False)
     output = data.get("output", "rle")
     if output not in OUTPUT_FORMATS:
         raise _invalid("output", f"must be one of {list(OUTPUT_FORMATS)}, got {output!r}")
@@ -168,6 +164,14 @@ def parse_json(data: Any, limits: Limits) -> SegmentRequest:
     if everything is not None and prompts:
         raise _invalid("request", "send 'prompts' or 'everything', not both")
     return SegmentRequest(image, image_id, prompts, multimask, best_only, output, everything)
+
+
+def _flag(data: dict[str, Any], name: str, default: bool) -> bool:
+    """The request's true/false field ``name``, or ``default`` when absent."""
+    value = data.get(name, default)
+    if not isinstance(value, bool):
+        raise _invalid(name, f"must be true or false, got {_type_name(value)}")
+    return value
 
 
 def _parse_everything(value: Any) -> EverythingParams | None:
