@@ -51,8 +51,7 @@ from samclient.errors import SamServeError  # noqa: E402
 from samclient.grpc_client import GrpcClient  # noqa: E402
 from samclient.rest_client import RestClient  # noqa: E402
 from samclient.server import Ports, TorchServe  # noqa: E402
-from samserve.decoder import project_image  # noqa: E402
-from samserve.engine import decode_prompts  # noqa: E402
+from samserve.engine import SamEngine, decode_prompts  # noqa: E402
 from samserve.images import decode_image  # noqa: E402
 from samserve.models import SamSpec, build_sam, random_checkpoint, spec_by_name  # noqa: E402
 from training.prompts import random_pixel  # noqa: E402
@@ -246,19 +245,18 @@ def floor_predictor(
     )
     with torch.inference_mode(), FlopCounterMode(display=False) as reference:
         predictor.predict_torch(*points, multimask_output=True, return_logits=True)
-    with torch.inference_mode():
-        image_pe = sam.prompt_encoder.get_dense_pe()
-        dense = sam.prompt_encoder(points=None, boxes=None, masks=None)[1]
-        projections = project_image(sam.mask_decoder, predictor.features, image_pe, dense)
+    engine = SamEngine(sam)
+    features = predictor.features
+    cached = engine.image_embedding(features, predictor.input_size, predictor.original_size)
     with torch.inference_mode(), FlopCounterMode(display=False) as executed:
         # As the engine decodes a click: the image's projections made once, beforehand.
-        decode_prompts(sam, predictor.features, points, None, None, True, False, image_pe,
-                       projections)  # fmt: skip
+        decode_prompts(sam, cached.embedding, points, None, None, True, False, engine.image_pe,
+                       cached.projections)  # fmt: skip
     return predictor, {
         "encoder_ms": round(encoder_ms, 3),
         "decoder_flops_per_prompt": int(reference.get_total_flops()),
         "executed_flops_per_prompt": int(executed.get_total_flops()),
-        "projections_mib": round(projections.nbytes / 2**20, 3),
+        "cached_image_mib": round(cached.nbytes / 2**20, 3),
     }
 
 
@@ -503,10 +501,8 @@ def bench_model(
     result["parameters"] = sum(p.numel() for p in sam.parameters())
     result["embedding_mib"] = round(spec.prompt_embed_dim * spec.embedding_size**2 * 4 / 2**20, 3)
     predictor, result["in_process"] = floor_predictor(sam, images[0], device)
-    # What the cache holds per image (ImageEmbedding.nbytes): the embedding and its
-    # first-block projections.
-    projections_mib = result["in_process"]["projections_mib"]
-    result["cached_image_mib"] = round(result["embedding_mib"] + projections_mib, 3)
+    # What the cache holds per image: the embedding and its first-block projections.
+    result["cached_image_mib"] = result["in_process"].pop("cached_image_mib")
     for archive, handler, settings in (
         (f"samserve_{name}", HANDLER, {"torch_threads": threads}),
         (f"naive_{name}", NAIVE_HANDLER, {"torch_threads": threads}),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from segment_anything import SamPredictor
 
 from conftest import make_image
@@ -117,6 +118,8 @@ def test_embed_caches_and_counts(micro_sam):
     # sam_micro: a 1x64x16x16 float32 embedding and its first-block projections, three
     # of 256 tokens x 32 (the attention's internal width)
     assert embedding.embedding.shape == (1, 64, 16, 16)
+    # Channels-last: the decoder reads it token-major without a transposing copy.
+    assert embedding.embedding.is_contiguous(memory_format=torch.channels_last)
     assert embedding.projections.nbytes == 3 * 256 * 32 * 4
     assert stats.bytes == embedding.nbytes == 64 * 16 * 16 * 4 + 3 * 256 * 32 * 4
 

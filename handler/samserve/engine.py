@@ -253,23 +253,24 @@ class SamEngine:
             input_sizes.append(tuple(tensor.shape[-2:]))
         features = self.model.image_encoder(torch.cat(inputs))
         self.encoder_runs += len(images)
-        # Kept channels-last (C innermost in memory, the same 1xCxhxw tensor to every op):
-        # the decoder reads the embedding as h x w rows of C channels, and this layout
-        # spares each decoder call a transposing copy of it.
-        embeddings = [
-            features[i : i + 1].clone(memory_format=torch.channels_last) for i in range(len(images))
-        ]
         return [
-            ImageEmbedding(
-                embedding,
-                input_sizes[i],
-                tuple(image.shape[:2]),
-                project_image(
-                    self.model.mask_decoder, embedding, self.image_pe, self.no_mask_dense
-                ),
-            )
-            for i, (embedding, image) in enumerate(zip(embeddings, images))
+            self.image_embedding(features[i : i + 1], input_sizes[i], tuple(image.shape[:2]))
+            for i, image in enumerate(images)
         ]
+
+    @torch.inference_mode()
+    def image_embedding(
+        self, features: torch.Tensor, input_size: tuple[int, int], original_size: tuple[int, int]
+    ) -> ImageEmbedding:
+        """The ``ImageEmbedding`` of one image's 1xCxhxw encoder output, as the cache keeps
+        it: a channels-last copy (C innermost in memory, the same 1xCxhxw tensor to every
+        op: the decoder reads it as h x w rows of C channels, and this layout spares each
+        decoder call a transposing copy) and its first-block projections."""
+        embedding = features.clone(memory_format=torch.channels_last)
+        projections = project_image(
+            self.model.mask_decoder, embedding, self.image_pe, self.no_mask_dense
+        )
+        return ImageEmbedding(embedding, input_size, original_size, projections)
 
     @torch.inference_mode()
     def predict(
