@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -15,6 +16,7 @@ from samserve.masks import (
     OUTPUT_FORMATS,
     MaskWindow,
     decode_segmentation,
+    encode_mask_groups,
     encode_masks,
     mask_to_png,
 )
@@ -254,3 +256,20 @@ def test_mask_window_keeps_no_view_of_the_callers_mask():
     window = MaskWindow.of(mask)
     mask[:] = False
     assert window.window.all() and window.rle() == coco_rle(np.ones((6, 5), dtype=bool))
+
+
+@pytest.mark.parametrize("output", OUTPUT_FORMATS)
+def test_groups_encode_as_each_alone_whatever_the_map(output):
+    rng = np.random.default_rng(5)
+    groups = []
+    for count in (3, 1, 0, 3):
+        masks = rng.random((count, 30, 41)) < rng.random((count, 1, 1))
+        scores = rng.random(count).astype(np.float32)
+        # Both kinds of input: CxHxW arrays and windows (as the engine makes them).
+        groups.append((masks if count != 1 else [MaskWindow.of(m) for m in masks], scores))
+    expected = [encode_masks(masks, scores, output) for masks, scores in groups]
+    assert encode_mask_groups(groups, output) == expected
+    with ThreadPoolExecutor(3) as pool:
+        assert encode_mask_groups(groups, output, pool.map) == expected
+    with pytest.raises(ValueError, match="output must be one of"):
+        encode_mask_groups(groups, "jpeg")

@@ -297,3 +297,9 @@ def test_segment_script_asks_three_masks_for_a_click_and_one_for_a_box(service):
     assert [len(r["masks"]) for r in response["results"]] == [1, 3, 1]
     single = predict({"image_id": response["image_id"], "prompts": prompts[2:], "multimask": False})
     assert response["results"][2]["masks"] == single["results"][0]["masks"]
+
+
+def test_mask_threads_setting_reaches_the_engine(micro_sam):
+    assert SegmentService.for_model(micro_sam, Settings(mask_threads=3)).engine.mask_threads == 3
+    with pytest.raises(ValueError, match="unknown handler settings"):
+        Settings.from_dict({"mask_thread": 2})

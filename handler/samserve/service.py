@@ -21,7 +21,7 @@ from .engine import MIB, ImageEmbedding, Prompt, SamEngine, release_freed_memory
 from .errors import RequestError
 from .everything import EverythingParams, segment_everything
 from .images import decode_image, image_id_of
-from .masks import encode_masks
+from .masks import encode_mask_groups
 from .protocol import Limits, PromptRequest, SegmentRequest, parse_request
 from .settings import Settings
 
@@ -78,6 +78,7 @@ class SegmentService:
             logits_cache_bytes=int(settings.logits_cache_mb * MIB),
             encoder_batch_size=settings.encoder_batch_size,
             decoder_batch_size=settings.decoder_batch_size,
+            mask_threads=settings.mask_threads,
         )
         return cls(engine, settings)
 
@@ -197,11 +198,14 @@ class SegmentService:
                 best_only=job.request.best_only,
             )
             tic = time.perf_counter()
-            for prediction in predictions:
-                best = int(np.argmax(prediction.scores))
-                masks = encode_masks(prediction.masks, prediction.scores, job.request.output)
+            records = encode_mask_groups(
+                [(p.masks, p.scores) for p in predictions],
+                job.request.output,
+                self.engine.map_masks,
+            )
+            for prediction, masks in zip(predictions, records):
                 size += sum(len(_mask_data(m)) for m in masks)
-                self._check_response_size(size)  # give up early, before all the work
+                best = int(np.argmax(prediction.scores))
                 results.append(
                     {
                         "masks": masks,
@@ -210,6 +214,7 @@ class SegmentService:
                         ),
                     }
                 )
+            self._check_response_size(size)  # give up early, before all the work
             stages["encode_masks"] += _ms_since(tic)
         if prompts:
             job.timing_ms.update(stages)
