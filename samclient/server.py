@@ -87,8 +87,13 @@ class TorchServe:
         return load_keys(self.workdir)
 
     def write_config(self) -> Path:
-        """The instance's config: the project's file with this instance's ports and paths."""
+        """The instance's config: the project's file with this instance's ports and paths
+        (its ``vmargs`` keep the file's JVM options and add this instance's tmpdir)."""
         p, h = self.ports, self.host
+        settings = dict(
+            line.split("=", 1) for line in self.config.read_text().splitlines() if "=" in line
+        )
+        vmargs = settings.get("vmargs", "").strip()
         values = {
             "inference_address": f"http://{h}:{p.inference}",
             "management_address": f"http://{h}:{p.management}",
@@ -99,7 +104,7 @@ class TorchServe:
             "grpc_management_port": str(p.grpc_management),
             "initial_worker_port": str(p.worker),
             "model_store": str(self.model_store),
-            "vmargs": f"-Djava.io.tmpdir={self.tmpdir}",
+            "vmargs": f"{vmargs} -Djava.io.tmpdir={self.tmpdir}".strip(),
             **self.overrides,
         }
         lines = [

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -50,6 +51,13 @@ def test_every_api_needs_its_token(server, rest):
         with pytest.raises(AuthError):
             g.list_models()
     assert rest.ping() == "Healthy"
+
+
+def test_frontend_runs_with_the_configured_jvm_options(server):
+    """config.properties' vmargs reach java (the instance's tmpdir is added to them)."""
+    args = Path(f"/proc/{server.pid()}/cmdline").read_bytes().decode().split("\0")
+    assert "-XX:+UseParallelGC" in args
+    assert f"-Djava.io.tmpdir={server.tmpdir}" in args
 
 
 def test_registered_through_management_api(rest):
