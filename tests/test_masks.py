@@ -273,3 +273,17 @@ def test_groups_encode_as_each_alone_whatever_the_map(output):
         assert encode_mask_groups(groups, output, pool.map) == expected
     with pytest.raises(ValueError, match="output must be one of"):
         encode_mask_groups(groups, "jpeg")
+
+
+def test_crop_of_a_mask_set_on_all_four_edges_keeps_it_whole():
+    mask = np.zeros((30, 40), dtype=bool, order="F")
+    mask[0, 5] = mask[29, 7] = mask[12, 0] = mask[3, 39] = True
+    window = MaskWindow.crop(mask, 2, 3, (50, 60))
+    assert window.window is mask  # no copy and no pass over the whole mask
+    assert (window.top, window.left, window.size) == (2, 3, (50, 60))
+    for edge in ((0, 5), (29, 7), (12, 0), (3, 39)):  # one edge empty: cropped as before
+        partial = mask.copy(order="F")
+        partial[edge] = False
+        cropped = MaskWindow.crop(partial, 2, 3, (50, 60))
+        assert cropped.window.shape != mask.shape
+        np.testing.assert_array_equal(cropped.dense()[2:32, 3:43], partial)

@@ -41,6 +41,9 @@ class MaskWindow:
     @classmethod
     def crop(cls, mask: np.ndarray, top: int, left: int, size: tuple[int, int]) -> MaskWindow:
         """The tight window of ``mask`` (hxw bool placed at ``top``, ``left`` in ``size``)."""
+        size = (int(size[0]), int(size[1]))
+        if mask.size and all(edge.any() for edge in (mask[0], mask[-1], mask[:, 0], mask[:, -1])):
+            return cls(mask, top, left, size)  # tight already: no pass over the whole mask
         rows = np.flatnonzero(mask.any(axis=1))
         if len(rows) == 0:
             return cls.empty(size)
@@ -48,7 +51,6 @@ class MaskWindow:
         window = mask[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
         if window.shape != mask.shape:  # a copy, not a view of a much larger mask
             window = window.copy(order="K")  # in the mask's memory order
-        size = (int(size[0]), int(size[1]))
         return cls(window, top + int(rows[0]), left + int(cols[0]), size)
 
     @classmethod
