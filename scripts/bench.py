@@ -351,13 +351,20 @@ class Served:
         return out
 
     def prompts(
-        self, image: BenchImage, image_id: str, counts: Counts, best_only: bool = False
+        self,
+        image: BenchImage,
+        image_id: str,
+        counts: Counts,
+        best_only: bool = False,
+        matmul_rate: Callable[[], float] | None = None,
     ) -> list[dict[str, Any]]:
         """Requests with 1, 4, 16, 64 click prompts on one cached image: three masks per
         click, or with ``best_only`` the best-scoring one.
 
         The counts take turns (1, 4, 16, 64, 1, 4, ...): this machine's speed drifts by
-        tens of percent over minutes, and the ratios between counts should not."""
+        tens of percent over minutes, and the ratios between counts should not. For the
+        same reason ``matmul_rate`` (GFLOP/s), when given, is measured before each round,
+        and every request's row keeps the rate of its round (``rounds``)."""
         bodies = {
             count: segment_request(
                 image_id=image_id,
@@ -368,22 +375,30 @@ class Served:
         }
         for body in bodies.values():
             self.predict(body)  # warm-up, untimed
-        timed_runs: dict[int, list[tuple[float, dict[str, Any]]]] = {c: [] for c in bodies}
+        timed_runs: dict[int, list[tuple[float, dict[str, Any], float | None]]] = {
+            c: [] for c in bodies
+        }
         for _ in range(counts.prompt_repeats):
+            rate = matmul_rate() if matmul_rate else None
             for count, body in bodies.items():
-                timed_runs[count].append(self.predict(body))
+                timed_runs[count].append((*self.predict(body), rate))
         rows = []
         for count, runs in timed_runs.items():
-            latency = summarize([ms for ms, _ in runs])
-            responses = [response for _, response in runs]
-            rows.append(
-                {
-                    "prompts": count,
-                    "latency": latency,
-                    "per_prompt_ms": round(latency["p50"] / count, 3),
-                    "server_ms": server_timing(responses),
-                }
-            )
+            latency = summarize([ms for ms, _, _ in runs])
+            responses = [response for _, response, _ in runs]
+            row = {
+                "prompts": count,
+                "latency": latency,
+                "per_prompt_ms": round(latency["p50"] / count, 3),
+                "server_ms": server_timing(responses),
+            }
+            if matmul_rate:
+                row["rounds"] = [
+                    {"matmul_gflops": rate, "ms": round(ms, 3),
+                     "decoder_ms": response["timing_ms"].get("decoder")}
+                    for ms, response, rate in runs
+                ]  # fmt: skip
+            rows.append(row)
         return rows
 
     def concurrency(
@@ -521,9 +536,15 @@ def bench_model(
         del predictor, sam
         gc.collect()
         print(f"[{name}] prompts per request {counts.prompt_counts}", flush=True)
-        result["prompts"] = served.prompts(images[0], ids[0], counts)
+
+        def rate() -> float:
+            return matmul_gflops(device, counts.matmul_repeats)["gflops"]
+
+        result["prompts"] = served.prompts(images[0], ids[0], counts, matmul_rate=rate)
         print(f"[{name}] prompts per request, best mask only", flush=True)
-        result["prompts_best"] = served.prompts(images[0], ids[0], counts, best_only=True)
+        result["prompts_best"] = served.prompts(
+            images[0], ids[0], counts, best_only=True, matmul_rate=rate
+        )
         print(f"[{name}] concurrent clients {counts.concurrency}", flush=True)
         clicks = images[0].clicks(64, seed=3)
         result["concurrency"] = [

@@ -36,9 +36,14 @@ def _stats(p50: float) -> dict:
 
 def _fake_result(warm_ms: float) -> dict:
     """A result with every field the report reads; 1 GFLOP per prompt."""
+    # Three rounds: the machine at full speed, at half speed (matmul and requests alike),
+    # and a request slowed alone (4x) while the matmul rate held.
     prompts = [
         {"prompts": n, "latency": _stats(10.0 * n**0.5), "per_prompt_ms": 10.0 / n**0.5,
-         "server_ms": {"decoder": 5.0 * n**0.5, "encode_masks": 1.0}}
+         "server_ms": {"decoder": 5.0 * n**0.5, "encode_masks": 1.0},
+         "rounds": [{"matmul_gflops": rate, "ms": slow * 10.0 * n**0.5,
+                     "decoder_ms": slow * 5.0 * n**0.5}
+                    for rate, slow in ((100.0, 1), (50.0, 2), (100.0, 4))]}
         for n in (1, 4, 16, 64)
     ]  # fmt: skip
     # Best mask only: a 1-prompt request in 8 ms, 7 ms per prompt in larger ones.
@@ -84,6 +89,10 @@ def test_report_checks_markdown_and_plot(tmp_path: Path) -> None:
     assert vit_b["prompts"]["per_prompt_vs_single"]["16"] == pytest.approx(0.25)
     # 16 GFLOP in 20 ms of decoder: 800 GFLOP/s, 8x the matmul rate.
     assert vit_b["prompts"]["achieved"]["16"]["gflops_decoder"] == pytest.approx(800.0)
+    # Each request's rate over its own round's matmul rate, median over rounds: 4x and 8x.
+    assert vit_b["prompts"]["achieved"]["16"]["vs_round_matmul_end_to_end"] == 4.0
+    assert vit_b["prompts"]["achieved"]["16"]["vs_round_matmul_decoder"] == 8.0
+    assert "vs_round_matmul_end_to_end" not in vit_b["prompts_best"]["achieved"]["16"]
     assert vit_b["prompts_best"]["per_prompt_vs_single"]["16"] == pytest.approx(7 / 8)
     # 16 GFLOP in 112 ms end to end: 143 GFLOP/s.
     best_16 = vit_b["prompts_best"]["achieved"]["16"]
@@ -98,7 +107,10 @@ def test_report_checks_markdown_and_plot(tmp_path: Path) -> None:
     three, best = "3 masks per click", "best mask only"
     assert verdicts[("vit_b", f"per-prompt time: 16 prompts / 1-prompt request, {three}")] is True
     assert verdicts[("vit_b", f"per-prompt time: 16 prompts / 1-prompt request, {best}")] is False
-    assert verdicts[("vit_b", f"16 prompts: achieved / matmul GFLOP/s, end-to-end, {best}")] is True
+    e2e = "16 prompts: achieved / {} GFLOP/s, end-to-end, {}"
+    assert verdicts[("vit_b", e2e.format("fastest matmul", best))] is True
+    assert verdicts[("vit_b", e2e.format("same-round matmul", three))] is True
+    assert ("vit_b", e2e.format("same-round matmul", best)) not in verdicts  # no rounds
 
     markdown = render_markdown(results)
     row = "| warm REST p50 / in-process floor p50 | sam_small | 3 | <= 1.2 | **fail** |"
@@ -106,6 +118,7 @@ def test_report_checks_markdown_and_plot(tmp_path: Path) -> None:
     assert "**Not measured**: RuntimeError: checkpoint does not fit" in markdown
     assert "One click per prompt, 3 masks per click:" in markdown
     assert "One click per prompt, best mask only:" in markdown
+    assert "| 16 | 40 | 2.5 | 0.25 | 20 | - | 1 | 800 | 400 | 8 | 4 |" in markdown
     assert (
         "**100.0 GFLOP/s**, the highest of 2 measurements (at the start and after each "
         "model: 100.0, 90.0)" in markdown
