@@ -85,8 +85,10 @@ def upscale_masks(
     low_res = low_res.float().cpu()
     rows = axis_map(low_res.shape[-2], padded_size, input_size[0], original_size[0])
     cols = axis_map(low_res.shape[-1], padded_size, input_size[1], original_size[1])
-    return list(map_fn(lambda logits: _upscale_one(logits, rows, cols, original_size, threshold),
-                       low_res))  # fmt: skip
+    one = functools.partial(
+        _upscale_one, rows=rows, cols=cols, original_size=original_size, threshold=threshold
+    )
+    return list(map_fn(one, low_res))
 
 
 def _upscale_one(
