@@ -201,21 +201,3 @@ def test_warm_decoder_calls_reuse_freed_memory_instead_of_faulting_it_in():
         for mode in ("default", "keep")
     }  # fmt: skip
     assert faults["keep"] * 10 < faults["default"], faults
-
-
-def test_mask_threads_change_no_answer(micro_sam):
-    image = make_image(300, 500, seed=9)
-    kinds = _prompts(300, 500)
-    prompts = [_as_prompt(kinds[k]) for k in kinds for _ in range(3)]
-    answers = []
-    for threads in (1, 3):
-        engine = SamEngine(micro_sam, mask_threads=threads)
-        assert engine.mask_threads == threads
-        embedding = engine.embed({"img": image})["img"]
-        answers.append(engine.predict(embedding, prompts))
-    for one, many in zip(*answers, strict=True):
-        np.testing.assert_array_equal(one.scores, many.scores)
-        for a, b in zip(one.masks, many.masks, strict=True):
-            assert (a.top, a.left, a.size) == (b.top, b.left, b.size)
-            np.testing.assert_array_equal(a.window, b.window)
-    assert SamEngine(micro_sam).mask_threads == torch.get_num_threads()

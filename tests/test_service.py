@@ -6,6 +6,7 @@ import base64
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from segment_anything import SamPredictor
 
@@ -299,7 +300,19 @@ def test_segment_script_asks_three_masks_for_a_click_and_one_for_a_box(service):
     assert response["results"][2]["masks"] == single["results"][0]["masks"]
 
 
-def test_mask_threads_setting_reaches_the_engine(micro_sam):
-    assert SegmentService.for_model(micro_sam, Settings(mask_threads=3)).engine.mask_threads == 3
+def test_mask_threads_encode_the_same_records(micro_sam):
+    image = png_bytes(make_image(200, 300, seed=4))
+    prompts = [{"points": [[20 + 23 * k, 30 + 13 * k]], "labels": [1]} for k in range(7)]
+    bodies = {}
+    for threads in (1, 3):
+        service = SegmentService(SamEngine(micro_sam), Settings(mask_threads=threads))
+        assert service.mask_threads == threads
+        for output in ("rle", "png"):
+            reply = service.handle([_request(image, prompts=prompts, output=output)])[0]
+            assert reply.status == 200
+            bodies[threads, output] = reply.body["results"]
+    assert bodies[1, "rle"] == bodies[3, "rle"] and bodies[1, "png"] == bodies[3, "png"]
+    default = SegmentService(SamEngine(micro_sam), Settings())
+    assert default.mask_threads == torch.get_num_threads()
     with pytest.raises(ValueError, match="unknown handler settings"):
         Settings.from_dict({"mask_thread": 2})

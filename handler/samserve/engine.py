@@ -12,10 +12,8 @@ import ctypes
 import ctypes.util
 import hashlib
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
@@ -205,7 +203,6 @@ class SamEngine:
         logits_cache_bytes: int = 256 * MIB,
         encoder_batch_size: int = 1,
         decoder_batch_size: int = 4,
-        mask_threads: int = 0,
     ) -> None:
         keep_freed_memory()
         self.model = model.eval()
@@ -217,12 +214,6 @@ class SamEngine:
         )
         self.logits: LRUCache[StoredLogits] = LRUCache(logits_cache_bytes, lambda s: s.nbytes)
         self.encoder_runs = 0  # images encoded, for tests and stats
-        self.mask_threads = mask_threads if mask_threads > 0 else torch.get_num_threads()
-        self._mask_pool = (
-            ThreadPoolExecutor(self.mask_threads, thread_name_prefix="samserve-masks")
-            if self.mask_threads > 1
-            else None
-        )
         with torch.inference_mode():
             self.image_pe = model.prompt_encoder.get_dense_pe()
             # The dense embedding of prompts without a mask input ("no mask"), 1xCxhxw.
@@ -231,19 +222,6 @@ class SamEngine:
     @property
     def device(self) -> torch.device:
         return self.model.device
-
-    def map_masks(self, fn: Callable[[Any], Any], items: Iterable[Any]) -> Iterator[Any]:
-        """``map(fn, items)`` on ``mask_threads`` threads, results in order: for per-mask
-        work (full-size masks, their RLE or PNG) whose calls release the GIL, so one
-        click's masks use every core the worker has, not one."""
-        if self._mask_pool is None:
-            return map(fn, items)
-
-        def task(item: Any) -> Any:
-            with torch.inference_mode():  # a thread's own mode: the default is grad mode
-                return fn(item)
-
-        return self._mask_pool.map(task, items)
 
     def embed(self, images: dict[str, np.ndarray]) -> dict[str, ImageEmbedding]:
         """Embed HxWx3 uint8 RGB images keyed by ``image_id`` and cache the results.
@@ -371,23 +349,19 @@ class SamEngine:
         )
         low_res, iou = low_res.float().cpu(), iou.float().cpu()  # waits for a GPU
         decoded = time.perf_counter()
-        # Every mask of the call in one map: the pool's threads share all of them.
-        masks = upscale_masks(
-            low_res.flatten(0, 1),
-            embedding.input_size,
-            original_size,
-            self.model.image_encoder.img_size,
-            self.model.mask_threshold,
-            self.map_masks,
-        )
-        per_prompt = low_res.shape[1]
         predictions = [
             Prediction(
-                masks=masks[i * per_prompt : (i + 1) * per_prompt],
+                masks=upscale_masks(
+                    logits,
+                    embedding.input_size,
+                    original_size,
+                    self.model.image_encoder.img_size,
+                    self.model.mask_threshold,
+                ),
                 scores=scores.numpy(),
                 low_res_logits=logits.numpy(),
             )
-            for i, (logits, scores) in enumerate(zip(low_res, iou))
+            for logits, scores in zip(low_res, iou)
         ]
         if timing_ms is not None:
             timing_ms["decoder"] = timing_ms.get("decoder", 0.0) + (decoded - started) * 1000

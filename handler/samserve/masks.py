@@ -100,20 +100,16 @@ Mapper = Callable[[Callable[[Any], Any], Iterable[Any]], Iterator[Any]]
 
 
 def encode_masks(
-    masks: Sequence[MaskWindow] | np.ndarray,
-    scores: np.ndarray,
-    output: str = "rle",
-    map_fn: Mapper = map,
+    masks: Sequence[MaskWindow] | np.ndarray, scores: np.ndarray, output: str = "rle"
 ) -> list[dict[str, Any]]:
     """Mask records for C masks (windows, or a CxHxW bool array) with C ``scores``.
 
     Records come best score first. Each has ``score`` (predicted IoU), ``area`` (pixels)
     and ``bbox`` ([x, y, w, h], integer pixels), plus ``segmentation`` (COCO RLE with
     string counts, as pycocotools writes it) for ``rle``, or ``png`` (base64 1-bit PNG)
-    for ``png``; ``none`` carries no mask data. ``map_fn`` encodes the masks (a thread
-    pool's encodes them side by side: RLE and PNG encoding release the GIL).
+    for ``png``; ``none`` carries no mask data.
     """
-    return encode_mask_groups([(masks, scores)], output, map_fn)[0]
+    return encode_mask_groups([(masks, scores)], output)[0]
 
 
 def encode_mask_groups(
@@ -122,7 +118,8 @@ def encode_mask_groups(
     map_fn: Mapper = map,
 ) -> list[list[dict[str, Any]]]:
     """``encode_masks`` of several prompts' (masks, scores) at once: one ``map_fn`` over
-    every mask of every group, so that a pool's threads share all of them."""
+    every mask of every group, so that a pool's threads share all of them (RLE and PNG
+    encoding release the GIL)."""
     if output not in OUTPUT_FORMATS:
         raise ValueError(f"output must be one of {OUTPUT_FORMATS}, got {output!r}")
     jobs = []

@@ -10,11 +10,13 @@ import json
 import logging
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import torch
 from segment_anything.modeling import Sam
 
 from .engine import MIB, ImageEmbedding, Prompt, SamEngine, release_freed_memory
@@ -68,6 +70,10 @@ class SegmentService:
         self.engine = engine
         self.settings = settings
         self.limits = Limits(settings.max_prompts, settings.max_points_per_prompt)
+        # Masks are encoded side by side: pycocotools' RLE (samserve.rle) and Pillow's PNG
+        # run without the GIL, and a click's three masks would otherwise use one core.
+        self.mask_threads = settings.mask_threads or torch.get_num_threads()
+        self._mask_pool = ThreadPoolExecutor(self.mask_threads, "samserve-masks")
 
     @classmethod
     def for_model(cls, model: Sam, settings: Settings) -> SegmentService:
@@ -78,7 +84,6 @@ class SegmentService:
             logits_cache_bytes=int(settings.logits_cache_mb * MIB),
             encoder_batch_size=settings.encoder_batch_size,
             decoder_batch_size=settings.decoder_batch_size,
-            mask_threads=settings.mask_threads,
         )
         return cls(engine, settings)
 
@@ -199,9 +204,7 @@ class SegmentService:
             )
             tic = time.perf_counter()
             records = encode_mask_groups(
-                [(p.masks, p.scores) for p in predictions],
-                job.request.output,
-                self.engine.map_masks,
+                [(p.masks, p.scores) for p in predictions], job.request.output, self._mask_pool.map
             )
             for prediction, masks in zip(predictions, records):
                 size += sum(len(_mask_data(m)) for m in masks)

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .masks import Mapper, MaskWindow
+from .masks import MaskWindow
 
 
 @dataclass(frozen=True)
@@ -72,23 +72,17 @@ def upscale_masks(
     original_size: tuple[int, int],
     padded_size: int,
     threshold: float = 0.0,
-    map_fn: Mapper = map,
 ) -> list[MaskWindow]:
     """Threshold ``Sam.postprocess_masks(low_res) > threshold`` without the full-size pass.
 
-    ``low_res`` is Cxhxw logits (of one prompt or several) in the padded input frame
-    (h = w = 4 x the embedding side); ``input_size`` is (H', W') of the resized image
-    inside the ``padded_size`` square and ``original_size`` is (H, W). Returns C masks of
-    HxW, made by ``map_fn`` (a thread pool's makes them side by side: the work is in
-    torch and numpy calls that release the GIL).
+    ``low_res`` is Cxhxw logits of one prompt in the padded input frame (h = w = 4 x the
+    embedding side); ``input_size`` is (H', W') of the resized image inside the
+    ``padded_size`` square and ``original_size`` is (H, W). Returns C masks of HxW.
     """
     low_res = low_res.float().cpu()
     rows = axis_map(low_res.shape[-2], padded_size, input_size[0], original_size[0])
     cols = axis_map(low_res.shape[-1], padded_size, input_size[1], original_size[1])
-    one = functools.partial(
-        _upscale_one, rows=rows, cols=cols, original_size=original_size, threshold=threshold
-    )
-    return list(map_fn(one, low_res))
+    return [_upscale_one(logits, rows, cols, original_size, threshold) for logits in low_res]
 
 
 def _upscale_one(
