@@ -36,9 +36,8 @@ def _load_coco_api() -> tuple[Any, Any] | None:
     try:
         api = ctypes.CDLL(coco_c.__file__)
         libc = ctypes.CDLL(ctypes.util.find_library("c"))
-        rle_p = ctypes.POINTER(_Rle)
-        api.rleEncode.argtypes = [rle_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t,
-                                  ctypes.c_size_t]  # fmt: skip
+        rle_p, size = ctypes.POINTER(_Rle), ctypes.c_size_t
+        api.rleEncode.argtypes = [rle_p, ctypes.c_void_p, size, size, size]  # R, M, h, w, n
         api.rleEncode.restype = None
         api.rleToString.argtypes = [rle_p]
         api.rleToString.restype = ctypes.c_void_p  # malloc'd char *: freed below
