@@ -90,10 +90,9 @@ class TorchServe:
         """The instance's config: the project's file with this instance's ports and paths
         (its ``vmargs`` keep the file's JVM options and add this instance's tmpdir)."""
         p, h = self.ports, self.host
-        settings = dict(
-            line.split("=", 1) for line in self.config.read_text().splitlines() if "=" in line
-        )
-        vmargs = settings.get("vmargs", "").strip()
+        config = self.config.read_text().splitlines()
+        keyed = {line.split("=", 1)[0].strip(): line for line in config if "=" in line}
+        vmargs = keyed["vmargs"].split("=", 1)[1].strip() if "vmargs" in keyed else ""
         values = {
             "inference_address": f"http://{h}:{p.inference}",
             "management_address": f"http://{h}:{p.management}",
@@ -107,11 +106,7 @@ class TorchServe:
             "vmargs": f"{vmargs} -Djava.io.tmpdir={self.tmpdir}".strip(),
             **self.overrides,
         }
-        lines = [
-            line
-            for line in self.config.read_text().splitlines()
-            if line.split("=", 1)[0].strip() not in values
-        ]
+        lines = [line for line in config if line.split("=", 1)[0].strip() not in values]
         lines += [f"{key}={value}" for key, value in values.items()]
         path = self.workdir / "config.properties"
         path.write_text("\n".join(lines) + "\n")
