@@ -173,30 +173,34 @@ transformer = TwoWayTransformer(depth=2, embedding_dim=256, mlp_dim=2048, num_he
 decoder = MaskDecoder(transformer_dim=256, transformer=transformer).eval()
 embedding, sparse = torch.randn(1, 256, 64, 64), torch.randn(4, 3, 256)
 with torch.inference_mode():
-    for _ in range(3):
-        predict_masks(decoder, embedding, embedding, sparse, embedding)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    for _ in range(3):
-        predict_masks(decoder, embedding, embedding, sparse, embedding)
-    print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    for window in range(5):
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        for _ in range(3):
+            predict_masks(decoder, embedding, embedding, sparse, embedding)
+        print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
 
 
 def test_warm_decoder_calls_reuse_freed_memory_instead_of_faulting_it_in():
     """keep_freed_memory (every SamEngine sets it): warm vit_b-sized decoder calls of 4
     prompts reuse the heap; with glibc's defaults they page-fault MiB-sized outputs in on
-    every op (measured: ~35,000 minor faults for 3 calls, against 0-1,000)."""
+    every op (measured: ~17,000-65,000 minor faults per 3 calls, against 0).
+
+    Faults are counted over windows of 3 calls and the quietest window after the first
+    counts: the heap may still grow once in an early window (seen on CI: 2,048 faults,
+    8 MiB), which is not the per-call cost this is about."""
     import subprocess
     import sys
     from pathlib import Path
 
     handler = str(Path(__file__).resolve().parent.parent / "handler")
     faults = {
-        mode: int(
-            subprocess.run(
+        mode: min(
+            int(count)
+            for count in subprocess.run(
                 [sys.executable, "-c", _FAULTS, mode, handler],
                 capture_output=True, text=True, check=True, timeout=300,
-            ).stdout.split()[-1]
+            ).stdout.split()[1:]
         )
         for mode in ("default", "keep")
     }  # fmt: skip
