@@ -244,8 +244,12 @@ def test_many_prompts_on_a_large_image_are_decoded_in_chunks(micro_sam, monkeypa
     chunked = service.handle([_request(image, prompts=prompts, output="none")])[0]
     assert calls == [5, 5, 2]
     assert set(chunked.body["timing_ms"]) >= {"decoder", "upscale", "encode_masks"}
+    # Matmuls of 8 and 5 prompts may round differently (BLAS picks kernels by shape):
+    # a pixel whose logit is within rounding of the threshold may flip (seen: 1 of 36,780).
     for a, b in zip(whole.body["results"], chunked.body["results"]):
-        assert [m["area"] for m in a["masks"]] == [m["area"] for m in b["masks"]]
+        assert [m["area"] for m in a["masks"]] == pytest.approx(
+            [m["area"] for m in b["masks"]], abs=5
+        )
         assert [m["score"] for m in a["masks"]] == pytest.approx(
             [m["score"] for m in b["masks"]], abs=1e-4
         )
