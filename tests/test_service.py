@@ -304,6 +304,22 @@ def test_segment_script_asks_three_masks_for_a_click_and_one_for_a_box(service):
     assert response["results"][2]["masks"] == single["results"][0]["masks"]
 
 
+def test_mask_threads_run_torch_single_threaded_and_leave_the_caller_alone(micro_sam):
+    """The pool is the parallelism: its threads' torch ops run on one intra-op thread
+    each, and the thread that serves requests (the decoder's) keeps all of its own."""
+    before = torch.get_num_threads()
+    service = SegmentService(SamEngine(micro_sam), Settings(mask_threads=2))
+    counts = set(service._mask_pool.map(lambda _: torch.get_num_threads(), range(8)))
+    assert counts == {1}
+    assert torch.get_num_threads() == before
+    image = png_bytes(make_image(64, 80, seed=6))
+    assert (
+        service.handle([_request(image, prompts=[{"points": [[9, 9]], "labels": [1]}])])[0].status
+        == 200
+    )
+    assert torch.get_num_threads() == before
+
+
 def test_mask_threads_encode_the_same_records(micro_sam):
     image = png_bytes(make_image(200, 300, seed=4))
     prompts = [{"points": [[20 + 23 * k, 30 + 13 * k]], "labels": [1]} for k in range(7)]

@@ -85,3 +85,16 @@ def test_axis_map_weights_are_convex_and_ordered():
     np.testing.assert_allclose(weight.sum(dim=1).numpy(), 1.0, atol=1e-6)
     assert np.all(np.diff(axis.first) >= 0) and np.all(np.diff(axis.last) >= 0)
     assert axis.index.shape[1] <= 4
+
+
+def test_masks_made_in_a_thread_pool_are_the_same_bits():
+    from concurrent.futures import ThreadPoolExecutor
+
+    logits = blobs(256, 8, seed=5)
+    alone = upscale_masks(logits, (768, 1024), (1500, 2000), 1024)
+    with ThreadPoolExecutor(3) as pool:
+        pooled = upscale_masks(logits, (768, 1024), (1500, 2000), 1024, map_fn=pool.map)
+    assert len(pooled) == len(alone) == 8
+    for a, b in zip(alone, pooled, strict=True):
+        assert (a.top, a.left, a.size) == (b.top, b.left, b.size)
+        np.testing.assert_array_equal(a.window, b.window)

@@ -22,7 +22,7 @@ from segment_anything.utils.transforms import ResizeLongestSide
 
 from .cache import LRUCache
 from .decoder import ImageProjections, predict_masks, project_image
-from .masks import MaskWindow
+from .masks import Mapper, MaskWindow
 from .upscale import upscale_masks
 
 MIB = 1024 * 1024
@@ -280,13 +280,15 @@ class SamEngine:
         multimask: bool = True,
         timing_ms: dict[str, float] | None = None,
         best_only: bool = False,
+        map_fn: Mapper = map,
     ) -> list[Prediction]:
         """Decode ``prompts`` on one embedded image; one prediction per prompt, in order.
 
         ``best_only`` keeps only the highest-scoring of the decoder's masks for each prompt
         (the one a click UI shows): the others are never upscaled. ``timing_ms``, if given,
         accumulates the milliseconds spent in the prompt encoder and mask decoder
-        (``decoder``) and in making full-size masks (``upscale``).
+        (``decoder``) and in making full-size masks (``upscale``), which ``map_fn`` makes
+        (see ``upscale_masks``).
 
         Prompts of equal shape (same number of points, box or not, mask_input or not) go
         through the prompt encoder and mask decoder together, ``decoder_batch_size`` per
@@ -302,7 +304,9 @@ class SamEngine:
             for start in range(0, len(group), self.decoder_batch_size):
                 indices = group[start : start + self.decoder_batch_size]
                 batch = [prompts[i] for i in indices]
-                answers = self._predict_batch(embedding, batch, multimask, best_only, timing_ms)
+                answers = self._predict_batch(
+                    embedding, batch, multimask, best_only, timing_ms, map_fn
+                )
                 for i, prediction in zip(indices, answers):
                     predictions[i] = prediction
         return predictions  # type: ignore[return-value]
@@ -314,6 +318,7 @@ class SamEngine:
         multimask: bool,
         best_only: bool,
         timing_ms: dict[str, float] | None,
+        map_fn: Mapper,
     ) -> list[Prediction]:
         """Decode B prompts of one signature in one call, as ``SamPredictor.predict_torch``."""
         started = time.perf_counter()
@@ -349,19 +354,23 @@ class SamEngine:
         )
         low_res, iou = low_res.float().cpu(), iou.float().cpu()  # waits for a GPU
         decoded = time.perf_counter()
+        # All the call's masks in one map: a pool's threads share them.
+        masks = upscale_masks(
+            low_res.flatten(0, 1),
+            embedding.input_size,
+            original_size,
+            self.model.image_encoder.img_size,
+            self.model.mask_threshold,
+            map_fn,
+        )
+        per_prompt = low_res.shape[1]
         predictions = [
             Prediction(
-                masks=upscale_masks(
-                    logits,
-                    embedding.input_size,
-                    original_size,
-                    self.model.image_encoder.img_size,
-                    self.model.mask_threshold,
-                ),
+                masks=masks[i * per_prompt : (i + 1) * per_prompt],
                 scores=scores.numpy(),
                 low_res_logits=logits.numpy(),
             )
-            for logits, scores in zip(low_res, iou)
+            for i, (logits, scores) in enumerate(zip(low_res, iou))
         ]
         if timing_ms is not None:
             timing_ms["decoder"] = timing_ms.get("decoder", 0.0) + (decoded - started) * 1000

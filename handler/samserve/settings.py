@@ -27,7 +27,7 @@ class Settings:
     encoder_batch_size: int = 2
     decoder_batch_size: int = 4  # prompts per mask-decoder call (see SamEngine.predict)
     torch_threads: int = 0  # 0: the machine's cores divided among the model's workers
-    mask_threads: int = 0  # threads encoding masks (RLE, PNG) side by side; 0: torch threads
+    mask_threads: int = 0  # threads making and encoding masks side by side; 0: torch threads
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Settings:

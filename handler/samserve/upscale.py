@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .masks import MaskWindow
+from .masks import Mapper, MaskWindow
 
 
 @dataclass(frozen=True)
@@ -72,19 +72,27 @@ def upscale_masks(
     original_size: tuple[int, int],
     padded_size: int,
     threshold: float = 0.0,
+    map_fn: Mapper = map,
 ) -> list[MaskWindow]:
     """Threshold ``Sam.postprocess_masks(low_res) > threshold`` without the full-size pass.
 
-    ``low_res`` is Cxhxw logits of one prompt in the padded input frame (h = w = 4 x the
-    embedding side); ``input_size`` is (H', W') of the resized image inside the
-    ``padded_size`` square and ``original_size`` is (H, W). Returns C masks of HxW.
+    ``low_res`` is Cxhxw logits in the padded input frame (h = w = 4 x the embedding
+    side), one prompt's or several prompts' masks; ``input_size`` is (H', W') of the
+    resized image inside the ``padded_size`` square and ``original_size`` is (H, W).
+    Returns C masks of HxW. ``map_fn`` (``map``, or a thread pool's) makes them, one
+    mask per item: each mask's work is a few memory-bound passes that gain little from
+    torch's intra-op threads, so many masks go faster side by side in a pool whose
+    threads run torch single-threaded (``samserve.service``).
     """
     low_res = low_res.float().cpu()
     rows = axis_map(low_res.shape[-2], padded_size, input_size[0], original_size[0])
     cols = axis_map(low_res.shape[-1], padded_size, input_size[1], original_size[1])
-    return [_upscale_one(logits, rows, cols, original_size, threshold) for logits in low_res]
+    return list(
+        map_fn(lambda logits: _upscale_one(logits, rows, cols, original_size, threshold), low_res)
+    )
 
 
+@torch.inference_mode()  # thread-local: pool threads need it too
 def _upscale_one(
     logits: torch.Tensor,
     rows: AxisMap,
