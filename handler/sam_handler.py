@@ -57,6 +57,12 @@ class SamHandler(BaseHandler):
             torch.get_num_threads(),
             settings,
         )
+        if not {"GOMP_SPINCOUNT", "OMP_WAIT_POLICY"} & set(os.environ):
+            logger.warning(
+                "GOMP_SPINCOUNT is not set: after each torch op its idle OpenMP threads spin "
+                "for up to 300,000 pauses, taking cores from the mask threads; start "
+                "TorchServe with GOMP_SPINCOUNT=20000 (scripts/serve.py does) for faster clicks"
+            )
 
     def preprocess(self, data: list[dict[str, Any]]) -> list[tuple[Any, str | None]]:
         """(body, content type) of each request in the batch."""

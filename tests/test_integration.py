@@ -22,6 +22,7 @@ from samclient.errors import AuthError, SamServeError
 from samclient.grpc_client import GrpcClient
 from samclient.keys import Keys
 from samclient.rest_client import RestClient
+from samclient.server import WORKER_SPIN_COUNT
 from samserve.masks import decode_segmentation
 
 pytestmark = pytest.mark.integration
@@ -58,6 +59,16 @@ def test_frontend_runs_with_the_configured_jvm_options(server):
     args = Path(f"/proc/{server.pid()}/cmdline").read_bytes().decode().split("\0")
     assert "-XX:+UseParallelGC" in args
     assert f"-Djava.io.tmpdir={server.tmpdir}" in args
+
+
+def test_workers_start_with_a_short_openmp_spin(server):
+    """The launcher sets GOMP_SPINCOUNT (samclient.server.WORKER_SPIN_COUNT), and the
+    frontend hands it on to the Python workers it starts."""
+    pids = server.worker_pids().values()
+    assert pids
+    for pid in pids:
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        assert f"GOMP_SPINCOUNT={WORKER_SPIN_COUNT}".encode() in environ
 
 
 def test_registered_through_management_api(rest):
