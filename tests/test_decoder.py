@@ -78,10 +78,11 @@ def test_gradients_match_segment_anything(sam):
         torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-5, rtol=1e-3)
 
 
-@pytest.mark.parametrize("chunk", [None, 100, 4096])
+@pytest.mark.parametrize("chunk", [None, 7, 100, 4096])
 def test_upscaled_masks_in_any_chunks_are_segment_anythings(sam, chunk):
-    """Token-major upscaling (CPU: per-prompt chunks; GPU: one step) equals SAM's
-    ``hyper_in @ output_upscaling(src)``, chunk boundaries inside a row of tokens included."""
+    """Token-major upscaling (CPU: per-prompt chunks of whole token rows, a last shorter
+    one and chunks under a row included; GPU: one step) equals SAM's
+    ``hyper_in @ output_upscaling(src)``."""
     decoder = sam.mask_decoder
     side = sam.prompt_encoder.image_embedding_size
     generator = torch.Generator().manual_seed(3)

@@ -151,8 +151,9 @@ def upscaled_masks(
     ``src`` is BxNxC image tokens (N = h x w for ``size`` (h, w)), ``hyper_in`` BxMx(C/8)
     mask-token weights. Returns BxMx4hx4w low-res logits: ``hyper_in @ upscaling(src)``,
     or with ``chosen`` (BxK indices into M) only those K masks of each prompt; a mask's
-    logits are the same bits whichever others are kept. ``chunk`` image tokens of one
-    prompt go per step; None: everything in one step.
+    logits are the same bits whichever others are kept. About ``chunk`` image tokens of
+    one prompt go per step, as whole rows of tokens (at least one); None: everything in
+    one step.
 
     Both transposed convolutions have kernel 2 and stride 2, so the 4x4 pixels above an
     image token depend on that token alone: each convolution is a matmul on token rows
@@ -161,35 +162,38 @@ def upscaled_masks(
     the transposes disappear and the work can go in cache-sized chunks.
     """
     batch, count, channels = src.shape
+    height, width = size
     upscale_rows = _row_upscaler(upscaling)
     if chunk is None:
         features = upscale_rows(src.reshape(batch * count, channels))
-        logits = features.view(batch, count * 16, -1) @ hyper_in.transpose(1, 2)
+        logits = hyper_in @ features.view(batch, count * 16, -1).transpose(1, 2)  # BxMx16N
         if chosen is not None:
-            logits = logits.gather(2, chosen[:, None, :].expand(-1, logits.shape[1], -1))
-    else:
-        # Every mask's product is taken, then the chosen kept: the products' rounding
-        # then never depends on which masks a request asked for.
-        logits = torch.cat(
-            [
-                _chosen_columns(
-                    upscale_rows(src[b, start : start + chunk]) @ hyper_in[b].t(),
-                    None if chosen is None else chosen[b],
-                )
-                for b in range(batch)
-                for start in range(0, count, chunk)
-            ]
-        )
-    masks = logits.shape[-1]
-    height, width = size
-    # Rows are (token y, token x, dy1, dx1, dy2, dx2): pixel (4y + 2dy1 + dy2, 4x + 2dx1 + dx2).
-    logits = logits.view(batch, height, width, 2, 2, 2, 2, masks).permute(0, 7, 1, 3, 5, 2, 4, 6)
-    return logits.reshape(batch, masks, 4 * height, 4 * width)
+            logits = logits.gather(1, chosen[:, :, None].expand(-1, -1, logits.shape[2]))
+        return _to_pixels(logits, width).reshape(batch, logits.shape[1], 4 * height, 4 * width)
+    # Whole token rows per step, each step's logits put in pixel order while in cache.
+    # Every mask's product is taken, then the chosen kept: the products' rounding then
+    # never depends on which masks a request asked for.
+    rows = max(1, chunk // width)
+    masks = hyper_in.shape[1] if chosen is None else chosen.shape[1]
+    out = src.new_empty(batch, masks, 4 * height, 4 * width)
+    for b in range(batch):
+        for top in range(0, height, rows):
+            logits = hyper_in[b] @ upscale_rows(src[b, top * width : (top + rows) * width]).t()
+            if chosen is not None:
+                logits = logits.index_select(0, chosen[b])
+            ordered = _to_pixels(logits, width)
+            out[b, :, 4 * top : 4 * (top + rows)].view(ordered.shape).copy_(ordered)
+    return out
 
 
-def _chosen_columns(logits: Tensor, chosen: Tensor | None) -> Tensor:
-    """The ``chosen`` (K indices) columns of RxM ``logits``; all of them without."""
-    return logits if chosen is None else logits.index_select(1, chosen)
+def _to_pixels(logits: Tensor, width: int) -> Tensor:
+    """...xKx(R x 16) logits of R image tokens (R a whole number of token rows of
+    ``width``), columns ordered (token y, token x, dy1, dx1, dy2, dx2), viewed in pixel
+    order as ...xKx(R / width)x2x2xwidthx2x2: pixel (4y + 2dy1 + dy2, 4x + 2dx1 + dx2)."""
+    *lead, count = logits.shape
+    grid = logits.view(*lead, count // (16 * width), width, 2, 2, 2, 2)
+    at = len(lead)
+    return grid.permute(*range(at), at, at + 2, at + 4, at + 1, at + 3, at + 5)
 
 
 def _row_upscaler(upscaling: torch.nn.Sequential) -> Callable[[Tensor], Tensor]:
@@ -235,7 +239,10 @@ def two_way_transformer(
         if index == 0 and projections is not None:
             queries, keys = _projected_block(layer, queries, keys, tokens, projections)
         else:
-            queries, keys = _block(layer, queries, keys, tokens, key_pe)
+            # After the first block, keys is this function's own (a block's norm output):
+            # without autograd, the image-to-token residual may be added into it in place.
+            own = index > 0 and not torch.is_grad_enabled()
+            queries, keys = _block(layer, queries, keys, tokens, key_pe, own)
     queries, tokens = queries[:, :outputs], tokens[:, :outputs]
     attn_out = _tokens_to_image(
         transformer.final_attn_token_to_image, queries + tokens, keys + key_pe, keys
@@ -244,15 +251,23 @@ def two_way_transformer(
 
 
 def _block(
-    layer: TwoWayAttentionBlock, queries: Tensor, keys: Tensor, query_pe: Tensor, key_pe: Tensor
+    layer: TwoWayAttentionBlock,
+    queries: Tensor,
+    keys: Tensor,
+    query_pe: Tensor,
+    key_pe: Tensor,
+    overwrite_keys: bool = False,
 ) -> tuple[Tensor, Tensor]:
-    """``TwoWayAttentionBlock.forward`` with both cross attentions done token-side."""
+    """``TwoWayAttentionBlock.forward`` with both cross attentions done token-side;
+    ``overwrite_keys``: the BxNxC ``keys`` may be reused for the block's image tokens."""
     queries = _self_attention(layer, queries, query_pe)
     k = keys + key_pe
     attn_out = _tokens_to_image(layer.cross_attn_token_to_image, queries + query_pe, k, keys)
     queries = layer.norm2(queries + attn_out)
     queries = layer.norm3(queries + layer.mlp(queries))
-    keys = _image_to_tokens(layer.cross_attn_image_to_token, k, queries + query_pe, queries, keys)
+    keys = _image_to_tokens(
+        layer.cross_attn_image_to_token, k, queries + query_pe, queries, keys, overwrite_keys
+    )
     return queries, layer.norm4(keys)
 
 
@@ -332,9 +347,12 @@ def _tokens_to_image(attn: Attention, q: Tensor, k: Tensor, v: Tensor) -> Tensor
     return attn.out_proj(out.reshape(batch, count, -1))
 
 
-def _image_to_tokens(attn: Attention, q: Tensor, k: Tensor, v: Tensor, residual: Tensor) -> Tensor:
+def _image_to_tokens(
+    attn: Attention, q: Tensor, k: Tensor, v: Tensor, residual: Tensor, in_place: bool = False
+) -> Tensor:
     """``residual + attn(q=q, k=k, v=v)`` for 1|BxNxC image tokens ``q`` and ``residual``
-    and BxTxC tokens ``k``, ``v``.
+    and BxTxC tokens ``k``, ``v``; with ``in_place``, added into a BxNxC ``residual``
+    (which saves copying 4 MiB per prompt at SAM's sizes).
 
     Scores ``(q W_q^T + b_q)_h k'_h^T`` are ``q (W_q,h^T k'_h^T) + b_q,h k'_h^T`` with
     ``k' = k W_k^T + b_k``; the output ``softmax_h v'_h`` projected by ``W_o`` is
@@ -353,6 +371,8 @@ def _image_to_tokens(attn: Attention, q: Tensor, k: Tensor, v: Tensor, residual:
     # (over T-long rows, T about 7, it is slow: scalar code).
     scores = _times_image(from_image, q.transpose(1, 2)) + offset
     probs = torch.softmax(scores.view(batch, heads, count, -1), dim=2)
+    if in_place and residual.shape[0] == batch:
+        return residual.baddbmm_(probs.view(scores.shape).transpose(1, 2), to_out)
     return torch.baddbmm(residual, probs.view(scores.shape).transpose(1, 2), to_out)
 
 
