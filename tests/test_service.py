@@ -336,3 +336,18 @@ def test_mask_threads_encode_the_same_records(micro_sam):
     assert default.mask_threads == torch.get_num_threads()
     with pytest.raises(ValueError, match="unknown handler settings"):
         Settings.from_dict({"mask_thread": 2})
+
+
+def test_replies_are_compact_json_with_nan_as_null(micro_sam):
+    import json
+
+    from samserve.service import Reply
+
+    service = SegmentService(SamEngine(micro_sam), Settings())
+    image = png_bytes(make_image(64, 80, seed=8))
+    reply = service.handle([_request(image, prompts=[{"points": [[9, 9]], "labels": [1]}])])[0]
+    assert reply.encode() == json.dumps(reply.body, separators=(",", ":")).encode()
+    assert (
+        Reply(200, {"score": float("nan"), "bbox": [1, 2]}).encode()
+        == b'{"score":null,"bbox":[1,2]}'
+    )
