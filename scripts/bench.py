@@ -226,6 +226,19 @@ def checkpoint_for(name: str, cache: Path) -> tuple[SamSpec, Path, str]:
 # -- in process ----------------------------------------------------------------------------
 
 
+def flop_counter() -> Any:
+    """``torch.utils.flop_counter.FlopCounterMode`` that also counts in-place ``baddbmm_``
+    (``samserve.decoder`` adds a residual in place where autograd is off; the counter
+    knows only the out-of-place op)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    def baddbmm_flop(self_shape: Any, a_shape: Any, b_shape: Any, *args: Any, **kwargs: Any) -> int:
+        (batch, rows, inner), cols = a_shape, b_shape[-1]
+        return 2 * batch * rows * inner * cols  # as the counter's own baddbmm formula
+
+    return FlopCounterMode(display=False, custom_mapping={torch.ops.aten.baddbmm_: baddbmm_flop})
+
+
 def floor_predictor(
     sam: Sam, image: BenchImage, device: torch.device
 ) -> tuple[SamPredictor, dict[str, Any]]:
@@ -234,8 +247,6 @@ def floor_predictor(
     as SAM's own decoder counts them (the reference for GFLOP/s) and as samserve's
     decoder executes them (``samserve.decoder`` moves projections onto the prompt side,
     and makes the first block's image-side ones once per image)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
     predictor = SamPredictor(sam)
     encoder_ms, _ = timed(lambda: predictor.set_image(image.pixels))
     coords = predictor.transform.apply_coords(np.array(image.clicks(1)), predictor.original_size)
@@ -243,12 +254,12 @@ def floor_predictor(
         torch.as_tensor(coords[None], dtype=torch.float, device=device),  # 1x1x2
         torch.ones((1, 1), dtype=torch.int, device=device),
     )
-    with torch.inference_mode(), FlopCounterMode(display=False) as reference:
+    with torch.inference_mode(), flop_counter() as reference:
         predictor.predict_torch(*points, multimask_output=True, return_logits=True)
     engine = SamEngine(sam)
     features = predictor.features
     cached = engine.image_embedding(features, predictor.input_size, predictor.original_size)
-    with torch.inference_mode(), FlopCounterMode(display=False) as executed:
+    with torch.inference_mode(), flop_counter() as executed:
         # As the engine decodes a click: the image's projections made once, beforehand.
         decode_prompts(sam, cached.embedding, points, None, None, True, False, engine.image_pe,
                        cached.projections)  # fmt: skip

@@ -149,3 +149,23 @@ def test_worker_pids_match_describe(server, rest) -> None:
         assert b"model_service_worker" in cmdline
         assert worker.get("pid") in (None, pid)
     assert pids
+
+
+def test_flop_counter_counts_the_decoder_the_same_with_and_without_autograd(micro_sam):
+    """samserve's decoder adds a residual in place (baddbmm_) only where autograd is off;
+    the benchmark's count of the work it executes must not depend on that."""
+    import torch
+
+    from bench import flop_counter
+    from samserve.decoder import predict_masks
+
+    decoder = micro_sam.mask_decoder
+    side = micro_sam.prompt_encoder.image_embedding_size
+    embedding = torch.randn(1, decoder.transformer_dim, *side)
+    sparse = torch.randn(3, 2, decoder.transformer_dim)
+    counts = []
+    for mode in (torch.enable_grad, torch.inference_mode):
+        with mode(), flop_counter() as counter:
+            predict_masks(decoder, embedding, embedding, sparse, embedding)
+        counts.append(counter.get_total_flops())
+    assert counts[0] == counts[1] > 0
