@@ -371,7 +371,7 @@ def _image_to_tokens(
     # (over T-long rows, T about 7, it is slow: scalar code).
     scores = _times_image(from_image, q.transpose(1, 2)) + offset
     probs = torch.softmax(scores.view(batch, heads, count, -1), dim=2)
-    if in_place and residual.shape[0] == batch:
+    if in_place:
         return residual.baddbmm_(probs.view(scores.shape).transpose(1, 2), to_out)
     return torch.baddbmm(residual, probs.view(scores.shape).transpose(1, 2), to_out)
 
