@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from ts.torch_handler.base_handler import BaseHandler
 
+from samserve.engine import openmp_spin_warning
 from samserve.models import SamSpec, build_sam
 from samserve.service import Reply, SegmentService
 from samserve.settings import Settings
@@ -57,12 +58,9 @@ class SamHandler(BaseHandler):
             torch.get_num_threads(),
             settings,
         )
-        if not {"GOMP_SPINCOUNT", "OMP_WAIT_POLICY"} & set(os.environ):
-            logger.warning(
-                "GOMP_SPINCOUNT is not set: after each torch op its idle OpenMP threads spin "
-                "for up to 300,000 pauses, taking cores from the mask threads; start "
-                "TorchServe with GOMP_SPINCOUNT=20000 (scripts/serve.py does) for faster clicks"
-            )
+        warning = openmp_spin_warning(os.environ)
+        if warning:
+            logger.warning(warning)
 
     def preprocess(self, data: list[dict[str, Any]]) -> list[tuple[Any, str | None]]:
         """(body, content type) of each request in the batch."""

@@ -207,3 +207,12 @@ def test_warm_decoder_calls_reuse_freed_memory_instead_of_faulting_it_in():
         for mode in ("default", "keep")
     }  # fmt: skip
     assert faults["keep"] * 10 < faults["default"], faults
+
+
+def test_openmp_spin_warning_only_without_a_wait_policy():
+    from samserve.engine import openmp_spin_warning
+
+    warning = openmp_spin_warning({"PATH": "/usr/bin"})
+    assert warning and "GOMP_SPINCOUNT=20000" in warning
+    assert openmp_spin_warning({"GOMP_SPINCOUNT": "20000"}) is None
+    assert openmp_spin_warning({"OMP_WAIT_POLICY": "PASSIVE"}) is None

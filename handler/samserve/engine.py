@@ -12,7 +12,7 @@ import ctypes
 import ctypes.util
 import hashlib
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -54,6 +54,24 @@ def keep_freed_memory() -> None:
     if _LIBC is not None:
         _LIBC.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX)
         _LIBC.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)
+
+
+def openmp_spin_warning(environ: Mapping[str, str]) -> str | None:
+    """A warning for the worker log when ``environ`` (the worker's environment) sets no
+    OpenMP wait policy, else None.
+
+    libgomp reads ``GOMP_SPINCOUNT`` and ``OMP_WAIT_POLICY`` once, when torch loads, so
+    the process that starts TorchServe must set them. By default torch's idle OpenMP
+    threads spin for 300,000 pauses after each op (~15 ms on recent Xeons), on the cores
+    the mask threads make and encode masks on.
+    """
+    if {"GOMP_SPINCOUNT", "OMP_WAIT_POLICY"} & set(environ):
+        return None
+    return (
+        "GOMP_SPINCOUNT is not set: after each torch op its idle OpenMP threads spin "
+        "for up to 300,000 pauses, taking cores from the mask threads; start "
+        "TorchServe with GOMP_SPINCOUNT=20000 (scripts/serve.py does) for faster clicks"
+    )
 
 
 def release_freed_memory() -> None:
