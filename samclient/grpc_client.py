@@ -29,6 +29,7 @@ from typing import Any
 import grpc
 from google.protobuf import empty_pb2
 
+from samclient.body import decode_response
 from samclient.errors import (
     AuthError,
     InvalidResponseError,
@@ -107,14 +108,6 @@ def _encode_body(body: bytes | bytearray | memoryview | str | Mapping[str, Any])
     if isinstance(body, Mapping):
         return json.dumps(body).encode()
     raise TypeError(f"body must be bytes or a dict, not {type(body).__name__}")
-
-
-def _decode_json(data: bytes | str, what: str) -> Any:
-    try:
-        return json.loads(data)
-    except ValueError as exc:
-        preview = data[:200] if isinstance(data, str) else data[:200].decode(errors="replace")
-        raise InvalidResponseError("INVALID_JSON", f"{what}: not JSON: {preview!r}") from exc
 
 
 def _raise_handler_error(payload: Any) -> None:
@@ -251,7 +244,7 @@ class GrpcClient:
         as a normal prediction), and :class:`InvalidResponseError` when it is not a JSON object.
         """
         raw = self.predict_raw(model_name, body, input_name, model_version, timeout)
-        payload = _decode_json(raw, f"predict({model_name!r})")
+        payload = decode_response(raw, f"predict({model_name!r})")
         _raise_handler_error(payload)
         if not isinstance(payload, dict):
             raise InvalidResponseError(
@@ -338,7 +331,7 @@ class GrpcClient:
         response = self._call(
             self._management.ListModels, request, "management", timeout, "list_models"
         )
-        payload = _decode_json(response.msg, "list_models")
+        payload = decode_response(response.msg, "list_models")
         if not isinstance(payload, dict):
             raise InvalidResponseError("INVALID_JSON", f"list_models: got {payload!r}")
         return payload
@@ -356,7 +349,7 @@ class GrpcClient:
         )
         what = f"describe_model({model_name!r})"
         response = self._call(self._management.DescribeModel, request, "management", timeout, what)
-        payload = _decode_json(response.msg, what)
+        payload = decode_response(response.msg, what)
         if not isinstance(payload, list):
             raise InvalidResponseError("INVALID_JSON", f"{what}: expected a list, got {payload!r}")
         return payload
