@@ -77,6 +77,7 @@ def test_registered_through_management_api(rest):
     description = rest.describe_model(MODEL)[0]
     assert [w["status"] for w in description["workers"]] == ["READY"]
     assert description["batchSize"] == 4
+    assert description["maxBatchDelay"] == 1
 
 
 def test_segment_matches_predictor_over_rest(rest, micro_sam):
