@@ -54,8 +54,12 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.wfile.write(b'{"results": ')
             self.close_connection = True
         else:
-            self._send(404, json.dumps({"code": 404, "type": "ModelNotFoundException",
-                                        "message": f"Model not found: {name}"}).encode())  # fmt: skip
+            error = {
+                "code": 404,
+                "type": "ModelNotFoundException",
+                "message": f"Model not found: {name}",
+            }
+            self._send(404, json.dumps(error).encode())
 
     def _send(self, status: int, body: bytes) -> None:
         self.send_response(status)
