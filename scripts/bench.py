@@ -22,6 +22,7 @@ import gc
 import importlib.metadata
 import io
 import json
+import math
 import os
 import platform
 import sys
@@ -54,6 +55,8 @@ from samclient.server import Ports, TorchServe  # noqa: E402
 from samserve.engine import SamEngine, decode_prompts  # noqa: E402
 from samserve.images import decode_image  # noqa: E402
 from samserve.models import SamSpec, build_sam, random_checkpoint, spec_by_name  # noqa: E402
+from samserve.service import parts_side_by_side  # noqa: E402
+from samserve.settings import Settings  # noqa: E402
 from training.prompts import random_pixel  # noqa: E402
 from training.synthetic import make_sample  # noqa: E402
 
@@ -117,6 +120,12 @@ def server_timing(responses: Sequence[dict[str, Any]]) -> dict[str, float]:
         for stage, ms in response.get("timing_ms", {}).items():
             stages.setdefault(stage, []).append(ms)
     return {stage: round(float(np.median(v)), 3) for stage, v in stages.items()}
+
+
+def decoder_streams(prompts: int, threads: int) -> int:
+    """Decoder calls of a ``prompts``-click request that run side by side in a worker with
+    ``threads`` mask threads (the default): its ``timing_ms`` stages are summed over them."""
+    return parts_side_by_side(math.ceil(prompts / Settings().decoder_batch_size), threads)
 
 
 def rss_mib(pid: int) -> float:
@@ -366,11 +375,13 @@ class Served:
         image: BenchImage,
         image_id: str,
         counts: Counts,
+        threads: int,
         best_only: bool = False,
         matmul_rate: Callable[[], float] | None = None,
     ) -> list[dict[str, Any]]:
         """Requests with 1, 4, 16, 64 click prompts on one cached image: three masks per
-        click, or with ``best_only`` the best-scoring one.
+        click, or with ``best_only`` the best-scoring one; ``threads`` are the worker's mask
+        threads (see ``decoder_streams``).
 
         The counts take turns (1, 4, 16, 64, 1, 4, ...): this machine's speed drifts by
         tens of percent over minutes, and the ratios between counts should not. For the
@@ -402,6 +413,7 @@ class Served:
                 "latency": latency,
                 "per_prompt_ms": round(latency["p50"] / count, 3),
                 "server_ms": server_timing(responses),
+                "decoder_streams": decoder_streams(count, threads),
             }
             if matmul_rate:
                 row["rounds"] = [
@@ -551,10 +563,10 @@ def bench_model(
         def rate() -> float:
             return matmul_gflops(device, counts.matmul_repeats)["gflops"]
 
-        result["prompts"] = served.prompts(images[0], ids[0], counts, matmul_rate=rate)
+        result["prompts"] = served.prompts(images[0], ids[0], counts, threads, matmul_rate=rate)
         print(f"[{name}] prompts per request, best mask only", flush=True)
         result["prompts_best"] = served.prompts(
-            images[0], ids[0], counts, best_only=True, matmul_rate=rate
+            images[0], ids[0], counts, threads, best_only=True, matmul_rate=rate
         )
         print(f"[{name}] concurrent clients {counts.concurrency}", flush=True)
         clicks = images[0].clicks(64, seed=3)

@@ -50,6 +50,12 @@ def derived(result: dict[str, Any], matmul_gflops: float) -> dict[str, Any]:
     return out
 
 
+def decoder_ms(row: dict[str, Any], ms: float | None) -> float | None:
+    """A prompt-count row's server decoder ms ``ms`` per core: summed over the decoder
+    calls that ran side by side (``decoder_streams``), divided by their number."""
+    return None if ms is None else ms / row.get("decoder_streams", 1)
+
+
 def _series_ratios(
     series: Sequence[dict[str, Any]], flops: float, matmul_gflops: float
 ) -> dict[str, Any]:
@@ -61,7 +67,7 @@ def _series_ratios(
     achieved = {}
     for count, row in rows.items():
         work = flops * row["prompts"] / 1e6  # GFLOP x 1000: over ms gives GFLOP/s
-        decoder = ratio(work, row["server_ms"].get("decoder"))
+        decoder = ratio(work, decoder_ms(row, row["server_ms"].get("decoder")))
         end_to_end = ratio(work, row["latency"]["p50"])
         achieved[count] = {
             "gflops_decoder": decoder,
@@ -71,7 +77,11 @@ def _series_ratios(
         }
         if row.get("rounds"):
             for kind, key in (("decoder", "decoder_ms"), ("end_to_end", "ms")):
-                shares = [work / r[key] / r["matmul_gflops"] for r in row["rounds"] if r.get(key)]
+                shares = []
+                for r in row["rounds"]:
+                    ms = decoder_ms(row, r.get(key)) if kind == "decoder" else r.get(key)
+                    if ms:
+                        shares.append(work / ms / r["matmul_gflops"])
                 achieved[count][f"vs_round_matmul_{kind}"] = (
                     round(statistics.median(shares), 4) if shares else None
                 )
@@ -209,7 +219,9 @@ def model_section(name: str, r: dict[str, Any], image_size: str) -> list[str]:
             f"decoder does the same work in {executed / 1e9:.3g} GFLOP "
             "(`samserve/decoder.py`). The GFLOP/s columns are p50 rates; the shares of "
             "the same-round matmul rate are the median, over the rounds, of each request's "
-            "rate divided by the matmul rate measured just before its round.",
+            "rate divided by the matmul rate measured just before its round. Server stage "
+            "times are summed over the decoder calls that ran side by side (each on one "
+            "core); the decoder's GFLOP/s divides its time by their number.",
             "",
         ]
     for series, words in PROMPT_SERIES.items():
@@ -223,7 +235,8 @@ def model_section(name: str, r: dict[str, Any], image_size: str) -> list[str]:
                 [count, p["latency"]["p50"], p["per_prompt_ms"],
                  d[series]["per_prompt_vs_single"].get(count), p["server_ms"].get("decoder"),
                  p["server_ms"].get("upscale"), p["server_ms"].get("encode_masks"),
-                 achieved["gflops_decoder"], achieved["gflops_end_to_end"],
+                 p.get("decoder_streams", 1), achieved["gflops_decoder"],
+                 achieved["gflops_end_to_end"],
                  achieved.get("vs_round_matmul_decoder"),
                  achieved.get("vs_round_matmul_end_to_end")]
             )  # fmt: skip
@@ -231,6 +244,7 @@ def model_section(name: str, r: dict[str, Any], image_size: str) -> list[str]:
         out += table(
             ["prompts", "request p50 ms", "ms per prompt", "per prompt / 1-prompt request",
              "server decoder ms", "server upscale ms", "server encode_masks ms",
+             "decoder calls side by side",
              "GFLOP/s decoder", "GFLOP/s end-to-end", "share of same-round matmul, decoder",
              "share of same-round matmul, end-to-end"],
             rows,
@@ -333,7 +347,8 @@ def plot(results: dict[str, Any], path: Path) -> None:
         if "prompts_best" in r:
             best = [p["per_prompt_ms"] for p in r["prompts_best"]]
             per.plot(counts, best, "^:", label=f"{name} request, best mask only")
-        decoder = [p["server_ms"].get("decoder", np.nan) / p["prompts"] for p in r["prompts"]]
+        decoder = [decoder_ms(p, p["server_ms"].get("decoder", np.nan)) / p["prompts"]
+                   for p in r["prompts"]]  # fmt: skip
         per.plot(counts, decoder, "s--", label=f"{name} server decoder")
         rss = r["memory"]["rss"]
         mem.plot([m["cached"] for m in rss], [m["rss_mib"] for m in rss], "o-", label=name)

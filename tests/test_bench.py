@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import bench_images, summarize
+from bench import bench_images, decoder_streams, summarize
 from bench_report import checks, derived, fmt, plot, render_markdown
 from conftest import MODEL
 
@@ -19,6 +19,14 @@ def test_summarize_percentiles() -> None:
     assert stats["p95"] == pytest.approx(95.05)
     assert stats["min"] == 1.0
     assert summarize([]) == {"n": 0}
+
+
+def test_decoder_streams_follow_the_service() -> None:
+    """A request of up to one decoder call (4 prompts) runs alone; more run one call per
+    mask thread side by side."""
+    assert [decoder_streams(n, 2) for n in (1, 4, 5, 16, 64)] == [1, 1, 2, 2, 2]
+    assert [decoder_streams(n, 1) for n in (1, 16)] == [1, 1]
+    assert decoder_streams(12, 4) == 3
 
 
 def test_clicks_fall_inside_objects() -> None:
@@ -41,6 +49,7 @@ def _fake_result(warm_ms: float) -> dict:
     prompts = [
         {"prompts": n, "latency": _stats(10.0 * n**0.5), "per_prompt_ms": 10.0 / n**0.5,
          "server_ms": {"decoder": 5.0 * n**0.5, "encode_masks": 1.0},
+         "decoder_streams": 2 if n > 4 else 1,
          "rounds": [{"matmul_gflops": rate, "ms": slow * 10.0 * n**0.5,
                      "decoder_ms": slow * 5.0 * n**0.5}
                     for rate, slow in ((100.0, 1), (50.0, 2), (100.0, 4))]}
@@ -87,11 +96,13 @@ def test_report_checks_markdown_and_plot(tmp_path: Path) -> None:
     vit_b = results["models"]["vit_b"]["derived"]
     assert vit_b["warm_rest_vs_floor"] == pytest.approx(1.1)
     assert vit_b["prompts"]["per_prompt_vs_single"]["16"] == pytest.approx(0.25)
-    # 16 GFLOP in 20 ms of decoder: 800 GFLOP/s, 8x the matmul rate.
-    assert vit_b["prompts"]["achieved"]["16"]["gflops_decoder"] == pytest.approx(800.0)
-    # Each request's rate over its own round's matmul rate, median over rounds: 4x and 8x.
+    # 16 GFLOP in 20 ms of decoder summed over 2 calls side by side: 1600 GFLOP/s, 16x
+    # the matmul rate; 4 prompts in one call: 4 GFLOP in 10 ms.
+    assert vit_b["prompts"]["achieved"]["16"]["gflops_decoder"] == pytest.approx(1600.0)
+    assert vit_b["prompts"]["achieved"]["4"]["gflops_decoder"] == pytest.approx(400.0)
+    # Each request's rate over its own round's matmul rate, median over rounds: 4x and 16x.
     assert vit_b["prompts"]["achieved"]["16"]["vs_round_matmul_end_to_end"] == 4.0
-    assert vit_b["prompts"]["achieved"]["16"]["vs_round_matmul_decoder"] == 8.0
+    assert vit_b["prompts"]["achieved"]["16"]["vs_round_matmul_decoder"] == 16.0
     assert "vs_round_matmul_end_to_end" not in vit_b["prompts_best"]["achieved"]["16"]
     assert vit_b["prompts_best"]["per_prompt_vs_single"]["16"] == pytest.approx(7 / 8)
     # 16 GFLOP in 112 ms end to end: 143 GFLOP/s.
@@ -118,7 +129,7 @@ def test_report_checks_markdown_and_plot(tmp_path: Path) -> None:
     assert "**Not measured**: RuntimeError: checkpoint does not fit" in markdown
     assert "One click per prompt, 3 masks per click:" in markdown
     assert "One click per prompt, best mask only:" in markdown
-    assert "| 16 | 40 | 2.5 | 0.25 | 20 | - | 1 | 800 | 400 | 8 | 4 |" in markdown
+    assert "| 16 | 40 | 2.5 | 0.25 | 20 | - | 1 | 2 | 1,600 | 400 | 16 | 4 |" in markdown
     assert (
         "**100.0 GFLOP/s**, the highest of 2 measurements (at the start and after each "
         "model: 100.0, 90.0)" in markdown

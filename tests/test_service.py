@@ -320,6 +320,42 @@ def test_mask_threads_run_torch_single_threaded_and_leave_the_caller_alone(micro
     assert torch.get_num_threads() == before
 
 
+def test_parts_of_a_request_run_side_by_side_on_the_pool_in_order(micro_sam, monkeypatch):
+    """More prompts than one decoder call takes: each call's part runs on a pool thread
+    (one torch thread), results stay in the prompts' order; one part runs on the caller."""
+    import threading
+
+    service = SegmentService(SamEngine(micro_sam), Settings(mask_threads=2))
+    image = png_bytes(make_image(120, 160, seed=8))
+    prompts = [{"points": [[10 + 13 * k, 15 + 9 * k]], "labels": [1]} for k in range(10)]
+    calls = []
+    real_predict = service.engine.predict
+
+    def predict(embedding, chunk, *args, **kwargs):
+        calls.append((len(chunk), threading.current_thread().name, torch.get_num_threads()))
+        return real_predict(embedding, chunk, *args, **kwargs)
+
+    monkeypatch.setattr(service.engine, "predict", predict)
+    together = service.handle([_request(image, prompts=prompts)])[0]
+    assert together.status == 200
+    assert sorted(n for n, _, _ in calls) == [2, 4, 4]
+    assert all(name.startswith("samserve-masks") and threads == 1 for _, name, threads in calls)
+    assert set(together.body["timing_ms"]) >= {"decoder", "upscale", "encode_masks"}
+    image_id = together.body["image_id"]
+    for prompt, result in zip(prompts, together.body["results"]):
+        calls.clear()
+        alone = service.handle([_request(image_id=image_id, prompts=[prompt])])[0].body
+        assert calls == [(1, threading.current_thread().name, torch.get_num_threads())]
+        assert [m["score"] for m in result["masks"]] == pytest.approx(
+            [m["score"] for m in alone["results"][0]["masks"]], abs=1e-4
+        )
+        assert [m["area"] for m in result["masks"]] == pytest.approx(
+            [m["area"] for m in alone["results"][0]["masks"]], abs=5
+        )
+        stored = service.engine.stored_logits(result["logits_id"])
+        assert stored is not None and stored.image_id == image_id
+
+
 def test_mask_threads_encode_the_same_records(micro_sam):
     image = png_bytes(make_image(200, 300, seed=4))
     prompts = [{"points": [[20 + 23 * k, 30 + 13 * k]], "labels": [1]} for k in range(7)]

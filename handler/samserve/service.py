@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -23,7 +24,7 @@ from .engine import MIB, ImageEmbedding, Prompt, SamEngine, release_freed_memory
 from .errors import RequestError
 from .everything import EverythingParams, segment_everything
 from .images import decode_image, image_id_of
-from .masks import encode_mask_groups
+from .masks import Mapper, encode_mask_groups
 from .protocol import Limits, PromptRequest, SegmentRequest, parse_request
 from .settings import Settings
 
@@ -50,6 +51,16 @@ class Reply:
         if self._encoded is None:
             self._encoded = orjson.dumps(self.body)
         return self._encoded
+
+
+@dataclass(frozen=True)
+class _Part:
+    """Some prompts of a job, done: per prompt, its mask records and its best mask's
+    1xhxw low-res logits (kept for ``logits_id``); the stages' milliseconds."""
+
+    records: list[list[dict[str, Any]]]
+    logits: list[np.ndarray]
+    timing_ms: dict[str, float]
 
 
 @dataclass
@@ -193,42 +204,59 @@ class SegmentService:
                 "request: send fewer prompts per request, multimask false, best_only true, "
                 "or a smaller image",
             )
-        # Decode a decoder call's worth of prompts at a time, and encode their masks before
-        # the next: then only one chunk's full-size masks are alive (and in cache).
+        # A decoder call's worth of prompts per part, its masks encoded before the part is
+        # done: then only a few parts' full-size masks are alive (and in cache).
         full_size = MASK_PIXELS_PER_CALL // (masks_per_prompt * width * height)
         chunk = max(1, min(full_size, self.engine.decoder_batch_size))
+        parts = [prompts[start : start + chunk] for start in range(0, len(prompts), chunk)]
         results = []
         size = 0
         stages = {"decoder": 0.0, "upscale": 0.0, "encode_masks": 0.0}
-        for start in range(0, len(prompts), chunk):
-            predictions = self.engine.predict(
-                embedding,
-                prompts[start : start + chunk],
-                job.request.multimask,
-                stages,
-                best_only=job.request.best_only,
-                map_fn=self._mask_pool.map,
-            )
-            tic = time.perf_counter()
-            records = encode_mask_groups(
-                [(p.masks, p.scores) for p in predictions], job.request.output, self._mask_pool.map
-            )
-            for prediction, masks in zip(predictions, records):
+        for part in self._decode_parts(job, parts):
+            for masks, logits in zip(part.records, part.logits):
                 size += sum(len(_mask_data(m)) for m in masks)
-                best = int(np.argmax(prediction.scores))
                 results.append(
-                    {
-                        "masks": masks,
-                        "logits_id": self.engine.store_logits(
-                            job.image_id, prediction.low_res_logits[best]
-                        ),
-                    }
+                    {"masks": masks, "logits_id": self.engine.store_logits(job.image_id, logits)}
                 )
+            for stage, ms in part.timing_ms.items():
+                stages[stage] += ms
             self._check_response_size(size)  # give up early, before all the work
-            stages["encode_masks"] += _ms_since(tic)
         if prompts:
             job.timing_ms.update(stages)
         return _response(job, results=results)
+
+    def _decode_parts(self, job: _Job, parts: list[list[Prompt]]) -> Iterator[_Part]:
+        """Each part of the job's prompts decoded, masks encoded, in order.
+
+        Several parts run side by side on the mask pool's threads, each on one torch
+        thread with its masks made one by one: one part's decoder runs while another's
+        masks are made, and no op waits for an OpenMP team (16 vit_b clicks on 2 cores:
+        10-14 % less time per click than each part's decoder on both threads and its
+        masks in the pool after it, measured in-process). A single part runs here on all
+        torch threads, its masks in the pool.
+        """
+        if parts_side_by_side(len(parts), self.mask_threads) > 1:
+            return self._mask_pool.map(partial(self._decode_part, job, map), parts)
+        return map(partial(self._decode_part, job, self._mask_pool.map), parts)
+
+    def _decode_part(self, job: _Job, map_fn: Mapper, prompts: list[Prompt]) -> _Part:
+        """Decode ``prompts`` on the job's image and encode their masks, made by ``map_fn``."""
+        timing_ms = {"decoder": 0.0, "upscale": 0.0}
+        predictions = self.engine.predict(
+            job.embedding,
+            prompts,
+            job.request.multimask,
+            timing_ms,
+            best_only=job.request.best_only,
+            map_fn=map_fn,
+        )
+        tic = time.perf_counter()
+        records = encode_mask_groups(
+            [(p.masks, p.scores) for p in predictions], job.request.output, map_fn
+        )
+        timing_ms["encode_masks"] = _ms_since(tic)
+        logits = [p.low_res_logits[int(np.argmax(p.scores))] for p in predictions]
+        return _Part(records, logits, timing_ms)
 
     def _check_response_size(self, size: int) -> None:
         """413 ``response_too_large`` once a response passes ``max_response_bytes``."""
@@ -319,6 +347,13 @@ class SegmentService:
 _INTERNAL = RequestError(
     500, "internal_error", "the server failed on this request; see the model log"
 )
+
+
+def parts_side_by_side(parts: int, mask_threads: int) -> int:
+    """How many of a request's ``parts`` (decoder calls, see ``SegmentService._decode_parts``)
+    run at once with ``mask_threads``: up to one per thread when there are several, else
+    one. The request's ``timing_ms`` stages are summed over them."""
+    return min(parts, mask_threads) if parts > 1 else 1
 
 
 def _one_torch_thread() -> None:
