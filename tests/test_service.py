@@ -356,6 +356,22 @@ def test_parts_of_a_request_run_side_by_side_on_the_pool_in_order(micro_sam, mon
         assert stored is not None and stored.image_id == image_id
 
 
+def test_response_too_large_while_parts_run_side_by_side(micro_sam):
+    """A 413 found after the first parts stops the request; the service keeps serving."""
+    service = SegmentService(SamEngine(micro_sam), Settings(mask_threads=2))
+    image = png_bytes(make_image(120, 160, seed=9))
+    prompts = [{"points": [[10 + 13 * k, 15 + 9 * k]], "labels": [1]} for k in range(12)]
+    full = service.handle([_request(image, prompts=prompts, output="png")])[0]
+    assert full.status == 200
+    small = SegmentService(
+        SamEngine(micro_sam), Settings(mask_threads=2, max_response_bytes=len(full.encode()) // 3)
+    )
+    reply = small.handle([_request(image, prompts=prompts, output="png")])[0]
+    assert reply.status == 413 and reply.body["error"]["code"] == "response_too_large"
+    after = small.handle([_request(image, prompts=prompts[:1], output="png")])[0]
+    assert after.status == 200 and len(after.body["results"]) == 1
+
+
 def test_mask_threads_encode_the_same_records(micro_sam):
     image = png_bytes(make_image(200, 300, seed=4))
     prompts = [{"points": [[20 + 23 * k, 30 + 13 * k]], "labels": [1]} for k in range(7)]
