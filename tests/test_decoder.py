@@ -150,3 +150,25 @@ def test_projected_image_gives_segment_anythings_logits(sam, batch):
     assert projections.values.shape == (heads, tokens, embed_dim // 2 // heads)
     torch.testing.assert_close(masks, expected_masks, atol=2e-5, rtol=1e-4)
     torch.testing.assert_close(iou, expected_iou, atol=2e-6, rtol=1e-5)
+
+
+def test_logits_copied_to_pixel_order_in_pairs_are_the_same_bits():
+    """The fast copy (two logits moved as one int64, without autograd) and the float copy
+    autograd records put every logit at pixel (4y + 2dy1 + dy2, 4x + 2dx1 + dx2)."""
+    from samserve.decoder import _copy_to_pixels
+
+    rows, width = 3, 5
+    logits = torch.randn(2, rows * width * 16, generator=torch.Generator().manual_seed(6))
+    grid = logits.view(2, rows, width, 2, 2, 2, 2)  # y, x, dy1, dx1, dy2, dx2
+    expected = torch.empty(2, 4 * rows, 4 * width)
+    for y, x, dy1, dx1, dy2, dx2 in torch.cartesian_prod(
+        *(torch.arange(n) for n in (rows, width, 2, 2, 2, 2))
+    ).tolist():
+        expected[:, 4 * y + 2 * dy1 + dy2, 4 * x + 2 * dx1 + dx2] = grid[
+            :, y, x, dy1, dx1, dy2, dx2
+        ]
+    for grad in (False, True):
+        out = torch.empty(2, 4 * rows, 4 * width)
+        with torch.set_grad_enabled(grad):
+            _copy_to_pixels(logits, width, out)
+        assert torch.equal(out, expected)

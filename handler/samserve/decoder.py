@@ -203,17 +203,16 @@ def _copy_to_pixels(logits: Tensor, width: int, out: Tensor) -> None:
     element by element). The same bits either way; autograd records the float copy.
     """
     pair = _PAIRS.get(logits.element_size())
-    if pair is not None and logits.is_contiguous() and not torch.is_grad_enabled():
+    paired = pair is not None and logits.is_contiguous() and not torch.is_grad_enabled()
+    if paired:
         logits, out = logits.view(pair), out.view(pair)
-        *lead, count = logits.shape
-        grid = logits.view(*lead, count // (8 * width), width, 2, 2, 2)
-        at = len(lead)
-        ordered = grid.permute(*range(at), at, at + 2, at + 4, at + 1, at + 3)
-    else:
-        *lead, count = logits.shape
-        grid = logits.view(*lead, count // (16 * width), width, 2, 2, 2, 2)
-        at = len(lead)
-        ordered = grid.permute(*range(at), at, at + 2, at + 4, at + 1, at + 3, at + 5)
+    *lead, count = logits.shape
+    sub_pixels = (2, 2, 2) if paired else (2, 2, 2, 2)  # dy1, dx1, dy2 (, dx2)
+    grid = logits.view(*lead, count // (2 ** len(sub_pixels) * width), width, *sub_pixels)
+    at = len(lead)
+    # (y, x, dy1, dx1, dy2, dx2) -> (y, dy1, dy2, x, dx1, dx2); dx2 stays last
+    order = (at, at + 2, at + 4, at + 1, at + 3, at + 5)[: 2 + len(sub_pixels)]
+    ordered = grid.permute(*range(at), *order)
     out.view(ordered.shape).copy_(ordered)
 
 
