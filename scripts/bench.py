@@ -55,7 +55,7 @@ from samclient.server import Ports, TorchServe  # noqa: E402
 from samserve.engine import SamEngine, decode_prompts  # noqa: E402
 from samserve.images import decode_image  # noqa: E402
 from samserve.models import SamSpec, build_sam, random_checkpoint, spec_by_name  # noqa: E402
-from samserve.service import parts_side_by_side  # noqa: E402
+from samserve.service import part_size, parts_side_by_side  # noqa: E402
 from samserve.settings import Settings  # noqa: E402
 from training.prompts import random_pixel  # noqa: E402
 from training.synthetic import make_sample  # noqa: E402
@@ -122,10 +122,13 @@ def server_timing(responses: Sequence[dict[str, Any]]) -> dict[str, float]:
     return {stage: round(float(np.median(v)), 3) for stage, v in stages.items()}
 
 
-def decoder_streams(prompts: int, threads: int) -> int:
-    """Decoder calls of a ``prompts``-click request that run side by side in a worker with
-    ``threads`` mask threads (the default): its ``timing_ms`` stages are summed over them."""
-    return parts_side_by_side(math.ceil(prompts / Settings().decoder_batch_size), threads)
+def decoder_streams(prompts: int, pixels_per_prompt: int, threads: int) -> int:
+    """Decoder calls of a ``prompts``-click request (each click ``pixels_per_prompt``
+    full-size mask pixels) that run side by side in a worker with ``threads`` mask threads
+    (the default), as ``samserve.service`` splits it: its ``timing_ms`` stages are summed
+    over them."""
+    size = part_size(pixels_per_prompt, Settings().decoder_batch_size)
+    return parts_side_by_side(math.ceil(prompts / size), threads)
 
 
 def rss_mib(pid: int) -> float:
@@ -397,6 +400,8 @@ class Served:
         }
         for body in bodies.values():
             self.predict(body)  # warm-up, untimed
+        masks_per_click = 1 if best_only else 3  # requests are multimask
+        pixels_per_prompt = masks_per_click * image.pixels.shape[0] * image.pixels.shape[1]
         timed_runs: dict[int, list[tuple[float, dict[str, Any], float | None]]] = {
             c: [] for c in bodies
         }
@@ -413,7 +418,7 @@ class Served:
                 "latency": latency,
                 "per_prompt_ms": round(latency["p50"] / count, 3),
                 "server_ms": server_timing(responses),
-                "decoder_streams": decoder_streams(count, threads),
+                "decoder_streams": decoder_streams(count, pixels_per_prompt, threads),
             }
             if matmul_rate:
                 row["rounds"] = [

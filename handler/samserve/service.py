@@ -206,8 +206,7 @@ class SegmentService:
             )
         # A decoder call's worth of prompts per part, its masks encoded before the part is
         # done: then only a few parts' full-size masks are alive (and in cache).
-        full_size = MASK_PIXELS_PER_CALL // (masks_per_prompt * width * height)
-        chunk = max(1, min(full_size, self.engine.decoder_batch_size))
+        chunk = part_size(masks_per_prompt * width * height, self.engine.decoder_batch_size)
         parts = [prompts[start : start + chunk] for start in range(0, len(prompts), chunk)]
         results = []
         size = 0
@@ -347,6 +346,13 @@ class SegmentService:
 _INTERNAL = RequestError(
     500, "internal_error", "the server failed on this request; see the model log"
 )
+
+
+def part_size(pixels_per_prompt: int, decoder_batch_size: int) -> int:
+    """Prompts per part (one decoder call) of a request whose prompts each make
+    ``pixels_per_prompt`` full-size mask pixels: ``decoder_batch_size``, fewer where the
+    masks are large (``MASK_PIXELS_PER_CALL``)."""
+    return max(1, min(MASK_PIXELS_PER_CALL // pixels_per_prompt, decoder_batch_size))
 
 
 def parts_side_by_side(parts: int, mask_threads: int) -> int:
