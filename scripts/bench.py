@@ -272,9 +272,10 @@ def floor_predictor(
     features = predictor.features
     cached = engine.image_embedding(features, predictor.input_size, predictor.original_size)
     with torch.inference_mode(), flop_counter() as executed:
-        # As the engine decodes a click: the image's projections made once, beforehand.
+        # As the engine decodes a click: the image's projections made once, beforehand,
+        # and the logits over the padding left until a mask_input reads them.
         decode_prompts(sam, cached.embedding, points, None, None, True, False, engine.image_pe,
-                       cached.projections)  # fmt: skip
+                       cached.projections, engine.tokens_read(cached))  # fmt: skip
     return predictor, {
         "encoder_ms": round(encoder_ms, 3),
         "decoder_flops_per_prompt": int(reference.get_total_flops()),

@@ -106,6 +106,40 @@ def test_mask_input_round_trip(service):
     assert other.status == 400 and other.body["error"]["code"] == "mask_input_mismatch"
 
 
+@pytest.mark.parametrize("height,width", [(120, 200), (200, 120)])
+def test_refining_with_logits_id_matches_predictor(micro_sam, service, height, width):
+    """A click, then a corrective click with its ``logits_id`` on a landscape or portrait
+    image (the stored logits over the padding are made only when read): SamPredictor's
+    masks and scores for both, the second fed the predictor's own best low-res logits."""
+    array = make_image(height, width, seed=height)
+    predictor = SamPredictor(micro_sam)
+    predictor.set_image(array)
+    click = {"points": [[width * 0.4, height * 0.5]], "labels": [1]}
+    masks, scores, logits = predictor.predict(np.array(click["points"]), np.array([1]))
+    first = service.handle([_request(png_bytes(array), prompts=[click])])[0].body
+    refine = {
+        "points": [[width * 0.4, height * 0.5], [width * 0.9, height * 0.1]],
+        "labels": [1, 0],
+    }
+    expected = predictor.predict(
+        np.array(refine["points"]), np.array([1, 0]), mask_input=logits[np.argmax(scores)][None]
+    )
+    refine["mask_input"] = first["results"][0]["logits_id"]
+    stored = service.engine.stored_logits(refine["mask_input"])
+    np.testing.assert_allclose(stored.logits[0], logits[np.argmax(scores)], atol=1e-3)
+    second = service.handle([_request(image_id=first["image_id"], prompts=[refine])])[0].body
+    _assert_predictor_masks(first["results"][0]["masks"], masks, scores)
+    _assert_predictor_masks(second["results"][0]["masks"], *expected[:2])
+
+
+def _assert_predictor_masks(records: list[dict], masks: np.ndarray, scores: np.ndarray) -> None:
+    """Mask records (best first) are SamPredictor's CxHxW ``masks`` with C ``scores``."""
+    order = np.argsort(-scores, kind="stable")
+    assert [m["score"] for m in records] == pytest.approx(scores[order].tolist(), abs=1e-4)
+    for record, index in zip(records, order):
+        assert (decode_segmentation(record) == masks[index]).mean() >= 0.9999
+
+
 def test_batch_shares_encoder_and_isolates_errors(service):
     image = png_bytes(make_image(90, 120))
     replies = service.handle(

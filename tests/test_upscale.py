@@ -98,3 +98,26 @@ def test_masks_made_in_a_thread_pool_are_the_same_bits():
     for a, b in zip(alone, pooled, strict=True):
         assert (a.top, a.left, a.size) == (b.top, b.left, b.size)
         np.testing.assert_array_equal(a.window, b.window)
+
+
+@pytest.mark.parametrize(
+    "input_size, original_size",
+    [
+        ((768, 1024), (1500, 2000)),
+        ((1024, 576), (1920, 1080)),
+        ((1024, 1024), (600, 600)),
+        ((341, 1024), (100, 300)),
+    ],
+)
+def test_tokens_read_are_the_cells_with_weight(input_size, original_size):
+    """The tokens beyond ``tokens_read`` hold only cells of weight 0 in every pixel, and
+    the last token read holds a cell of some weight: no tighter bound is right."""
+    from samserve.upscale import tokens_read
+
+    read = tokens_read((64, 64), input_size, original_size, 1024)
+    for axis, cropped, length in zip(read, input_size, original_size):
+        weights = torch.zeros(256, dtype=torch.float64)
+        amap = axis_map(256, 1024, cropped, length)
+        weights.index_add_(0, amap.index.flatten(), amap.weight.flatten().double())
+        assert not weights[4 * axis :].any()
+        assert weights[4 * (axis - 1) : 4 * axis].any()

@@ -228,7 +228,7 @@ def step_loss(
         # A single point is ambiguous: three masks, and only the best one's loss counts.
         multimask = kind == "point"
         embedding = embeddings[b : b + 1]
-        logits, iou_pred = decode_prompts(sam, embedding, points, boxes, None, multimask)
+        logits, iou_pred, _ = decode_prompts(sam, embedding, points, boxes, None, multimask)
         loss, iou = mask_losses(logits, target, config.focal_weight, config.focal_alpha)
         best = loss.argmin(dim=1)
         total = total + loss[rows, best].mean() + config.iou_weight * _iou_loss(iou_pred, iou)
@@ -239,7 +239,7 @@ def step_loss(
             extra, extra_labels = _error_points(previous, target, rng)
             coords2 = torch.cat([coords, extra.to(device)[:, None]], dim=1)
             labels2 = torch.cat([labels, extra_labels.to(device)[:, None]], dim=1)
-            logits_r, iou_pred_r = decode_prompts(
+            logits_r, iou_pred_r, _ = decode_prompts(
                 sam, embedding, (coords2, labels2), boxes, previous[:, None], False
             )
             loss_r, iou_r = mask_losses(logits_r, target, config.focal_weight, config.focal_alpha)

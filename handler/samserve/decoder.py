@@ -50,7 +50,8 @@ def predict_masks(
     dense: Tensor,
     choose: Callable[[Tensor], Tensor] | None = None,
     projections: ImageProjections | None = None,
-) -> tuple[Tensor, Tensor]:
+    inside: tuple[int, int] | None = None,
+) -> tuple[Tensor, Tensor, list[PaddingLogits] | None]:
     """``MaskDecoder.predict_masks`` for B prompts on one image.
 
     ``embedding`` and ``image_pe`` are 1xCxhxw; ``sparse`` is BxTxC prompt tokens;
@@ -58,8 +59,12 @@ def predict_masks(
     IoU predictions to BxK indices of the mask tokens whose logits are wanted; the
     others' are never made (the IoU head runs before the upscaling). ``projections``,
     ``project_image`` of this same embedding, 1xCxhxw ``dense`` and encoding, spare the
-    first block its image-side work. Returns BxKxh'xw' low-res logits (h' = 4h) and their
-    BxK IoU predictions; without ``choose``, all 1+M mask tokens', as SAM returns them.
+    first block its image-side work. Returns BxKxh'xw' low-res logits (h' = 4h), their
+    BxK IoU predictions (without ``choose``, all 1+M mask tokens', as SAM returns them)
+    and None; or, with ``inside`` (rows, columns) on a CPU, the logits over the first
+    rows x columns image tokens only (those a full-size mask reads,
+    ``upscale.tokens_read``), zeros elsewhere, and per prompt the ``PaddingLogits`` that
+    make the rest on demand (None if ``inside`` is the whole grid).
     """
     batch = sparse.shape[0]
     output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)
@@ -81,15 +86,16 @@ def predict_masks(
     iou = decoder.iou_prediction_head(hs[:, 0, :])
     chosen = None if choose is None else choose(iou)
     chunk = UPSCALE_CHUNK if embedding.device.type == "cpu" else None
-    masks = upscaled_masks(
+    masks, padding = upscaled_masks(
         decoder.output_upscaling,
         src.expand(batch, -1, -1),
         hyper_in,
         embedding.shape[-2:],
         chunk,
         chosen,
+        inside if chunk is not None else None,
     )
-    return masks, iou if chosen is None else iou.gather(1, chosen)
+    return masks, iou if chosen is None else iou.gather(1, chosen), padding
 
 
 @dataclass(frozen=True)
@@ -137,6 +143,62 @@ sub-pixel features, 4 + 2 MiB) stay in cache between the steps that use them, wh
 whole 64x64 image's (24 MiB per prompt) spill to memory; measured on 2 cores, the time
 per prompt is then the same for 1 or 64 prompts. GPUs take all prompts in one step."""
 
+Block = tuple[int, int, int, int]
+"""Image tokens in rows [top, bottom) and columns [left, right) of the token grid."""
+
+
+def token_blocks(
+    size: tuple[int, int], inside: tuple[int, int] | None, chunk: int
+) -> tuple[list[Block], list[Block]]:
+    """The hxw token grid (``size``) in blocks of whole block-wide rows of about ``chunk``
+    tokens (at least one row): (blocks of the first ``inside`` rows x columns, blocks of
+    the rest). Without ``inside``, every block is in the first list."""
+    height, width = size
+    rows, cols = inside or size
+
+    def tile(top: int, bottom: int, left: int, right: int) -> list[Block]:
+        if right <= left:
+            return []
+        step = max(1, chunk // (right - left))
+        return [(t, min(t + step, bottom), left, right) for t in range(top, bottom, step)]
+
+    return tile(0, rows, 0, cols), tile(0, rows, cols, width) + tile(rows, height, 0, width)
+
+
+@dataclass(frozen=True)
+class PaddingLogits:
+    """One prompt's low-res logits over the padding (image tokens the image does not
+    cover), not made yet: no mask pixel reads them, only a later ``mask_input`` of these
+    logits does. ``tokens`` are the prompt's image tokens of ``blocks`` (R x C, in block
+    order), ``hyper_in`` its M x (C/8) mask-token weights, ``chosen`` the K mask tokens
+    of the logits returned; ``fill`` makes them as ``upscaled_masks`` would have, in the
+    same blocks (the same bits). The tokens are a quarter of a prompt's image tokens for
+    a 4:3 image (1 of 4 MiB at SAM's sizes), 0.4 for 16:9."""
+
+    upscaling: torch.nn.Sequential
+    tokens: Tensor
+    blocks: tuple[Block, ...]
+    hyper_in: Tensor
+    chosen: Tensor
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.element_size() * t.nelement() for t in (self.tokens, self.hyper_in))
+
+    @torch.inference_mode()
+    def fill(self, logits: Tensor, index: int) -> None:
+        """Make the padding's part of the ``index``-th returned mask's 4hx4w (or 1x4hx4w)
+        ``logits``, in place."""
+        upscale_rows = _row_upscaler(self.upscaling)
+        out = logits.view(1, *logits.shape[-2:])
+        start = 0
+        for block in self.blocks:
+            count = (block[1] - block[0]) * (block[3] - block[2])
+            tokens = self.tokens[start : start + count]
+            chosen = self.chosen[index : index + 1]
+            _block_logits(upscale_rows, tokens, self.hyper_in, chosen, out, block)
+            start += count
+
 
 def upscaled_masks(
     upscaling: torch.nn.Sequential,
@@ -145,15 +207,19 @@ def upscaled_masks(
     size: tuple[int, int],
     chunk: int | None = UPSCALE_CHUNK,
     chosen: Tensor | None = None,
-) -> Tensor:
+    inside: tuple[int, int] | None = None,
+) -> tuple[Tensor, list[PaddingLogits] | None]:
     """SAM's ``output_upscaling`` then its hypernetwork product, token by token.
 
     ``src`` is BxNxC image tokens (N = h x w for ``size`` (h, w)), ``hyper_in`` BxMx(C/8)
     mask-token weights. Returns BxMx4hx4w low-res logits: ``hyper_in @ upscaling(src)``,
     or with ``chosen`` (BxK indices into M) only those K masks of each prompt; a mask's
     logits are the same bits whichever others are kept. About ``chunk`` image tokens of
-    one prompt go per step, as whole rows of tokens (at least one); None: everything in
-    one step.
+    one prompt go per step, as whole rows of a block of tokens (at least one); None:
+    everything in one step. With ``inside`` (and a ``chunk``), only the first rows x
+    columns tokens' logits are made, the rest are zeros, and the second value is per
+    prompt the ``PaddingLogits`` that make them; else (or where ``inside`` is the whole
+    grid) it is None.
 
     Both transposed convolutions have kernel 2 and stride 2, so the 4x4 pixels above an
     image token depend on that token alone: each convolution is a matmul on token rows
@@ -171,20 +237,58 @@ def upscaled_masks(
             logits = logits.gather(1, chosen[:, :, None].expand(-1, -1, logits.shape[2]))
         out = logits.new_empty(batch, logits.shape[1], 4 * height, 4 * width)
         _copy_to_pixels(logits, width, out)
-        return out
-    # Whole token rows per step, each step's logits put in pixel order while in cache.
+        return out, None
     # Every mask's product is taken, then the chosen kept: the products' rounding then
     # never depends on which masks a request asked for.
-    rows = max(1, chunk // width)
+    image_blocks, padding_blocks = token_blocks(size, inside, chunk)
+    defer = inside is not None and bool(padding_blocks)
     masks = hyper_in.shape[1] if chosen is None else chosen.shape[1]
-    out = src.new_empty(batch, masks, 4 * height, 4 * width)
+    out = (src.new_zeros if defer else src.new_empty)(batch, masks, 4 * height, 4 * width)
     for b in range(batch):
-        for top in range(0, height, rows):
-            logits = hyper_in[b] @ upscale_rows(src[b, top * width : (top + rows) * width]).t()
-            if chosen is not None:
-                logits = logits.index_select(0, chosen[b])
-            _copy_to_pixels(logits, width, out[b, :, 4 * top : 4 * (top + rows)])
-    return out
+        kept = None if chosen is None else chosen[b]
+        for block in image_blocks if defer else image_blocks + padding_blocks:
+            tokens = _block_tokens(src[b], width, block)
+            _block_logits(upscale_rows, tokens, hyper_in[b], kept, out[b], block)
+    if not defer:
+        return out, None
+    padding = [
+        PaddingLogits(
+            upscaling,
+            torch.cat([_block_tokens(src[b], width, block) for block in padding_blocks]),
+            tuple(padding_blocks),
+            hyper_in[b].clone(),
+            torch.arange(masks, device=src.device) if chosen is None else chosen[b].clone(),
+        )
+        for b in range(batch)
+    ]
+    return out, padding
+
+
+def _block_tokens(src: Tensor, width: int, block: Block) -> Tensor:
+    """The RxC tokens of ``block`` of NxC image tokens ``src`` (grid ``width`` wide), row by
+    row: a view where the block spans whole rows, else a copy."""
+    top, bottom, left, right = block
+    rows = src[top * width : bottom * width]
+    if left == 0 and right == width:
+        return rows
+    return rows.view(bottom - top, width, -1)[:, left:right].reshape(-1, src.shape[-1])
+
+
+def _block_logits(
+    upscale_rows: Callable[[Tensor], Tensor],
+    tokens: Tensor,
+    hyper_in: Tensor,
+    chosen: Tensor | None,
+    out: Tensor,
+    block: Block,
+) -> None:
+    """One prompt's logits over ``block`` (its RxC ``tokens``, Mx(C/8) ``hyper_in``, the K
+    ``chosen`` of M or all) into its Kx4hx4w ``out``, put in pixel order while in cache."""
+    top, bottom, left, right = block
+    logits = hyper_in @ upscale_rows(tokens).t()
+    if chosen is not None:
+        logits = logits.index_select(0, chosen)
+    _copy_to_pixels(logits, right - left, out[:, 4 * top : 4 * bottom, 4 * left : 4 * right])
 
 
 # Integer types as wide as two logits: see _copy_to_pixels.
@@ -194,7 +298,7 @@ _PAIRS = {2: torch.int32, 4: torch.int64}
 def _copy_to_pixels(logits: Tensor, width: int, out: Tensor) -> None:
     """Write ...xKx(R x 16) logits of R image tokens (R a whole number of token rows of
     ``width``), columns ordered (token y, token x, dy1, dx1, dy2, dx2), into ``out``
-    (...xKx(4R / width)x(4 width), rows contiguous) in pixel order: pixel
+    (...xKx(4R / width)x(4 width), each row contiguous) in pixel order: pixel
     (4y + 2dy1 + dy2, 4x + 2dx1 + dx2).
 
     The two logits of each (dy2, dx2 = 0, 1) pair are neighbours in both orders, so they

@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import hashlib
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -21,9 +22,9 @@ from segment_anything.modeling import Sam
 from segment_anything.utils.transforms import ResizeLongestSide
 
 from .cache import LRUCache
-from .decoder import ImageProjections, predict_masks, project_image
+from .decoder import ImageProjections, PaddingLogits, predict_masks, project_image
 from .masks import Mapper, MaskWindow
-from .upscale import upscale_masks
+from .upscale import tokens_read, upscale_masks
 
 MIB = 1024 * 1024
 
@@ -135,28 +136,69 @@ class Prediction:
 
     ``masks`` are C masks of HxW in the original frame (C = 3 with multimask, else 1),
     each kept as the window around its pixels; ``scores`` is C predicted IoUs,
-    ``low_res_logits`` is Cxhxw float32.
+    ``low_res_logits`` is Cxhxw float32. With ``padding``, the logits over the padding
+    (which no mask pixel reads) are zeros until ``complete_logits`` makes them.
     """
 
     masks: list[MaskWindow]
     scores: np.ndarray
     low_res_logits: np.ndarray
+    padding: PaddingLogits | None = None
+
+    def complete_logits(self) -> np.ndarray:
+        """``low_res_logits`` with the padding's part made (in place, once)."""
+        if self.padding is not None:
+            for index, logits in enumerate(self.low_res_logits):
+                self.padding.fill(torch.from_numpy(logits), index)
+            object.__setattr__(self, "padding", None)
+        return self.low_res_logits
+
+    def logits_to_store(self, image_id: str, index: int) -> StoredLogits:
+        """The logits of mask ``index`` to keep for a later ``mask_input`` (their part
+        over the padding made when first read)."""
+        logits = self.low_res_logits[index : index + 1].copy()
+        return StoredLogits(image_id, logits, self.padding, index)
 
     def dense_masks(self) -> np.ndarray:
         """The masks as one CxHxW bool array, as ``SamPredictor.predict`` returns them."""
         return np.stack([mask.dense() for mask in self.masks])
 
 
-@dataclass(frozen=True)
 class StoredLogits:
-    """Low-res logits kept so a later request can pass them back as ``mask_input``."""
+    """Low-res logits kept so a later request can pass them back as ``mask_input``.
 
-    image_id: str
-    logits: np.ndarray  # 1xhxw float32
+    ``logits`` is 1xhxw float32. Given ``padding`` (the ``PaddingLogits`` of their prompt,
+    ``index`` their mask's place in it), their part over the padding is made the first
+    time they are read: most stored logits never are. ``logits_id`` is a content hash
+    of the image id and the logits as given (their part over the padding follows from
+    the rest: the decoder's attention mixes every image token), so the same prompt on
+    the same image gets the same id.
+    """
+
+    def __init__(
+        self,
+        image_id: str,
+        logits: np.ndarray,
+        padding: PaddingLogits | None = None,
+        index: int = 0,
+    ) -> None:
+        self.image_id = image_id
+        self._logits = np.ascontiguousarray(logits.reshape((1, *logits.shape[-2:])), np.float32)
+        self._padding = padding
+        self._index = index
+        self._lock = threading.Lock()
+        self.nbytes = self._logits.nbytes + (0 if padding is None else padding.nbytes)
+        content = image_id.encode() + self._logits.tobytes()
+        self.logits_id = hashlib.sha256(content).hexdigest()[:32]
 
     @property
-    def nbytes(self) -> int:
-        return self.logits.nbytes
+    def logits(self) -> np.ndarray:
+        """The 1xhxw logits, complete."""
+        with self._lock:
+            if self._padding is not None:
+                self._padding.fill(torch.from_numpy(self._logits), self._index)
+                self._padding = None
+            return self._logits
 
 
 def decode_prompts(
@@ -169,7 +211,8 @@ def decode_prompts(
     best_only: bool = False,
     image_pe: torch.Tensor | None = None,
     projections: ImageProjections | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    inside: tuple[int, int] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, list[PaddingLogits] | None]:
     """Prompt encoder + mask decoder for B prompts on one 1xCxhxw embedding.
 
     Inputs are in the model's input frame, as ``SamPredictor.predict_torch`` takes them:
@@ -179,8 +222,9 @@ def decode_prompts(
     highest predicted IoU (the first of equal scores), and the others are never made.
     ``image_pe`` is ``model.prompt_encoder.get_dense_pe()``, computed when not given (a
     fixed function of the model: callers that decode often compute it once);
-    ``projections`` are the embedding's (``ImageEmbedding.projections``). Gradients
-    flow (training uses it).
+    ``projections`` are the embedding's (``ImageEmbedding.projections``). With
+    ``inside``, logits over the padding are made only on demand: the third value, as
+    ``samserve.decoder.predict_masks`` returns it. Gradients flow (training uses it).
     """
     sparse, dense = model.prompt_encoder(points=points, boxes=boxes, masks=mask_input)
     if mask_input is None:
@@ -204,6 +248,7 @@ def decode_prompts(
         dense,
         choose,
         projections,
+        inside,
     )
 
 
@@ -299,6 +344,7 @@ class SamEngine:
         timing_ms: dict[str, float] | None = None,
         best_only: bool = False,
         map_fn: Mapper = map,
+        defer_padding: bool = False,
     ) -> list[Prediction]:
         """Decode ``prompts`` on one embedded image; one prediction per prompt, in order.
 
@@ -306,7 +352,9 @@ class SamEngine:
         (the one a click UI shows): the others are never upscaled. ``timing_ms``, if given,
         accumulates the milliseconds spent in the prompt encoder and mask decoder
         (``decoder``) and in making full-size masks (``upscale``), which ``map_fn`` makes
-        (see ``upscale_masks``).
+        (see ``upscale_masks``). With ``defer_padding``, the low-res logits over the
+        padding, which no mask pixel reads, are made only when asked for
+        (``Prediction.padding``): a quarter of the decoder's upscaling for a 4:3 image.
 
         Prompts of equal shape (same number of points, box or not, mask_input or not) go
         through the prompt encoder and mask decoder together, ``decoder_batch_size`` per
@@ -323,7 +371,7 @@ class SamEngine:
                 indices = group[start : start + self.decoder_batch_size]
                 batch = [prompts[i] for i in indices]
                 answers = self._predict_batch(
-                    embedding, batch, multimask, best_only, timing_ms, map_fn
+                    embedding, batch, multimask, best_only, timing_ms, map_fn, defer_padding
                 )
                 for i, prediction in zip(indices, answers):
                     predictions[i] = prediction
@@ -337,6 +385,7 @@ class SamEngine:
         best_only: bool,
         timing_ms: dict[str, float] | None,
         map_fn: Mapper,
+        defer_padding: bool,
     ) -> list[Prediction]:
         """Decode B prompts of one signature in one call, as ``SamPredictor.predict_torch``."""
         started = time.perf_counter()
@@ -359,7 +408,8 @@ class SamEngine:
             mask = np.stack([p.mask_input for p in prompts])
             masks = torch.as_tensor(mask, dtype=torch.float, device=self.device)
 
-        low_res, iou = decode_prompts(
+        inside = self.tokens_read(embedding) if defer_padding else None
+        low_res, iou, padding = decode_prompts(
             self.model,
             embedding.embedding,
             points,
@@ -369,6 +419,7 @@ class SamEngine:
             best_only,
             self.image_pe,
             embedding.projections,
+            inside,
         )
         low_res, iou = low_res.float().cpu(), iou.float().cpu()  # waits for a GPU
         decoded = time.perf_counter()
@@ -387,6 +438,7 @@ class SamEngine:
                 masks=masks[i * per_prompt : (i + 1) * per_prompt],
                 scores=scores.numpy(),
                 low_res_logits=logits.numpy(),
+                padding=None if padding is None else padding[i],
             )
             for i, (logits, scores) in enumerate(zip(low_res, iou))
         ]
@@ -396,15 +448,20 @@ class SamEngine:
             timing_ms["upscale"] = timing_ms.get("upscale", 0.0) + upscale_ms
         return predictions
 
-    def store_logits(self, image_id: str, logits: np.ndarray) -> str:
-        """Keep 1xhxw (or hxw) low-res logits for reuse as ``mask_input``; returns their id.
+    def tokens_read(self, embedding: ImageEmbedding) -> tuple[int, int]:
+        """The first (rows, columns) of the embedding's image tokens whose low-res logits
+        its full-size masks read (``upscale.tokens_read``); the rest lie under padding."""
+        return tokens_read(
+            tuple(embedding.embedding.shape[-2:]),
+            embedding.input_size,
+            embedding.original_size,
+            self.model.image_encoder.img_size,
+        )
 
-        The id is a content hash, so the same prompt on the same image gets the same id.
-        """
-        logits = np.ascontiguousarray(logits.reshape((1, *logits.shape[-2:])), dtype=np.float32)
-        digest = hashlib.sha256(image_id.encode() + logits.tobytes()).hexdigest()[:32]
-        self.logits.put(digest, StoredLogits(image_id, logits))
-        return digest
+    def store_logits(self, stored: StoredLogits) -> str:
+        """Keep low-res logits for reuse as ``mask_input``; returns their ``logits_id``."""
+        self.logits.put(stored.logits_id, stored)
+        return stored.logits_id
 
     def stored_logits(self, logits_id: str) -> StoredLogits | None:
         """Logits stored under ``logits_id``, or None if never stored or evicted."""

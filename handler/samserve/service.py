@@ -20,7 +20,14 @@ import orjson
 import torch
 from segment_anything.modeling import Sam
 
-from .engine import MIB, ImageEmbedding, Prompt, SamEngine, release_freed_memory
+from .engine import (
+    MIB,
+    ImageEmbedding,
+    Prompt,
+    SamEngine,
+    StoredLogits,
+    release_freed_memory,
+)
 from .errors import RequestError
 from .everything import EverythingParams, segment_everything
 from .images import decode_image, image_id_of
@@ -56,10 +63,10 @@ class Reply:
 @dataclass(frozen=True)
 class _Part:
     """Some prompts of a job, done: per prompt, its mask records and its best mask's
-    1xhxw low-res logits (kept for ``logits_id``); the stages' milliseconds."""
+    low-res logits (kept for ``logits_id``); the stages' milliseconds."""
 
     records: list[list[dict[str, Any]]]
-    logits: list[np.ndarray]
+    logits: list[StoredLogits]
     timing_ms: dict[str, float]
 
 
@@ -214,9 +221,7 @@ class SegmentService:
         for part in self._decode_parts(job, parts):
             for masks, logits in zip(part.records, part.logits):
                 size += sum(len(_mask_data(m)) for m in masks)
-                results.append(
-                    {"masks": masks, "logits_id": self.engine.store_logits(job.image_id, logits)}
-                )
+                results.append({"masks": masks, "logits_id": self.engine.store_logits(logits)})
             for stage, ms in part.timing_ms.items():
                 stages[stage] += ms
             self._check_response_size(size)  # give up early, before all the work
@@ -248,13 +253,14 @@ class SegmentService:
             timing_ms,
             best_only=job.request.best_only,
             map_fn=map_fn,
+            defer_padding=True,
         )
         tic = time.perf_counter()
         records = encode_mask_groups(
             [(p.masks, p.scores) for p in predictions], job.request.output, map_fn
         )
         timing_ms["encode_masks"] = _ms_since(tic)
-        logits = [p.low_res_logits[int(np.argmax(p.scores))] for p in predictions]
+        logits = [p.logits_to_store(job.image_id, int(np.argmax(p.scores))) for p in predictions]
         return _Part(records, logits, timing_ms)
 
     def _check_response_size(self, size: int) -> None:
