@@ -191,11 +191,11 @@ class PaddingLogits:
         ``logits``, in place."""
         upscale_rows = _row_upscaler(self.upscaling)
         out = logits.view(1, *logits.shape[-2:])
+        chosen = self.chosen[index : index + 1]
         start = 0
         for block in self.blocks:
             count = (block[1] - block[0]) * (block[3] - block[2])
             tokens = self.tokens[start : start + count]
-            chosen = self.chosen[index : index + 1]
             _block_logits(upscale_rows, tokens, self.hyper_in, chosen, out, block)
             start += count
 
