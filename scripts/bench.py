@@ -52,7 +52,7 @@ from samclient.errors import SamServeError  # noqa: E402
 from samclient.grpc_client import GrpcClient  # noqa: E402
 from samclient.rest_client import RestClient  # noqa: E402
 from samclient.server import Ports, TorchServe  # noqa: E402
-from samserve.engine import SamEngine, decode_prompts  # noqa: E402
+from samserve.engine import SamEngine  # noqa: E402
 from samserve.images import decode_image  # noqa: E402
 from samserve.models import SamSpec, build_sam, random_checkpoint, spec_by_name  # noqa: E402
 from samserve.service import part_size, parts_side_by_side  # noqa: E402
@@ -274,8 +274,7 @@ def floor_predictor(
     with torch.inference_mode(), flop_counter() as executed:
         # As the engine decodes a click: the image's projections made once, beforehand,
         # and the logits over the padding left until a mask_input reads them.
-        decode_prompts(sam, cached.embedding, points, None, None, True, False, engine.image_pe,
-                       cached.projections, engine.tokens_read(cached))  # fmt: skip
+        engine.decode(cached, points, defer_padding=True)
     return predictor, {
         "encoder_ms": round(encoder_ms, 3),
         "decoder_flops_per_prompt": int(reference.get_total_flops()),

@@ -1,9 +1,9 @@
 #!/usr/bin/env python
 """Where a mask-decoder call's time goes, op by op, as the worker runs it.
 
-Times every aten op of ``decode_prompts`` (prompt encoder and mask decoder, the image's
-first-block projections made beforehand and the logits over the padding deferred, as
-``SamEngine`` decodes) on one cached embedding, and splits the time into matrix products
+Times every aten op of ``SamEngine.decode`` (prompt encoder and mask decoder, the image's
+first-block projections made beforehand and the logits over the padding deferred, as the
+worker decodes) on one cached embedding, and splits the time into matrix products
 (whose FLOPs ``torch.utils.flop_counter`` counts, so their GFLOP/s can be set against this
 machine's matmul rate) and everything else (norms, pointwise ops, softmax, copies)::
 
@@ -39,7 +39,7 @@ for _path in (REPO / "handler", REPO / "scripts", REPO):
         sys.path.insert(0, str(_path))
 
 from bench import checkpoint_for, flop_counter, matmul_gflops  # noqa: E402
-from samserve.engine import ImageEmbedding, SamEngine, decode_prompts  # noqa: E402
+from samserve.engine import ImageEmbedding, SamEngine  # noqa: E402
 from samserve.models import build_sam  # noqa: E402
 
 MATMUL_OPS = frozenset(
@@ -82,9 +82,9 @@ def cached_embedding(
     """A random embedding of an image of ``image_size`` (H, W), as the engine caches one
     (with its projections): the decoder does the same work whatever the features."""
     sam = engine.model
-    side = sam.image_encoder.img_size // sam.image_encoder.patch_embed.proj.stride[0]
     generator = torch.Generator().manual_seed(seed)
-    features = torch.randn(1, sam.prompt_encoder.embed_dim, side, side, generator=generator)
+    grid = sam.prompt_encoder.image_embedding_size
+    features = torch.randn(1, sam.prompt_encoder.embed_dim, *grid, generator=generator)
     input_size = engine.transform.get_preprocess_shape(*image_size, sam.image_encoder.img_size)
     return engine.image_embedding(features.to(engine.device), input_size, image_size)
 
@@ -107,9 +107,7 @@ def profile(
 
     def call() -> None:
         with torch.inference_mode():
-            decode_prompts(engine.model, embedding.embedding, points, None, None, True,
-                           best_only, engine.image_pe, embedding.projections,
-                           engine.tokens_read(embedding))  # fmt: skip
+            engine.decode(embedding, points, best_only=best_only, defer_padding=True)
 
     for _ in range(3):
         call()

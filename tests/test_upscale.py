@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from samserve.upscale import axis_map, upscale_masks
+from samserve.upscale import axis_map, tokens_read, upscale_masks
 
 
 def blobs(low: int, count: int, seed: int) -> torch.Tensor:
@@ -112,8 +112,6 @@ def test_masks_made_in_a_thread_pool_are_the_same_bits():
 def test_tokens_read_are_the_cells_with_weight(input_size, original_size):
     """The tokens beyond ``tokens_read`` hold only cells of weight 0 in every pixel, and
     the last token read holds a cell of some weight: no tighter bound is right."""
-    from samserve.upscale import tokens_read
-
     read = tokens_read((64, 64), input_size, original_size, 1024)
     for axis, cropped, length in zip(read, input_size, original_size):
         weights = torch.zeros(256, dtype=torch.float64)

@@ -408,18 +408,8 @@ class SamEngine:
             mask = np.stack([p.mask_input for p in prompts])
             masks = torch.as_tensor(mask, dtype=torch.float, device=self.device)
 
-        inside = self.tokens_read(embedding) if defer_padding else None
-        low_res, iou, padding = decode_prompts(
-            self.model,
-            embedding.embedding,
-            points,
-            boxes,
-            masks,
-            multimask,
-            best_only,
-            self.image_pe,
-            embedding.projections,
-            inside,
+        low_res, iou, padding = self.decode(
+            embedding, points, boxes, masks, multimask, best_only, defer_padding
         )
         low_res, iou = low_res.float().cpu(), iou.float().cpu()  # waits for a GPU
         decoded = time.perf_counter()
@@ -447,6 +437,32 @@ class SamEngine:
             upscale_ms = (time.perf_counter() - decoded) * 1000
             timing_ms["upscale"] = timing_ms.get("upscale", 0.0) + upscale_ms
         return predictions
+
+    def decode(
+        self,
+        embedding: ImageEmbedding,
+        points: tuple[torch.Tensor, torch.Tensor] | None,
+        boxes: torch.Tensor | None = None,
+        mask_input: torch.Tensor | None = None,
+        multimask: bool = True,
+        best_only: bool = False,
+        defer_padding: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor, list[PaddingLogits] | None]:
+        """``decode_prompts`` on a cached ``embedding`` (inputs in the model's input frame),
+        with the engine's positional encoding and the embedding's projections; with
+        ``defer_padding``, the logits over the padding are left to ``PaddingLogits``."""
+        return decode_prompts(
+            self.model,
+            embedding.embedding,
+            points,
+            boxes,
+            mask_input,
+            multimask,
+            best_only,
+            self.image_pe,
+            embedding.projections,
+            self.tokens_read(embedding) if defer_padding else None,
+        )
 
     def tokens_read(self, embedding: ImageEmbedding) -> tuple[int, int]:
         """The first (rows, columns) of the embedding's image tokens whose low-res logits
