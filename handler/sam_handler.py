@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from ts.torch_handler.base_handler import BaseHandler
 
+from samserve import matmul
 from samserve.engine import openmp_spin_warning
 from samserve.models import SamSpec, build_sam
 from samserve.service import Reply, SegmentService
@@ -42,6 +43,7 @@ class SamHandler(BaseHandler):
         else:
             self.device = torch.device("cpu")
             torch.set_num_threads(settings.torch_threads or _default_threads(context))
+            matmul.set_backend(settings.cpu_matmul)
 
         manifest = context.manifest
         model_dir = Path(properties.get("model_dir"))
@@ -52,10 +54,11 @@ class SamHandler(BaseHandler):
         self.manifest = manifest
         self.initialized = True
         logger.info(
-            "SAM %s on %s, %d torch threads, settings %s",
+            "SAM %s on %s, %d torch threads, CPU matmul %s, settings %s",
             spec.name,
             self.device,
             torch.get_num_threads(),
+            matmul.backend(),
             settings,
         )
         warning = openmp_spin_warning(os.environ)

@@ -241,14 +241,20 @@ def checkpoint_for(name: str, cache: Path) -> tuple[SamSpec, Path, str]:
 def flop_counter() -> Any:
     """``torch.utils.flop_counter.FlopCounterMode`` that also counts in-place ``baddbmm_``
     (``samserve.decoder`` adds a residual in place where autograd is off; the counter
-    knows only the out-of-place op)."""
+    knows only the out-of-place op) and oneDNN's ``_linear_pointwise`` (``samserve.matmul``)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     def baddbmm_flop(self_shape: Any, a_shape: Any, b_shape: Any, *args: Any, **kwargs: Any) -> int:
         (batch, rows, inner), cols = a_shape, b_shape[-1]
         return 2 * batch * rows * inner * cols  # as the counter's own baddbmm formula
 
-    return FlopCounterMode(display=False, custom_mapping={torch.ops.aten.baddbmm_: baddbmm_flop})
+    def linear_flop(x_shape: Any, w_shape: Any, *args: Any, **kwargs: Any) -> int:
+        return 2 * math.prod(x_shape[:-1]) * w_shape[1] * w_shape[0]  # x @ w.T, w is NxK
+
+    mapping = {torch.ops.aten.baddbmm_: baddbmm_flop}
+    if torch.backends.mkldnn.is_available():
+        mapping[torch.ops.mkldnn._linear_pointwise] = linear_flop
+    return FlopCounterMode(display=False, custom_mapping=mapping)
 
 
 def floor_predictor(

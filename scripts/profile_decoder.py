@@ -39,13 +39,16 @@ for _path in (REPO / "handler", REPO / "scripts", REPO):
         sys.path.insert(0, str(_path))
 
 from bench import checkpoint_for, flop_counter, matmul_gflops  # noqa: E402
+from samserve import matmul  # noqa: E402
 from samserve.engine import ImageEmbedding, SamEngine  # noqa: E402
 from samserve.models import build_sam  # noqa: E402
 
 MATMUL_OPS = frozenset(
-    {"mm", "addmm", "bmm", "baddbmm", "baddbmm_", "matmul", "linear", "einsum", "mv"}
-)
-"""aten ops (overload dropped) whose time is matrix products."""
+    {"mm", "addmm", "bmm", "baddbmm", "baddbmm_", "matmul", "linear", "einsum", "mv",
+     "_linear_pointwise"}
+)  # fmt: skip
+"""aten (and oneDNN: ``samserve.matmul``) ops, overload dropped, whose time is matrix
+products."""
 
 
 def op_name(func: Any) -> str:
@@ -186,16 +189,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--image-size", default="1500x2000", help="HxW of the image")
     parser.add_argument("--top", type=int, default=25, help="ops listed")
     parser.add_argument("--json", type=Path, help="also write the whole profile here")
+    parser.add_argument("--cpu-matmul", choices=matmul.BACKENDS, default="auto",
+                        help="matrix products on a CPU, as the handler setting")  # fmt: skip
     parser.add_argument("--cache", type=Path, default=REPO / "build" / "bench",
                         help="where random checkpoints are kept")  # fmt: skip
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
+    backend = matmul.set_backend(args.cpu_matmul)
     height, width = (int(v) for v in args.image_size.lower().split("x"))
     spec, checkpoint, weights = checkpoint_for(args.model, args.cache)
     engine = SamEngine(build_sam(spec, checkpoint))  # keeps freed heap blocks, as the worker
     embedding = cached_embedding(engine, (height, width))
-    result = {"model": args.model, "weights": weights, "threads": args.threads}
+    result = {"model": args.model, "weights": weights, "threads": args.threads,
+              "cpu_matmul": backend}  # fmt: skip
     result |= profile(engine, embedding, args.prompts, args.best_only, args.repeats)
     result["matmul_rate_gflops"] = matmul_gflops(engine.device, 3)["gflops"]
     print(render(result, args.top))

@@ -21,6 +21,7 @@ from build_mar import build_archive  # noqa: E402
 from samclient.grpc_client import GrpcClient  # noqa: E402
 from samclient.rest_client import RestClient  # noqa: E402
 from samclient.server import Ports, TorchServe  # noqa: E402
+from samserve import matmul  # noqa: E402
 from samserve.models import build_sam, random_checkpoint, spec_by_name  # noqa: E402
 
 torch.set_num_threads(2)
@@ -30,6 +31,14 @@ MODEL = "sam"
 # different offsets (SAMSERVE_TEST_PORT_OFFSET).
 PORTS = Ports.offset(int(os.environ.get("SAMSERVE_TEST_PORT_OFFSET", "11000")))
 SMALL_CACHE_MB = 0.2  # holds one sam_micro image (64 KiB embedding, 96 KiB projections), not two
+
+
+@pytest.fixture(autouse=True)
+def _restore_cpu_matmul():
+    """Tests may switch samserve.matmul's process-wide backend; each starts on ``auto``."""
+    matmul.set_backend("auto")
+    yield
+    matmul.set_backend("auto")
 
 
 @pytest.fixture(scope="session")

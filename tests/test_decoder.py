@@ -5,8 +5,20 @@ from __future__ import annotations
 import pytest
 import torch
 
+from samserve import matmul
 from samserve.decoder import predict_masks, project_image, token_blocks, upscaled_masks
 from samserve.models import assemble_sam, spec_by_name
+
+BACKENDS = ["torch"] + (["onednn"] if torch.backends.mkldnn.is_available() else [])
+
+
+@pytest.fixture(autouse=True, params=BACKENDS)
+def cpu_matmul(request):
+    """Every test on both CPU product backends (``samserve.matmul``): each must give SAM's
+    answers, and the same bits where a test says so. The reference modules
+    (``assemble_sam``, not ``build_sam``) multiply through torch's default either way."""
+    assert matmul.set_backend(request.param) == request.param
+    return request.param
 
 
 @pytest.fixture(scope="module", params=["sam_micro", "sam_tiny"])

@@ -26,10 +26,20 @@ def test_op_times_count_each_op_once() -> None:
     assert all(seconds > 0 for seconds in ops.seconds.values())
 
 
-def test_profile_of_sam_micro_adds_up(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+FLOPS: dict[str, int] = {}  # matrix-product FLOPs per prompt of the first backend's profile
+PRODUCT_OP = {"torch": "linear", "onednn": "_linear_pointwise"}
+"""The upscaling's products, as each ``--cpu-matmul`` backend runs them."""
+
+
+@pytest.mark.parametrize(
+    "backend", ["torch"] + (["onednn"] if torch.backends.mkldnn.is_available() else [])
+)
+def test_profile_of_sam_micro_adds_up(
+    tmp_path: Path, capsys: pytest.CaptureFixture, backend: str
+) -> None:
     out = tmp_path / "profile.json"
     args = ["--model", "sam_micro", "--prompts", "2", "--repeats", "2", "--image-size", "60x80",
-            "--json", str(out), "--cache", str(tmp_path)]  # fmt: skip
+            "--json", str(out), "--cache", str(tmp_path), "--cpu-matmul", backend]  # fmt: skip
     assert main(args) == 0
     result = json.loads(out.read_text())
     ops = result["ops"]
@@ -38,7 +48,10 @@ def test_profile_of_sam_micro_adds_up(tmp_path: Path, capsys: pytest.CaptureFixt
         sum(row["ms"] for row in ops if row["matmul"]), abs=1e-3
     )
     names = {row["op"] for row in ops}
-    assert {"layer_norm", "softmax", "addmm"} <= names
+    assert {"layer_norm", "softmax", PRODUCT_OP[backend]} <= names
+    assert result["cpu_matmul"] == backend
+    # The FLOPs are counted whichever library multiplies (bench.flop_counter knows both).
+    assert result["matmul_flops"] == FLOPS.setdefault("sam_micro", result["matmul_flops"])
     assert all(row["calls"] >= 1 for row in ops)
     assert [row["ms"] for row in ops] == sorted((row["ms"] for row in ops), reverse=True)
     assert result["matmul_flops"] > 0 and result["matmul_gflops"] > 0

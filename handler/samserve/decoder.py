@@ -41,6 +41,9 @@ from segment_anything.modeling import MaskDecoder, TwoWayTransformer
 from segment_anything.modeling.transformer import Attention, TwoWayAttentionBlock
 from torch import Tensor
 
+from samserve import matmul
+from samserve.matmul import linear
+
 
 def predict_masks(
     decoder: MaskDecoder,
@@ -326,8 +329,9 @@ def _row_upscaler(upscaling: torch.nn.Sequential) -> Callable[[Tensor], Tensor]:
     out as matmul operands once, for every chunk."""
     conv1, norm, _, conv2, _ = upscaling
     mid, out = conv1.out_channels, conv2.out_channels
-    w1 = conv1.weight.permute(0, 2, 3, 1).reshape(conv1.in_channels, 4 * mid)
-    w2 = conv2.weight.permute(0, 2, 3, 1).reshape(mid, 4 * out)
+    # As F.linear weights (transposed views of Cx4C' operands).
+    w1 = conv1.weight.permute(0, 2, 3, 1).reshape(conv1.in_channels, 4 * mid).t()
+    w2 = conv2.weight.permute(0, 2, 3, 1).reshape(mid, 4 * out).t()
     b1, b2 = conv1.bias.repeat(4), conv2.bias.repeat(4)
 
     # GELU in place (aten's gelu_; F.gelu has no such flag) on the fresh outputs of the
@@ -336,9 +340,9 @@ def _row_upscaler(upscaling: torch.nn.Sequential) -> Callable[[Tensor], Tensor]:
     gelu = F.gelu if torch.is_grad_enabled() else torch.ops.aten.gelu_
 
     def upscale_rows(rows: Tensor) -> Tensor:
-        x = torch.addmm(b1, rows, w1).view(-1, mid)
+        x = linear(rows, w1, b1).view(-1, mid)
         x = gelu(F.layer_norm(x, (mid,), norm.weight, norm.bias, norm.eps))
-        return gelu(torch.addmm(b2, x, w2)).view(-1, out)
+        return gelu(linear(x, w2, b2)).view(-1, out)
 
     return upscale_rows
 
@@ -513,9 +517,9 @@ def _value_out(attn: Attention, v: Tensor) -> Tensor:
 
 
 def _times_image(left: Tensor, image: Tensor) -> Tensor:
-    """BxKxN @ 1|BxNxM: with one shared image, a single large 2-D matmul for all B (one
+    """BxKxN @ 1|BxNxM: with one shared image, a single large 2-D product for all B (one
     that takes a transposed ``image`` as it is, where a batched one may copy it)."""
     if image.shape[0] == 1:
         batch, rows, _ = left.shape
-        return (left.reshape(batch * rows, -1) @ image[0]).view(batch, rows, -1)
-    return left @ image
+        return linear(left.reshape(batch * rows, -1), image[0].t()).view(batch, rows, -1)
+    return matmul.bmm(left, image)

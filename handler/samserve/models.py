@@ -24,6 +24,8 @@ from segment_anything.modeling import (
     TwoWayTransformer,
 )
 
+from samserve.matmul import route_linears
+
 
 @dataclass(frozen=True)
 class SamSpec:
@@ -138,6 +140,7 @@ def build_sam(spec: SamSpec, checkpoint: str | os.PathLike | None = None) -> Sam
     Official specs go through ``sam_model_registry``; others are assembled from the
     same modules exactly as ``segment_anything.build_sam._build_sam`` does, with the
     spec's sizes. Checkpoints are plain state dicts (official files, or fp16 ones).
+    Its linear layers multiply through ``samserve.matmul`` (oneDNN on AMD CPUs).
     """
     if spec.is_official:
         sam = sam_model_registry[spec.name]()
@@ -147,6 +150,7 @@ def build_sam(spec: SamSpec, checkpoint: str | os.PathLike | None = None) -> Sam
         state = torch.load(checkpoint, map_location="cpu", weights_only=True)
         state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
         sam.load_state_dict(state)
+    route_linears(sam)
     return sam.eval()
 
 

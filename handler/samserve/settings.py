@@ -6,6 +6,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from samserve.matmul import BACKENDS
+
 
 @dataclass(frozen=True)
 class Settings:
@@ -28,6 +30,11 @@ class Settings:
     decoder_batch_size: int = 4  # prompts per mask-decoder call (see SamEngine.predict)
     torch_threads: int = 0  # 0: the machine's cores divided among the model's workers
     mask_threads: int = 0  # threads making and encoding masks side by side; 0: torch threads
+    cpu_matmul: str = "auto"  # float32 products on a CPU: auto, onednn or torch (samserve.matmul)
+
+    def __post_init__(self) -> None:
+        if self.cpu_matmul not in BACKENDS:
+            raise ValueError(f"cpu_matmul must be one of {BACKENDS}, not {self.cpu_matmul!r}")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Settings:
