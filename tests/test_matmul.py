@@ -54,6 +54,19 @@ def test_onednn_backend_runs_onednns_op_and_torch_backend_does_not():
 
 
 @pytest.mark.skipif(not ONEDNN, reason="this torch has no oneDNN")
+def test_weights_with_strided_rows_stay_on_torch():
+    """oneDNN multiplies such weights with a reference kernel, 1000x slower."""
+    matmul.set_backend("onednn")
+    x = torch.randn(6, 16)
+    strided = torch.randn(8, 32)[:, :16]  # rows 32 apart
+    with torch.inference_mode(), OpNames() as ops:
+        out = matmul.linear(x, strided)
+        matmul.linear(x, strided.contiguous().t().contiguous().t())  # a transposed view: fine
+    assert ops.names >= {"linear", "_linear_pointwise"}
+    torch.testing.assert_close(out, x @ strided.t())
+
+
+@pytest.mark.skipif(not ONEDNN, reason="this torch has no oneDNN")
 def test_products_with_autograd_stay_on_torch_and_have_gradients():
     matmul.set_backend("onednn")
     x = torch.randn(5, 4, requires_grad=True)
