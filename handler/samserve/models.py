@@ -24,6 +24,7 @@ from segment_anything.modeling import (
     TwoWayTransformer,
 )
 
+from samserve.encoder import slice_global_attention
 from samserve.matmul import route_linears
 
 
@@ -140,7 +141,8 @@ def build_sam(spec: SamSpec, checkpoint: str | os.PathLike | None = None) -> Sam
     Official specs go through ``sam_model_registry``; others are assembled from the
     same modules exactly as ``segment_anything.build_sam._build_sam`` does, with the
     spec's sizes. Checkpoints are plain state dicts (official files, or fp16 ones).
-    Its linear layers multiply through ``samserve.matmul`` (oneDNN on AMD CPUs).
+    Its linear layers multiply through ``samserve.matmul`` (oneDNN on AMD CPUs), and its
+    encoder's global attention runs slice by slice (``samserve.encoder``: the same bits).
     """
     if spec.is_official:
         sam = sam_model_registry[spec.name]()
@@ -151,6 +153,7 @@ def build_sam(spec: SamSpec, checkpoint: str | os.PathLike | None = None) -> Sam
         state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
         sam.load_state_dict(state)
     route_linears(sam)
+    slice_global_attention(sam.image_encoder)
     return sam.eval()
 
 

@@ -1,0 +1,95 @@
+"""samserve.encoder: SAM's encoder attention, sliced, gives segment_anything's bits."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from segment_anything.modeling.image_encoder import Attention
+
+from samserve import matmul
+from samserve.encoder import SlicedAttention, slice_global_attention, sliced_attention
+from samserve.models import assemble_sam, build_sam, spec_by_name
+
+BACKENDS = ["torch"] + (["onednn"] if torch.backends.mkldnn.is_available() else [])
+
+
+def _attention(size: tuple[int, int], dim: int = 64, heads: int = 4) -> Attention:
+    torch.manual_seed(0)
+    attn = Attention(dim, heads, use_rel_pos=True, input_size=size).eval()
+    with torch.no_grad():  # SAM starts them at zero; trained ones are not
+        attn.rel_pos_h.normal_(0, 0.5)
+        attn.rel_pos_w.normal_(0, 0.5)
+    return attn
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("elements", [1, 3 * 40 * 48, 10**9])  # a row, some rows, all
+def test_sliced_attention_is_sams(backend, elements):
+    matmul.set_backend(backend)
+    attn = _attention((40, 48))
+    x = torch.randn(2, 40, 48, 64, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        expected = attn(x)
+        b, h, w, _ = x.shape
+        qkv = attn.qkv(x).reshape(b, h * w, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.reshape(3, b * attn.num_heads, h * w, -1).unbind(0)
+        out = sliced_attention(q, k, v, attn.scale, (h, w), attn.rel_pos_h, attn.rel_pos_w,
+                               elements)  # fmt: skip
+        out = out.view(b, attn.num_heads, h, w, -1).permute(0, 2, 3, 1, 4).reshape(b, h, w, -1)
+        got = attn.proj(out)
+    if backend == "torch":
+        assert torch.equal(got, expected)  # SAM's ops on slices of its rows: the same bits
+    else:
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_small_maps_keep_sams_forward():
+    attn = _attention((14, 14))
+    x = torch.randn(3, 14, 14, 64)
+    with torch.inference_mode():
+        expected = attn(x)
+        attn.__class__ = SlicedAttention
+        assert torch.equal(attn(x), expected)
+
+
+@pytest.mark.parametrize("name", ["sam_tiny", "sam_small"])
+def test_built_encoder_gives_segment_anythings_bits(name):
+    """build_sam slices the global attention (64x64 and 32x32 tokens for these specs)."""
+    matmul.set_backend("torch")
+    torch.manual_seed(0)
+    reference = assemble_sam(spec_by_name(name)).eval()
+    with torch.no_grad():
+        for block in reference.image_encoder.blocks:
+            if block.attn.use_rel_pos:
+                block.attn.rel_pos_h.normal_(0, 0.5)
+                block.attn.rel_pos_w.normal_(0, 0.5)
+    state = reference.state_dict()
+    built = build_sam(spec_by_name(name))
+    built.load_state_dict(state)
+    assert any(type(m) is SlicedAttention for m in built.image_encoder.modules())
+    size = reference.image_encoder.img_size
+    x = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        assert torch.equal(built.image_encoder(x), reference.image_encoder(x))
+
+
+def test_slice_global_attention_keeps_parameters():
+    sam = assemble_sam(spec_by_name("sam_micro"))
+    keys = list(sam.state_dict())
+    count = sum(type(m) is Attention for m in sam.modules())
+    assert slice_global_attention(sam) == count > 0
+    assert slice_global_attention(sam) == 0
+    assert list(sam.state_dict()) == keys
+
+
+def test_with_autograd_it_is_sams_forward_and_gradients():
+    """Training builds its models with build_sam too: gradients must be SAM's."""
+    attn = _attention((40, 48))
+    x = torch.randn(1, 40, 48, 64, requires_grad=True)
+    grads = []
+    for cls in (Attention, SlicedAttention):
+        attn.__class__ = cls
+        x.grad = None
+        attn(x).square().sum().backward()
+        grads.append(x.grad.clone())
+    assert torch.equal(grads[0], grads[1])
