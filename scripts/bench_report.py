@@ -279,9 +279,16 @@ def render_markdown(results: dict[str, Any]) -> str:
     matmul = results["matmul"]
     out = [f"# samserve benchmark: {results['label']}", ""]
     out += table(["machine", ""], list(results["machine"].items()))
+    onednn = "onednn" in matmul  # measured beside torch.mm (samserve.matmul)
+    libraries = (
+        f" (at the start: `torch.mm` {matmul['torch_mm']:,.1f}, oneDNN {matmul['onednn']:,.1f}; "
+        "the faster counts)"
+        if onednn
+        else ""
+    )
     out += [
-        f"Dense fp32 matmul ({matmul['n']}x{matmul['n']} `torch.mm`, best of "
-        f"{results['counts']['matmul_repeats']}): **{matmul['gflops']:,.1f} GFLOP/s**"
+        f"Dense fp32 matmul ({matmul['n']}x{matmul['n']}{'' if onednn else ' `torch.mm`'}, best "
+        f"of {results['counts']['matmul_repeats']}{libraries}): **{matmul['gflops']:,.1f} GFLOP/s**"
         + (
             f", the highest of {len(matmul['samples'])} measurements (at the start and after "
             f"each model: {', '.join(f'{g:,.1f}' for g in matmul['samples'])}); the shares "

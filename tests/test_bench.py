@@ -140,6 +140,11 @@ def test_report_checks_markdown_and_plot(tmp_path: Path) -> None:
         "model: 100.0, 90.0)" in markdown
     )
     assert "Unstable host" not in markdown  # 90 of 100: within this host's usual drift
+    assert "oneDNN" not in markdown
+    results["matmul"] |= {"torch_mm": 40.0, "onednn": 100.0}
+    assert "best of 3 (at the start: `torch.mm` 40.0, oneDNN 100.0; the faster counts)" in (
+        render_markdown(results)
+    )
     results["matmul"]["samples"] = [100.0, 60.0]
     assert "**Unstable host**: the slowest matmul measurement was 0.60 of the fastest" in (
         render_markdown(results)
@@ -173,6 +178,7 @@ def test_flop_counter_counts_the_decoder_the_same_with_and_without_autograd(micr
     import torch
 
     from bench import flop_counter
+    from samserve import matmul
     from samserve.decoder import predict_masks
 
     decoder = micro_sam.mask_decoder
@@ -180,8 +186,21 @@ def test_flop_counter_counts_the_decoder_the_same_with_and_without_autograd(micr
     embedding = torch.randn(1, decoder.transformer_dim, *side)
     sparse = torch.randn(3, 2, decoder.transformer_dim)
     counts = []
-    for mode in (torch.enable_grad, torch.inference_mode):
-        with mode(), flop_counter() as counter:
-            predict_masks(decoder, embedding, embedding, sparse, embedding)
-        counts.append(counter.get_total_flops())
-    assert counts[0] == counts[1] > 0
+    for backend in ("torch", "onednn"):  # nor on the library that multiplies
+        matmul.set_backend(backend)
+        for mode in (torch.enable_grad, torch.inference_mode):
+            with mode(), flop_counter() as counter:
+                predict_masks(decoder, embedding, embedding, sparse, embedding)
+            counts.append(counter.get_total_flops())
+    assert counts == [counts[0]] * 4 and counts[0] > 0
+
+
+def test_matmul_rate_is_the_faster_librarys() -> None:
+    import torch
+
+    from bench import matmul_gflops
+
+    rate = matmul_gflops(torch.device("cpu"), repeats=1)
+    libraries = ["torch_mm"] + (["onednn"] if torch.backends.mkldnn.is_available() else [])
+    assert rate["n"] == 2048 and set(rate) == {"n", "gflops", *libraries}
+    assert rate["gflops"] == max(rate[name] for name in libraries) > 0
