@@ -16,7 +16,7 @@ import torch
 from ts.torch_handler.base_handler import BaseHandler
 
 from samserve import matmul
-from samserve.engine import openmp_spin_warning
+from samserve.engine import keep_freed_memory, openmp_spin_warning
 from samserve.models import SamSpec, build_sam
 from samserve.service import Reply, SegmentService
 from samserve.settings import Settings
@@ -31,6 +31,7 @@ class SamHandler(BaseHandler):
 
     def initialize(self, context: Any) -> None:
         """Build the model from the archive's spec and checkpoint, on CUDA when present."""
+        keep_freed_memory()  # before torch's threads start: they would get arenas of their own
         properties = context.system_properties
         config = (getattr(context, "model_yaml_config", None) or {}).get("handler", {})
         config = dict(config)
