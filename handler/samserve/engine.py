@@ -52,9 +52,8 @@ def keep_freed_memory() -> None:
     its output in again (measured: a 4 MiB add took 3 ms instead of 0.2, and a vit_b
     click 60 ms instead of 40). Threads other than the main one get arenas of their own,
     whose heaps glibc unmaps whenever they fall empty, whatever the trim threshold: a
-    16-click vit_b request, decoded and masked on the mask threads, page-faulted 15,000-
-    28,000 times (4 KiB each) and took 17.7 ms per click; with the one arena, under 1,300
-    times and 11.8-15.3 ms (``best_only``, in process, alternating runs).
+    worker page-faulted 7,000-18,000 times (4 KiB each) per 16-click vit_b request,
+    decoded and masked on the mask threads; with the one arena 900-1,200 times.
     ``release_freed_memory`` hands the heap back after encoder runs, so the RSS still
     follows what the caches hold.
     """
