@@ -191,9 +191,7 @@ def matmul_gflops(device: torch.device, repeats: int) -> dict[str, Any]:
     products = {"torch_mm": lambda: torch.mm(a, b)}
     if device.type == "cpu" and torch.backends.mkldnn.is_available():
         weight = b.t()  # a @ b as F.linear(a, b.T)
-        products["onednn"] = lambda: torch.ops.mkldnn._linear_pointwise(
-            a, weight, None, "none", [], ""
-        )
+        products["onednn"] = lambda: matmul.onednn_linear(a, weight)
     out: dict[str, Any] = {"n": n}
     for name, product in products.items():
         best = float("inf")

@@ -7,8 +7,8 @@ import torch
 from segment_anything.modeling.image_encoder import Attention
 
 from samserve import matmul
-from samserve.encoder import SlicedAttention, slice_global_attention, sliced_attention
-from samserve.models import assemble_sam, build_sam, spec_by_name
+from samserve.encoder import SlicedAttention, sliced_attention
+from samserve.models import assemble_sam, build_sam, retype_modules, spec_by_name
 
 BACKENDS = ["torch"] + (["onednn"] if torch.backends.mkldnn.is_available() else [])
 
@@ -73,12 +73,12 @@ def test_built_encoder_gives_segment_anythings_bits(name):
         assert torch.equal(built.image_encoder(x), reference.image_encoder(x))
 
 
-def test_slice_global_attention_keeps_parameters():
+def test_attention_retyped_keeps_parameters():
     sam = assemble_sam(spec_by_name("sam_micro"))
     keys = list(sam.state_dict())
     count = sum(type(m) is Attention for m in sam.modules())
-    assert slice_global_attention(sam) == count > 0
-    assert slice_global_attention(sam) == 0
+    assert retype_modules(sam, Attention, SlicedAttention) == count > 0
+    assert retype_modules(sam, Attention, SlicedAttention) == 0
     assert list(sam.state_dict()) == keys
 
 

@@ -5,27 +5,23 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
 
+from profile_decoder import OpTimes
 from samserve import matmul
 from samserve.decoder import predict_masks
-from samserve.models import assemble_sam, spec_by_name
+from samserve.models import assemble_sam, retype_modules, spec_by_name
 from samserve.settings import Settings
 
 ONEDNN = torch.backends.mkldnn.is_available()
 BACKENDS = ["torch"] + (["onednn"] if ONEDNN else [])
 
 
-class OpNames(TorchDispatchMode):
-    """Names of the ops that run under it."""
+class OpNames(OpTimes):
+    """The profiler's op timer, asked only which ops ran."""
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.names: set[str] = set()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.names.add(str(func).split(".")[1])
-        return func(*args, **(kwargs or {}))
+    @property
+    def names(self) -> set[str]:
+        return {name for name, _ in self.calls}
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -93,7 +89,7 @@ def test_unknown_backend_is_refused_by_name():
     assert Settings.from_dict({"cpu_matmul": "torch"}).cpu_matmul == "torch"
 
 
-def test_route_linears_keeps_parameters_and_answers():
+def test_linears_retyped_keep_parameters_and_answers():
     torch.manual_seed(0)
     sam = assemble_sam(spec_by_name("sam_micro")).eval()
     linears = [m for m in sam.modules() if type(m) is torch.nn.Linear]
@@ -101,10 +97,10 @@ def test_route_linears_keeps_parameters_and_answers():
     x = torch.randn(2, 7, linears[0].in_features)
     with torch.inference_mode():
         expected = linears[0](x)
-    assert matmul.route_linears(sam) == len(linears) > 0
+    assert retype_modules(sam, torch.nn.Linear, matmul.Linear) == len(linears) > 0
     assert all(type(m) is matmul.Linear for m in linears)
     assert list(sam.state_dict()) == keys
-    assert matmul.route_linears(sam) == 0  # already routed
+    assert retype_modules(sam, torch.nn.Linear, matmul.Linear) == 0  # already routed
     for backend in BACKENDS:
         matmul.set_backend(backend)
         with torch.inference_mode():

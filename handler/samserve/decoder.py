@@ -41,8 +41,7 @@ from segment_anything.modeling import MaskDecoder, TwoWayTransformer
 from segment_anything.modeling.transformer import Attention, TwoWayAttentionBlock
 from torch import Tensor
 
-from samserve import matmul
-from samserve.matmul import linear
+from .matmul import bmm, linear
 
 
 def predict_masks(
@@ -522,4 +521,4 @@ def _times_image(left: Tensor, image: Tensor) -> Tensor:
     if image.shape[0] == 1:
         batch, rows, _ = left.shape
         return linear(left.reshape(batch * rows, -1), image[0].t()).view(batch, rows, -1)
-    return matmul.bmm(left, image)
+    return bmm(left, image)

@@ -16,7 +16,7 @@ import torch
 from segment_anything.modeling.image_encoder import Attention, get_rel_pos
 from torch import Tensor
 
-from samserve import matmul
+from .matmul import bmm
 
 SLICE_ELEMENTS = 1 << 20
 """Attention-map elements per slice (4 MiB of float32: 4 query rows of one vit_b head);
@@ -77,19 +77,8 @@ def sliced_attention(
             count = min(rows, height - top)
             span = slice(top * width, (top + count) * width)
             rows_of = slice(top, top + count)
-            attn = matmul.bmm(q[group, span] * scale, keys_t[group])
+            attn = bmm(q[group, span] * scale, keys_t[group])
             attn = attn.view(-1, count, width, height, width) + rel_h[group, rows_of, :, :, None]
             attn = (attn + rel_w[group, rows_of, :, None, :]).view(-1, count * width, tokens)
-            out[group, span] = matmul.bmm(attn.softmax(dim=-1), values[group])
+            out[group, span] = bmm(attn.softmax(dim=-1), values[group])
     return out
-
-
-def slice_global_attention(module: torch.nn.Module) -> int:
-    """Make every encoder ``Attention`` in ``module`` a ``SlicedAttention`` (in place: the
-    same parameters); returns how many were changed."""
-    changed = 0
-    for sub in module.modules():
-        if type(sub) is Attention:
-            sub.__class__ = SlicedAttention
-            changed += 1
-    return changed

@@ -39,13 +39,18 @@ def cpu_vendor() -> str:
     return ""
 
 
+def check_backend(name: str) -> None:
+    """Raise ValueError naming the choices unless ``name`` is one of ``BACKENDS``."""
+    if name not in BACKENDS:
+        raise ValueError(f"cpu_matmul must be one of {BACKENDS}, not {name!r}")
+
+
 def set_backend(name: str) -> str:
     """Use backend ``name`` (one of ``BACKENDS``) for ``linear`` on CPUs from now on;
     returns the one in effect (``onednn`` or ``torch``). ``onednn`` falls back to torch
     where this torch has no oneDNN."""
     global _onednn
-    if name not in BACKENDS:
-        raise ValueError(f"cpu_matmul must be one of {BACKENDS}, not {name!r}")
+    check_backend(name)
     if name == "auto":
         name = "onednn" if cpu_vendor() == "AuthenticAMD" else "torch"
     _onednn = name == "onednn" and torch.backends.mkldnn.is_available()
@@ -60,7 +65,12 @@ def backend() -> str:
 def _on_onednn(x: Tensor) -> bool:
     """Whether products with ``x`` go through oneDNN: float32 on a CPU, that backend on,
     autograd off (the oneDNN op has no gradient)."""
-    return _onednn and x.dtype == torch.float32 and not x.is_cuda and not torch.is_grad_enabled()
+    return (
+        _onednn
+        and x.dtype == torch.float32
+        and x.device.type == "cpu"
+        and not torch.is_grad_enabled()
+    )
 
 
 def _plain(weight: Tensor) -> bool:
@@ -75,8 +85,14 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     through oneDNN where ``backend`` says so and ``weight`` is contiguous or a transposed
     view of a contiguous matrix (any ``x``)."""
     if _on_onednn(x) and _plain(weight):
-        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+        return onednn_linear(x, weight, bias)
     return F.linear(x, weight, bias)
+
+
+def onednn_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``x @ weight.T + bias`` by oneDNN's float32 product (CPU tensors, no autograd),
+    whatever the backend."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
 
 def bmm(left: Tensor, right: Tensor) -> Tensor:
@@ -93,17 +109,6 @@ class Linear(torch.nn.Linear):
 
     def forward(self, x: Tensor) -> Tensor:
         return linear(x, self.weight, self.bias)
-
-
-def route_linears(module: torch.nn.Module) -> int:
-    """Make every ``nn.Linear`` in ``module`` a ``Linear`` (in place: the same parameter
-    tensors); returns how many were changed."""
-    changed = 0
-    for sub in module.modules():
-        if type(sub) is torch.nn.Linear:
-            sub.__class__ = Linear
-            changed += 1
-    return changed
 
 
 set_backend("auto")

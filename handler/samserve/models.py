@@ -23,9 +23,10 @@ from segment_anything.modeling import (
     Sam,
     TwoWayTransformer,
 )
+from segment_anything.modeling.image_encoder import Attention
 
-from samserve.encoder import slice_global_attention
-from samserve.matmul import route_linears
+from . import matmul
+from .encoder import SlicedAttention
 
 
 @dataclass(frozen=True)
@@ -152,9 +153,21 @@ def build_sam(spec: SamSpec, checkpoint: str | os.PathLike | None = None) -> Sam
         state = torch.load(checkpoint, map_location="cpu", weights_only=True)
         state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
         sam.load_state_dict(state)
-    route_linears(sam)
-    slice_global_attention(sam.image_encoder)
+    retype_modules(sam, torch.nn.Linear, matmul.Linear)
+    retype_modules(sam.image_encoder, Attention, SlicedAttention)
     return sam.eval()
+
+
+def retype_modules(module: torch.nn.Module, old: type, new: type) -> int:
+    """Make every submodule of exactly type ``old`` in ``module`` a ``new`` (a subclass
+    that only overrides ``forward``), in place: the same parameters and state dict keys.
+    Returns how many were changed."""
+    changed = 0
+    for sub in module.modules():
+        if type(sub) is old:
+            sub.__class__ = new
+            changed += 1
+    return changed
 
 
 def assemble_sam(spec: SamSpec) -> Sam:

@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from samserve.matmul import BACKENDS
+from .matmul import check_backend
 
 
 @dataclass(frozen=True)
@@ -33,8 +33,7 @@ class Settings:
     cpu_matmul: str = "auto"  # float32 products on a CPU: auto, onednn or torch (samserve.matmul)
 
     def __post_init__(self) -> None:
-        if self.cpu_matmul not in BACKENDS:
-            raise ValueError(f"cpu_matmul must be one of {BACKENDS}, not {self.cpu_matmul!r}")
+        check_backend(self.cpu_matmul)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Settings:
