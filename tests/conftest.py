@@ -30,6 +30,8 @@ MODEL = "sam"
 # 19080-19082, gRPC 18070-18071, workers from 20000; two test runs side by side need
 # different offsets (SAMSERVE_TEST_PORT_OFFSET).
 PORTS = Ports.offset(int(os.environ.get("SAMSERVE_TEST_PORT_OFFSET", "11000")))
+# sam_small_cache.mar multiplies with the backend "auto" does not pick on this host.
+OTHER_CPU_MATMUL = {"onednn": "torch", "torch": "onednn"}[matmul.set_backend("auto")]
 SMALL_CACHE_MB = 0.2  # holds one sam_micro image (64 KiB embedding, 96 KiB projections), not two
 
 
@@ -99,7 +101,7 @@ def server(tmp_path_factory, checkpoints):
         checkpoints["sam_micro"],
         store,
         "sam_small_cache",
-        settings={"embedding_cache_mb": SMALL_CACHE_MB},
+        settings={"embedding_cache_mb": SMALL_CACHE_MB, "cpu_matmul": OTHER_CPU_MATMUL},
     )
     server = TorchServe(root / "run", store, PORTS)
     server.start()

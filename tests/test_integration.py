@@ -16,13 +16,14 @@ import pytest
 import requests
 from segment_anything import SamPredictor
 
-from conftest import MODEL, PORTS, make_image, png_bytes
+from conftest import MODEL, OTHER_CPU_MATMUL, PORTS, make_image, png_bytes
 from samclient.body import point_prompt, segment_request
 from samclient.errors import AuthError, SamServeError
 from samclient.grpc_client import GrpcClient
 from samclient.keys import Keys
 from samclient.rest_client import RestClient
 from samclient.server import WORKER_SPIN_COUNT
+from samserve import matmul
 from samserve.masks import decode_segmentation
 
 pytestmark = pytest.mark.integration
@@ -158,6 +159,20 @@ def test_eviction_gives_image_not_cached(rest):
         stats = rest.describe_model("sam_small_cache", customized=True)[0]["customizedMetadata"]
         assert stats["embedding_cache"]["evictions"] == 1
         assert stats["embedding_cache"]["bytes"] <= stats["embedding_cache"]["max_bytes"]
+    finally:
+        rest.unregister_model("sam_small_cache")
+
+
+def test_workers_multiply_with_the_archives_cpu_matmul(rest):
+    """The handler setting reaches the worker: ``sam`` leaves it at ``auto``,
+    ``sam_small_cache.mar`` asks for the other backend (which falls back to torch where
+    this torch has no oneDNN)."""
+    stats = rest.describe_model(MODEL, customized=True)[0]["customizedMetadata"]
+    assert stats["cpu_matmul"] == matmul.set_backend("auto")
+    rest.register_model("sam_small_cache.mar", "sam_small_cache", initial_workers=1)
+    try:
+        stats = rest.describe_model("sam_small_cache", customized=True)[0]["customizedMetadata"]
+        assert stats["cpu_matmul"] == matmul.set_backend(OTHER_CPU_MATMUL)
     finally:
         rest.unregister_model("sam_small_cache")
 

@@ -20,6 +20,7 @@ import orjson
 import torch
 from segment_anything.modeling import Sam
 
+from . import matmul
 from .engine import (
     MIB,
     ImageEmbedding,
@@ -340,12 +341,14 @@ class SegmentService:
         return Prompt(prompt.points, prompt.labels, prompt.box, mask_input)
 
     def stats(self) -> dict[str, Any]:
-        """Cache counters and encoder runs, for the management API's describe call."""
+        """Cache counters, encoder runs, device and CPU matmul backend, for the management
+        API's describe call."""
         return {
             "encoder_runs": self.engine.encoder_runs,
             "embedding_cache": vars(self.engine.embeddings.stats()),
             "logits_cache": vars(self.engine.logits.stats()),
             "device": str(self.engine.device),
+            "cpu_matmul": matmul.backend(),
         }
 
 
