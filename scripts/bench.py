@@ -152,16 +152,13 @@ def _mask_data(record: dict[str, Any]) -> str:
 
 def machine_facts(threads: int, device: torch.device) -> dict[str, Any]:
     """CPU, cores, versions, thread settings, GPU and date of this run."""
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    info = matmul.cpu_info()
     return {
-        "cpu": cpu,
+        "cpu": info.get("model name", "unknown"),
+        "cpu_family": info.get("cpu family"),
+        "cpu_model": info.get("model"),
+        "microarchitecture": microarchitecture(info),
+        "avx512": "avx512f" in info.get("flags", "").split(),
         "cores": os.cpu_count(),
         "cores_usable": len(os.sched_getaffinity(0)),
         "load_avg_1min_at_start": round(os.getloadavg()[0], 2),
@@ -179,6 +176,36 @@ def machine_facts(threads: int, device: torch.device) -> dict[str, Any]:
 
 CPU_LABELS = {"GenuineIntel": "intel", "AuthenticAMD": "amd"}
 """CPU vendor ids as result labels: the two run different matmul libraries (samserve.matmul)."""
+
+
+def microarchitecture(info: dict[str, str]) -> str | None:
+    """AMD's core generation (``zen3``, ``zen4``, ``zen5``, ...) from ``/proc/cpuinfo``
+    fields (``samserve.matmul.cpu_info``), or None (other vendors, unknown families).
+
+    Cloud hosts name every EPYC "AMD EPYC", yet Zen 5 cores multiply twice as fast as Zen
+    4's (full-width 512-bit FMA units where Zen 4 splits each in two), which moves every
+    share of the matmul rate: results of the two must not share a label."""
+    if info.get("vendor_id") != "AuthenticAMD":
+        return None
+    try:
+        family, model = int(info["cpu family"]), int(info["model"])
+    except (KeyError, ValueError):
+        return None
+    if family == 0x1A:
+        return "zen5"
+    if family == 0x19:
+        zen4 = 0x10 <= model <= 0x1F or 0x60 <= model <= 0x7F or 0xA0 <= model <= 0xAF
+        return "zen4" if zen4 else "zen3"
+    if family == 0x17:
+        return "zen2" if model >= 0x30 else "zen1"
+    return None
+
+
+def cpu_label(cores: int) -> str:
+    """``cpu-<vendor>[-<microarchitecture>]-<cores>core``: the name of this CPU's results."""
+    info = matmul.cpu_info()
+    parts = [CPU_LABELS.get(info.get("vendor_id", ""), "other"), microarchitecture(info)]
+    return "-".join(["cpu", *filter(None, parts), f"{cores}core"])
 
 
 def matmul_gflops(device: torch.device, repeats: int) -> dict[str, Any]:
@@ -670,7 +697,7 @@ def main(argv: list[str] | None = None) -> int:
     label = args.label or (
         f"gpu-{torch.cuda.get_device_name(0).split()[-1].lower()}"
         if device.type == "cuda"
-        else f"cpu-{CPU_LABELS.get(matmul.cpu_vendor(), 'other')}-{os.cpu_count()}core"
+        else cpu_label(os.cpu_count() or 1)
     ) + ("-quick" if args.quick and not args.label else "")
 
     n_images = max(counts.cold, counts.max_cached, max(counts.concurrency), counts.size_images)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import bench_images, decoder_streams, summarize
+from bench import bench_images, cpu_label, decoder_streams, microarchitecture, summarize
 from bench_report import checks, derived, fmt, plot, render_markdown
 from conftest import MODEL
 
@@ -32,6 +32,37 @@ def test_decoder_streams_follow_the_service() -> None:
     assert decoder_streams(12, small, 4) == 3
     # One prompt's masks fill half a call: 4 prompts are 2 calls.
     assert decoder_streams(4, MASK_PIXELS_PER_CALL // 2, 4) == 2
+
+
+@pytest.mark.parametrize(
+    "fields, expected",
+    [
+        ({"cpu family": "25", "model": "17"}, "zen4"),  # EPYC 9004 (Genoa)
+        ({"cpu family": "25", "model": "160"}, "zen4"),  # Bergamo (Zen 4c)
+        ({"cpu family": "25", "model": "1"}, "zen3"),  # EPYC 7003 (Milan)
+        ({"cpu family": "26", "model": "2"}, "zen5"),  # EPYC 9005 (Turin)
+        ({"cpu family": "23", "model": "49"}, "zen2"),  # EPYC 7002 (Rome)
+        ({"cpu family": "25"}, None),
+        ({"cpu family": "25", "model": "x"}, None),
+    ],
+)
+def test_microarchitecture_of_amd_cpus(fields, expected) -> None:
+    assert microarchitecture({"vendor_id": "AuthenticAMD", **fields}) == expected
+
+
+def test_other_vendors_have_no_microarchitecture_in_their_label(monkeypatch) -> None:
+    from samserve import matmul
+
+    intel = {"vendor_id": "GenuineIntel", "cpu family": "6", "model": "143"}
+    assert microarchitecture(intel) is None
+    monkeypatch.setattr(matmul, "cpu_info", lambda: intel)
+    assert cpu_label(2) == "cpu-intel-2core"
+    monkeypatch.setattr(
+        matmul, "cpu_info", lambda: {"vendor_id": "AuthenticAMD", "cpu family": "26", "model": "2"}
+    )
+    assert cpu_label(4) == "cpu-amd-zen5-4core"
+    monkeypatch.setattr(matmul, "cpu_info", lambda: {})
+    assert cpu_label(2) == "cpu-other-2core"
 
 
 def test_clicks_fall_inside_objects() -> None:

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from samserve import upscale
 from samserve.upscale import axis_map, tokens_read, upscale_masks
 
 
@@ -98,6 +99,19 @@ def test_masks_made_in_a_thread_pool_are_the_same_bits():
     for a, b in zip(alone, pooled, strict=True):
         assert (a.top, a.left, a.size) == (b.top, b.left, b.size)
         np.testing.assert_array_equal(a.window, b.window)
+
+
+@pytest.mark.parametrize("step_values", [1, 1500 * 7, 1500 * 333, 1 << 30])
+def test_column_steps_of_any_size_give_the_same_bits(monkeypatch, step_values):
+    """One column per step, steps that leave a remainder, and the whole window at once."""
+    logits = torch.cat([blobs(256, 4, seed=9), torch.randn(2, 256, 256)])  # and noise masks
+    whole = upscale_masks(logits, (768, 1024), (1500, 2000), 1024)
+    monkeypatch.setattr(upscale, "COLUMN_STEP_VALUES", step_values)
+    stepped = upscale_masks(logits, (768, 1024), (1500, 2000), 1024)
+    for a, b in zip(whole, stepped, strict=True):
+        assert (a.top, a.left, a.size) == (b.top, b.left, b.size)
+        np.testing.assert_array_equal(a.window, b.window)
+        assert b.window.flags.f_contiguous
 
 
 @pytest.mark.parametrize(

@@ -28,15 +28,24 @@ _onednn = False  # set by set_backend("auto") below
 
 
 @functools.cache
-def cpu_vendor() -> str:
-    """The CPU's vendor id (``AuthenticAMD``, ``GenuineIntel``, ...), or '' if unknown."""
+def cpu_info() -> dict[str, str]:
+    """The first processor's fields in ``/proc/cpuinfo`` (``vendor_id``, ``cpu family``,
+    ``model``, ``model name``, ``flags``, ...); empty where there is no such file."""
+    info: dict[str, str] = {}
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("vendor_id"):
-                return line.split(":", 1)[1].strip()
+            if not line.strip():
+                break
+            key, _, value = line.partition(":")
+            info[key.strip()] = value.strip()
     except OSError:
         pass
-    return ""
+    return info
+
+
+def cpu_vendor() -> str:
+    """The CPU's vendor id (``AuthenticAMD``, ``GenuineIntel``, ...), or '' if unknown."""
+    return cpu_info().get("vendor_id", "")
 
 
 def check_backend(name: str) -> None:

@@ -128,10 +128,22 @@ def _upscale_one(
     # Rows first (a window's rows x w), then columns on the transposed result: both passes
     # gather whole contiguous rows, and the mask comes out column-major, the order COCO
     # RLE reads, with no transposing copy.
-    partial = _apply(rows.index[top:bottom], rows.weight[top:bottom], logits)
-    values = _apply(cols.index[left:right], cols.weight[left:right], partial.T.contiguous())
-    # numpy's comparison: 3x faster than torch's into a bool tensor (measured)
-    return MaskWindow.crop((values.numpy() > threshold).T, top, left, original_size)
+    partial = _apply(rows.index[top:bottom], rows.weight[top:bottom], logits).T.contiguous()
+    # The columns a cache-sized step at a time, each step thresholded at once: the whole
+    # window's float values (12 MB at 1500x2000) would go out to memory and back (a noise
+    # mask of that size: 2.5 instead of 3.9 ms with another mask made beside it, measured).
+    mask_t = np.empty((right - left, bottom - top), dtype=bool)
+    step = max(1, COLUMN_STEP_VALUES // (bottom - top))
+    for start in range(left, right, step):
+        stop = min(start + step, right)
+        values = _apply(cols.index[start:stop], cols.weight[start:stop], partial)
+        # numpy's comparison: 3x faster than torch's into a bool tensor (measured)
+        np.greater(values.numpy(), threshold, out=mask_t[start - left : stop - left])
+    return MaskWindow.crop(mask_t.T, top, left, original_size)
+
+
+COLUMN_STEP_VALUES = 1 << 19
+"""Float values (2 MiB) per step of a mask's column pass in ``_upscale_one``."""
 
 
 def _apply(index: torch.Tensor, weight: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
