@@ -664,8 +664,8 @@ def main(argv: list[str] | None = None) -> int:
         "others random weights",
     )
     parser.add_argument("--quick", action="store_true", help="tiny counts: a smoke run")
-    parser.add_argument("--label", help="output name (default cpu-<vendor>-<cores>core or "
-                        "gpu-<name>)")  # fmt: skip
+    parser.add_argument("--label", help="output name (default "
+                        "cpu-<vendor>[-<zen gen>]-<cores>core or gpu-<name>)")  # fmt: skip
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "bench")
     parser.add_argument("--repeats", type=int, help="warm clicks timed (default 50)")
     parser.add_argument(
