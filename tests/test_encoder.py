@@ -7,7 +7,7 @@ import torch
 from segment_anything.modeling.image_encoder import Attention
 
 from samserve import matmul
-from samserve.encoder import SlicedAttention, sliced_attention
+from samserve.encoder import SlicedAttention, head_groups, sliced_attention
 from samserve.models import assemble_sam, build_sam, retype_modules, spec_by_name
 
 BACKENDS = ["torch"] + (["onednn"] if torch.backends.mkldnn.is_available() else [])
@@ -41,6 +41,16 @@ def test_sliced_attention_is_sams(backend, elements):
         assert torch.equal(got, expected)  # SAM's ops on slices of its rows: the same bits
     else:
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("groups, size", [(12, 2), (5, 2), (7, 3), (2, 2), (1, 1), (9, 12)])
+def test_head_groups_cover_every_head_and_never_one_alone(groups, size):
+    slices = head_groups(groups, size)
+    heads = [h for part in slices for h in range(groups)[part]]
+    assert heads == list(range(groups))
+    lengths = [part.stop - part.start for part in slices]
+    assert all(length >= min(2, groups) for length in lengths)
+    assert all(length == min(size, groups) for length in lengths[:-1])
 
 
 def test_small_maps_keep_sams_forward():
