@@ -4,10 +4,11 @@ The official encoders attend globally in four blocks, over all 64x64 = 4096 imag
 each head's 4096x4096 map (805 MB for vit_b's 12 heads) goes to memory and back for its
 scores, both relative-position adds and the softmax. On 2 CPU cores that was 71 % of a
 vit_b encoder run (12 of 17 s, measured op by op). ``SlicedAttention`` runs the same ops
-on a few query rows of one head at a time, so each slice of the map stays in cache: the
-same bits as ``segment_anything``'s ``Attention`` (tested). A vit_b encoder run on 2 cores
-of an AMD EPYC took 19.3 s before, 11.4 s sliced, 6.2 s sliced with oneDNN's products
-(``samserve.matmul``). Windowed blocks (14x14 windows) keep SAM's own forward.
+on a few query rows of a few heads at a time (at least two: ``head_groups``), so each
+slice of the map stays in cache: the same bits as ``segment_anything``'s ``Attention``
+(tested). A vit_b encoder run on 2 cores of an AMD EPYC took 19.3 s before, 11.4 s
+sliced, 6.2 s sliced with oneDNN's products (``samserve.matmul``). Windowed blocks (14x14
+windows) keep SAM's own forward.
 """
 
 from __future__ import annotations
