@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -249,6 +251,49 @@ def test_warm_decoder_calls_reuse_freed_memory_instead_of_faulting_it_in(where):
     }  # fmt: skip
     assert faults["keep"] * 10 < faults["default"], faults
     assert faults["keep"] < 1000, faults
+
+
+_CHECKPOINT_HELD = """
+import sys
+sys.path.insert(0, sys.argv[2])
+from samserve.engine import SamEngine, keep_freed_memory
+keep_freed_memory()  # as the handler does, before it builds the model
+from samserve.models import build_sam, spec_by_name
+
+def rss_kib():
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmRSS:"))
+
+model = build_sam(spec_by_name("sam_small"), sys.argv[1])
+loaded = rss_kib()
+SamEngine(model)
+print(loaded - rss_kib())
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux /proc")
+def test_engine_gives_back_the_checkpoint_the_model_was_loaded_from(tmp_path):
+    """The checkpoint's tensors are freed once the model holds its weights, but the heap
+    keeps freed blocks (keep_freed_memory): without handing them back, a worker holds a
+    second copy of its weights until its first encoder run (measured: 1,400 instead of
+    1,040 MiB RSS for vit_b). Building the engine hands them back."""
+    import subprocess
+    import sys
+
+    from samserve.models import random_checkpoint, spec_by_name
+
+    checkpoint = tmp_path / "sam_small.pth"
+    random_checkpoint(spec_by_name("sam_small"), checkpoint)
+    handler = str(Path(__file__).resolve().parent.parent / "handler")
+    given_back_kib = int(
+        subprocess.run(
+            [sys.executable, "-c", _CHECKPOINT_HELD, str(checkpoint), handler],
+            capture_output=True, text=True, check=True, timeout=300,
+        ).stdout
+    )  # fmt: skip
+    # Measured: 6.1 MiB fewer resident with the 10.3 MiB checkpoint given back (the engine
+    # allocates some of its own), 4 MiB more without.
+    assert given_back_kib * 1024 > checkpoint.stat().st_size / 4, given_back_kib
 
 
 def test_openmp_spin_warning_only_without_a_wait_policy():

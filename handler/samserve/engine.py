@@ -287,6 +287,10 @@ class SamEngine:
             self.image_pe = model.prompt_encoder.get_dense_pe()
             # The dense embedding of prompts without a mask input ("no mask"), 1xCxhxw.
             self.no_mask_dense = model.prompt_encoder(points=None, boxes=None, masks=None)[1]
+        # Loading the model's checkpoint freed a copy of its weights into the heap, which
+        # keeps freed blocks: a worker would hold that copy (vit_b: 360 MiB) until its
+        # first encoder run.
+        release_freed_memory()
 
     @property
     def device(self) -> torch.device:
