@@ -260,14 +260,14 @@ from samserve.engine import SamEngine, keep_freed_memory
 keep_freed_memory()  # as the handler does, before it builds the model
 from samserve.models import build_sam, spec_by_name
 
-def rss_kib():
+def anonymous_kib():  # the heap's resident pages; code pages of torch fault in at will
     with open("/proc/self/status") as status:
-        return next(int(line.split()[1]) for line in status if line.startswith("VmRSS:"))
+        return next(int(line.split()[1]) for line in status if line.startswith("RssAnon:"))
 
 model = build_sam(spec_by_name("sam_small"), sys.argv[1])
-loaded = rss_kib()
+loaded = anonymous_kib()
 SamEngine(model)
-print(loaded - rss_kib())
+print(loaded - anonymous_kib())
 """
 
 
@@ -291,9 +291,10 @@ def test_engine_gives_back_the_checkpoint_the_model_was_loaded_from(tmp_path):
             capture_output=True, text=True, check=True, timeout=300,
         ).stdout
     )  # fmt: skip
-    # Measured: 6.1 MiB fewer resident with the 10.3 MiB checkpoint given back (the engine
-    # allocates some of its own), 4 MiB more without.
-    assert given_back_kib * 1024 > checkpoint.stat().st_size / 4, given_back_kib
+    # Measured: 10.0 MiB of anonymous memory given back for the 10.3 MiB checkpoint, and
+    # none (-48 KiB) without. Resident code pages are left out: in a full test run they
+    # faulted in during the engine's construction and hid what the heap gave back.
+    assert given_back_kib * 1024 > checkpoint.stat().st_size / 2, given_back_kib
 
 
 def test_openmp_spin_warning_only_without_a_wait_policy():
