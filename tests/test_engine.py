@@ -190,10 +190,25 @@ def test_prompts_split_across_decoder_calls_keep_their_order_and_answers(micro_s
         assert (split.dense_masks() != whole.dense_masks()).sum() <= 5
 
 
+def _fresh_python(script: str, *args: str) -> str:
+    """The standard output of ``script`` run with ``args`` in a new interpreter that
+    imports ``samserve`` from this checkout: heap and page-fault counts start clean."""
+    import os
+    import subprocess
+    import sys
+
+    handler = str(Path(__file__).resolve().parent.parent / "handler")
+    path = os.pathsep.join(filter(None, [handler, os.environ.get("PYTHONPATH")]))
+    return subprocess.run(
+        [sys.executable, "-c", script, *args],
+        capture_output=True, text=True, check=True, timeout=300,
+        env={**os.environ, "PYTHONPATH": path},
+    ).stdout  # fmt: skip
+
+
 _FAULTS = """
 import resource, sys, torch
 from concurrent.futures import ThreadPoolExecutor
-sys.path.insert(0, sys.argv[2])
 torch.set_num_threads(1)
 from segment_anything.modeling import MaskDecoder, TwoWayTransformer
 from samserve.decoder import predict_masks
@@ -213,7 +228,7 @@ def windows():
                 predict_masks(decoder, embedding, embedding, sparse, embedding)
             print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 
-if sys.argv[3] == "thread":  # as the service decodes: on pool threads, side by side
+if sys.argv[2] == "thread":  # as the service decodes: on pool threads, side by side
     with ThreadPoolExecutor(2) as pool:
         for future in [pool.submit(windows) for _ in range(2)]:
             future.result()
@@ -234,28 +249,16 @@ def test_warm_decoder_calls_reuse_freed_memory_instead_of_faulting_it_in(where):
     Faults are counted over windows of 3 calls and the quietest window after the first
     counts: the heap may still grow once in an early window (seen on CI: 2,048 faults,
     8 MiB), which is not the per-call cost this is about."""
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    handler = str(Path(__file__).resolve().parent.parent / "handler")
     faults = {
-        mode: min(
-            int(count)
-            for count in subprocess.run(
-                [sys.executable, "-c", _FAULTS, mode, handler, where],
-                capture_output=True, text=True, check=True, timeout=300,
-            ).stdout.split()[1:]
-        )
+        mode: min(int(count) for count in _fresh_python(_FAULTS, mode, where).split()[1:])
         for mode in ("default", "keep")
-    }  # fmt: skip
+    }
     assert faults["keep"] * 10 < faults["default"], faults
     assert faults["keep"] < 1000, faults
 
 
 _CHECKPOINT_HELD = """
 import sys
-sys.path.insert(0, sys.argv[2])
 from samserve.engine import SamEngine, keep_freed_memory
 keep_freed_memory()  # as the handler does, before it builds the model
 from samserve.models import build_sam, spec_by_name
@@ -277,20 +280,11 @@ def test_engine_gives_back_the_checkpoint_the_model_was_loaded_from(tmp_path):
     keeps freed blocks (keep_freed_memory): without handing them back, a worker holds a
     second copy of its weights until its first encoder run (measured: 1,400 instead of
     1,040 MiB RSS for vit_b). Building the engine hands them back."""
-    import subprocess
-    import sys
-
     from samserve.models import random_checkpoint, spec_by_name
 
     checkpoint = tmp_path / "sam_small.pth"
     random_checkpoint(spec_by_name("sam_small"), checkpoint)
-    handler = str(Path(__file__).resolve().parent.parent / "handler")
-    given_back_kib = int(
-        subprocess.run(
-            [sys.executable, "-c", _CHECKPOINT_HELD, str(checkpoint), handler],
-            capture_output=True, text=True, check=True, timeout=300,
-        ).stdout
-    )  # fmt: skip
+    given_back_kib = int(_fresh_python(_CHECKPOINT_HELD, str(checkpoint)))
     # Measured: 10.0 MiB of anonymous memory given back for the 10.3 MiB checkpoint, and
     # none (-48 KiB) without. Resident code pages are left out: in a full test run they
     # faulted in during the engine's construction and hid what the heap gave back.
