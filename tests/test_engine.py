@@ -262,6 +262,8 @@ import sys
 from samserve.engine import SamEngine, keep_freed_memory
 keep_freed_memory()  # as the handler does, before it builds the model
 from samserve.models import build_sam, spec_by_name
+from samserve.upscale import compile_mask_pass
+compile_mask_pass()  # numba's compiler takes memory of its own: not what this is about
 
 def anonymous_kib():  # the heap's resident pages; code pages of torch fault in at will
     with open("/proc/self/status") as status:

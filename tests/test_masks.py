@@ -14,6 +14,7 @@ from pycocotools import mask as mask_utils
 
 from samserve.masks import (
     OUTPUT_FORMATS,
+    MaskRuns,
     MaskWindow,
     decode_segmentation,
     encode_mask_groups,
@@ -273,6 +274,32 @@ def test_groups_encode_as_each_alone_whatever_the_map(output):
         assert encode_mask_groups(groups, output, pool.map) == expected
     with pytest.raises(ValueError, match="output must be one of"):
         encode_mask_groups(groups, "jpeg")
+
+
+def runs_of(mask: np.ndarray) -> MaskRuns:
+    """``MaskRuns`` of an HxW bool mask: its column-major run lengths, found by numpy."""
+    pixels = np.concatenate(([False], mask.flatten(order="F"), [not mask.flatten(order="F")[-1]]))
+    counts = np.diff(np.flatnonzero(pixels[1:] != pixels[:-1]), prepend=0).astype(np.uint32)
+    box = [int(v) for v in mask_utils.toBbox(coco_rle(mask))]
+    return MaskRuns(counts, mask.shape, box)
+
+
+@pytest.mark.parametrize("output", OUTPUT_FORMATS)
+def test_mask_runs_encode_as_their_pixels(output):
+    """Records of masks given as runs (as ``upscale`` makes them) are those of the same
+    masks given as pixels: RLE, PNG, area and box."""
+    rng = np.random.default_rng(8)
+    masks = rng.random((5, 30, 41)) < rng.random((5, 1, 1))
+    masks[0] = False
+    masks[1] = True
+    masks[2, :, :] = False
+    masks[2, -1, -1] = True  # only the last pixel
+    scores = rng.random(5).astype(np.float32)
+    runs = [runs_of(mask) for mask in masks]
+    assert encode_masks(runs, scores, output) == encode_masks(masks, scores, output)
+    for run, mask in zip(runs, masks):
+        np.testing.assert_array_equal(run.dense(), mask)
+    assert MaskRuns.empty((30, 41)).rle() == coco_rle(np.zeros((30, 41), dtype=bool))
 
 
 def test_crop_of_a_mask_set_on_all_four_edges_keeps_it_whole():

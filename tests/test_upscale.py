@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
+from pycocotools import mask as mask_utils
 
-from samserve import upscale
 from samserve.upscale import axis_map, tokens_read, upscale_masks
 
 
@@ -50,40 +51,44 @@ def test_matches_postprocess_masks(original_size, padded, low):
     scale = padded / max(original_size)
     input_size = tuple(int(s * scale + 0.5) for s in original_size)
     logits = blobs(low, 6, seed=sum(original_size))
-    windows = upscale_masks(logits, input_size, original_size, padded)
+    masks = upscale_masks(logits, input_size, original_size, padded)
     expected, values = reference(logits, input_size, original_size, padded)
-    for window, mask, value in zip(windows, expected, values, strict=True):
-        got = window.dense()
+    for runs, mask, value in zip(masks, expected, values, strict=True):
+        got = runs.dense()
         assert got.shape == original_size
         differ = got != mask
         # Only float rounding may differ: pixels whose logit is within a hair of 0.
         assert np.all(np.abs(value[differ]) < 1e-4), value[differ]
         assert differ.mean() <= 1e-5
-        # Column-major, the order COCO RLE reads: no transposing copy before pycocotools.
-        assert window.window.flags.f_contiguous
+        # The runs' RLE, area and box are pycocotools' own of those pixels.
+        coco = mask_utils.encode(np.asfortranarray(got, dtype=np.uint8))
+        assert runs.rle() == coco
+        assert runs.area == int(mask_utils.area(coco)) == got.sum()
+        assert runs.bbox == [int(v) for v in mask_utils.toBbox(coco)]
 
 
 def test_all_negative_logits_give_empty_masks_without_work():
-    windows = upscale_masks(torch.full((3, 64, 64), -1.0), (200, 256), (300, 384), 256)
-    for window in windows:
-        assert window.window.size == 0
-        assert not window.dense().any() and window.dense().shape == (300, 384)
+    masks = upscale_masks(torch.full((3, 64, 64), -1.0), (200, 256), (300, 384), 256)
+    for runs in masks:
+        assert runs.counts.tolist() == [300 * 384]
+        assert not runs.dense().any() and runs.dense().shape == (300, 384)
+        assert runs.area == 0 and runs.bbox == [0, 0, 0, 0]
 
 
 def test_positive_cells_in_the_padding_do_not_make_pixels():
     logits = torch.full((1, 64, 64), -5.0)
     logits[0, 60:, :] = 5.0  # rows that only cover the padding below a wide image
-    (window,) = upscale_masks(logits, (128, 256), (300, 600), 256)
+    (runs,) = upscale_masks(logits, (128, 256), (300, 600), 256)
     expected, _ = reference(logits, (128, 256), (300, 600), 256)
-    np.testing.assert_array_equal(window.dense(), expected[0])
+    np.testing.assert_array_equal(runs.dense(), expected[0])
     assert not expected.any()
 
 
 def test_axis_map_weights_are_convex_and_ordered():
     axis = axis_map(256, 1024, 768, 1500)
-    weight = axis.weight.double()
-    assert torch.all(weight >= 0)
-    np.testing.assert_allclose(weight.sum(dim=1).numpy(), 1.0, atol=1e-6)
+    weight = axis.weight.astype(np.float64)
+    assert np.all(weight >= 0)
+    np.testing.assert_allclose(weight.sum(axis=1), 1.0, atol=1e-6)
     assert np.all(np.diff(axis.first) >= 0) and np.all(np.diff(axis.last) >= 0)
     assert axis.index.shape[1] <= 4
 
@@ -97,21 +102,67 @@ def test_masks_made_in_a_thread_pool_are_the_same_bits():
         pooled = upscale_masks(logits, (768, 1024), (1500, 2000), 1024, map_fn=pool.map)
     assert len(pooled) == len(alone) == 8
     for a, b in zip(alone, pooled, strict=True):
-        assert (a.top, a.left, a.size) == (b.top, b.left, b.size)
-        np.testing.assert_array_equal(a.window, b.window)
+        assert a.size == b.size
+        np.testing.assert_array_equal(a.counts, b.counts)
 
 
-@pytest.mark.parametrize("step_values", [1, 1500 * 7, 1500 * 333, 1 << 30])
-def test_column_steps_of_any_size_give_the_same_bits(monkeypatch, step_values):
-    """One column per step, steps that leave a remainder, and the whole window at once."""
-    logits = torch.cat([blobs(256, 4, seed=9), torch.randn(2, 256, 256)])  # and noise masks
-    whole = upscale_masks(logits, (768, 1024), (1500, 2000), 1024)
-    monkeypatch.setattr(upscale, "COLUMN_STEP_VALUES", step_values)
-    stepped = upscale_masks(logits, (768, 1024), (1500, 2000), 1024)
-    for a, b in zip(whole, stepped, strict=True):
-        assert (a.top, a.left, a.size) == (b.top, b.left, b.size)
-        np.testing.assert_array_equal(a.window, b.window)
-        assert b.window.flags.f_contiguous
+def weighted_sums(
+    logits: torch.Tensor,
+    input_size: tuple[int, int],
+    original_size: tuple[int, int],
+    padded: int,
+    threshold: float,
+) -> np.ndarray:
+    """Cxhxw logits' HxW masks made with torch: the axis maps' sums of products, added in
+    map order (``F.embedding_bag``), rows first, over the whole frame, thresholded."""
+    rows = axis_map(logits.shape[-2], padded, input_size[0], original_size[0])
+    cols = axis_map(logits.shape[-1], padded, input_size[1], original_size[1])
+
+    def apply(axis, source):
+        index, weight = torch.from_numpy(axis.index), torch.from_numpy(axis.weight)
+        return F.embedding_bag(index, source, per_sample_weights=weight, mode="sum")
+
+    return np.stack(
+        [(apply(cols, apply(rows, x).T.contiguous()).T > threshold).numpy() for x in logits]
+    )
+
+
+@pytest.mark.parametrize(
+    "original_size,padded,low,threshold",
+    [
+        ((1500, 2000), 1024, 256, 0.0),
+        ((2000, 1500), 1024, 256, 0.0),
+        ((480, 640), 1024, 256, 0.0),
+        ((37, 301), 256, 64, 0.0),
+        ((640, 480), 384, 96, 1.5),
+        ((300, 300), 1024, 256, -0.5),
+        ((5, 3), 1024, 256, 0.0),
+    ],  # fmt: skip
+)
+def test_runs_are_the_same_bits_as_the_maps_sums_made_by_torch(
+    original_size, padded, low, threshold
+):
+    """Every pixel as torch's weighted sums make it: smooth masks, noise masks (runs in
+    nearly every column), masks that fill the frame or touch its edges, and no mask."""
+    scale = padded / max(original_size)
+    input_size = tuple(int(s * scale + 0.5) for s in original_size)
+    generator = torch.Generator().manual_seed(sum(original_size))
+    edges = torch.full((4, low, low), -3.0)
+    edges[0] = 3.0  # every pixel set
+    edges[1, :, :2] = 3.0  # the left edge, down the whole height
+    edges[2, -8:, -8:] = 3.0  # the bottom right corner of the padded frame
+    edges[3, :2, :] = 3.0  # the top edge
+    logits = torch.cat(
+        [blobs(low, 4, seed=3), torch.randn(3, low, low, generator=generator), edges]
+    )
+    masks = upscale_masks(logits, input_size, original_size, padded, threshold)
+    expected = weighted_sums(logits, input_size, original_size, padded, threshold)
+    for runs, mask in zip(masks, expected, strict=True):
+        coco = mask_utils.encode(np.asfortranarray(mask, dtype=np.uint8))
+        assert runs.rle() == coco
+        assert runs.counts.dtype == np.uint32 and int(runs.counts.sum()) == mask.size
+        assert runs.area == mask.sum()
+        assert runs.bbox == [int(v) for v in mask_utils.toBbox(coco)]
 
 
 @pytest.mark.parametrize(
@@ -128,8 +179,8 @@ def test_tokens_read_are_the_cells_with_weight(input_size, original_size):
     the last token read holds a cell of some weight: no tighter bound is right."""
     read = tokens_read((64, 64), input_size, original_size, 1024)
     for axis, cropped, length in zip(read, input_size, original_size):
-        weights = torch.zeros(256, dtype=torch.float64)
+        weights = np.zeros(256)
         amap = axis_map(256, 1024, cropped, length)
-        weights.index_add_(0, amap.index.flatten(), amap.weight.flatten().double())
+        np.add.at(weights, amap.index.flatten(), amap.weight.flatten())
         assert not weights[4 * axis :].any()
         assert weights[4 * (axis - 1) : 4 * axis].any()

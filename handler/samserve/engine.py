@@ -23,8 +23,8 @@ from segment_anything.utils.transforms import ResizeLongestSide
 
 from .cache import LRUCache
 from .decoder import ImageProjections, PaddingLogits, predict_masks, project_image
-from .masks import Mapper, MaskWindow
-from .upscale import tokens_read, upscale_masks
+from .masks import Mapper, MaskRuns
+from .upscale import compile_mask_pass, tokens_read, upscale_masks
 
 MIB = 1024 * 1024
 
@@ -141,12 +141,12 @@ class Prediction:
     """The decoder's answer to one prompt.
 
     ``masks`` are C masks of HxW in the original frame (C = 3 with multimask, else 1),
-    each kept as the window around its pixels; ``scores`` is C predicted IoUs,
+    each kept as its runs (``MaskRuns``); ``scores`` is C predicted IoUs,
     ``low_res_logits`` is Cxhxw float32. With ``padding``, the logits over the padding
     (which no mask pixel reads) are zeros until ``complete_logits`` makes them.
     """
 
-    masks: list[MaskWindow]
+    masks: list[MaskRuns]
     scores: np.ndarray
     low_res_logits: np.ndarray
     padding: PaddingLogits | None = None
@@ -287,6 +287,7 @@ class SamEngine:
             self.image_pe = model.prompt_encoder.get_dense_pe()
             # The dense embedding of prompts without a mask input ("no mask"), 1xCxhxw.
             self.no_mask_dense = model.prompt_encoder(points=None, boxes=None, masks=None)[1]
+        compile_mask_pass()
         # Loading the model's checkpoint freed a copy of its weights into the heap, which
         # keeps freed blocks: a worker would hold that copy (vit_b: 360 MiB) until its
         # first encoder run.

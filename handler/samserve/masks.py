@@ -12,7 +12,7 @@ import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from .rle import encode_rle
+from .rle import encode_rle, rle_of_counts
 
 OUTPUT_FORMATS = ("rle", "png", "none")
 
@@ -24,8 +24,9 @@ class MaskWindow:
     ``window`` is an hxw bool array whose top-left pixel is (``top``, ``left``) of the
     full mask; every pixel outside it is False. ``size`` is (H, W). Masks of small
     objects in large images stay small, and so does the work of encoding them. A window
-    may be column-major (Fortran order, as ``upscale`` makes them): COCO RLE reads masks
-    column by column, and such windows reach pycocotools without a transposing copy.
+    may be column-major (Fortran order): COCO RLE reads masks column by column, and such
+    windows reach pycocotools without a transposing copy. (Masks made from low-res
+    logits never exist as pixels: ``MaskRuns``.)
     """
 
     window: np.ndarray
@@ -57,6 +58,18 @@ class MaskWindow:
     def of(cls, mask: np.ndarray) -> MaskWindow:
         """The window of a full HxW bool mask (a copy: later changes to ``mask`` stay out)."""
         return cls.crop(np.array(mask, dtype=bool), 0, 0, mask.shape)
+
+    @property
+    def area(self) -> int:
+        """Pixels set."""
+        return int(np.count_nonzero(self.window))
+
+    @property
+    def bbox(self) -> list[int]:
+        """[x, y, w, h] of the set pixels (integer pixels); [0, 0, 0, 0] if none."""
+        if not self.window.size:
+            return [0] * 4
+        return [self.left, self.top, *self.window.shape[::-1]]
 
     def dense(self) -> np.ndarray:
         """The full HxW bool mask (column-major: the order COCO RLE reads)."""
@@ -95,14 +108,49 @@ class MaskWindow:
         )
 
 
+@dataclass(frozen=True)
+class MaskRuns:
+    """An HxW bool mask as its runs: ``counts`` (uint32) are COCO RLE's uncompressed
+    counts, the lengths of alternate runs of 0s and 1s over the pixels in column-major
+    order, from a run of 0s (maybe empty). ``samserve.upscale`` makes masks so, without
+    their pixels; ``size`` is (H, W), ``bbox`` [x, y, w, h] of the set pixels (integer
+    pixels; [0, 0, 0, 0] if none), as ``pycocotools.mask.toBbox`` gives it."""
+
+    counts: np.ndarray
+    size: tuple[int, int]
+    bbox: list[int]
+
+    @classmethod
+    def empty(cls, size: tuple[int, int]) -> MaskRuns:
+        """A mask of ``size`` with no pixel set."""
+        height, width = int(size[0]), int(size[1])
+        return cls(np.array([height * width], dtype=np.uint32), (height, width), [0] * 4)
+
+    @property
+    def area(self) -> int:
+        """Pixels set."""
+        return int(self.counts[1::2].sum(dtype=np.int64))
+
+    def rle(self) -> dict[str, Any]:
+        """COCO RLE (compressed, as ``pycocotools.mask.encode`` returns it)."""
+        return rle_of_counts(self.counts, self.size)
+
+    def dense(self) -> np.ndarray:
+        """The full HxW bool mask (column-major: the order COCO RLE reads)."""
+        return mask_utils.decode(self.rle()).view(bool)
+
+
+Mask = MaskWindow | MaskRuns
+"""A mask as ``encode_masks`` takes it."""
+
 Mapper = Callable[[Callable[[Any], Any], Iterable[Any]], Iterator[Any]]
 """``map`` or its like (``ThreadPoolExecutor.map``): results in the order of the items."""
 
 
 def encode_masks(
-    masks: Sequence[MaskWindow] | np.ndarray, scores: np.ndarray, output: str = "rle"
+    masks: Sequence[Mask] | np.ndarray, scores: np.ndarray, output: str = "rle"
 ) -> list[dict[str, Any]]:
-    """Mask records for C masks (windows, or a CxHxW bool array) with C ``scores``.
+    """Mask records for C masks (each a ``Mask``, or a CxHxW bool array) with C ``scores``.
 
     Records come best score first. Each has ``score`` (predicted IoU), ``area`` (pixels)
     and ``bbox`` ([x, y, w, h], integer pixels), plus ``segmentation`` (COCO RLE with
@@ -113,7 +161,7 @@ def encode_masks(
 
 
 def encode_mask_groups(
-    groups: Sequence[tuple[Sequence[MaskWindow] | np.ndarray, np.ndarray]],
+    groups: Sequence[tuple[Sequence[Mask] | np.ndarray, np.ndarray]],
     output: str = "rle",
     map_fn: Mapper = map,
 ) -> list[list[dict[str, Any]]]:
@@ -134,13 +182,9 @@ def encode_mask_groups(
     return records
 
 
-def _record(mask: MaskWindow, score: float, output: str) -> dict[str, Any]:
+def _record(mask: Mask, score: float, output: str) -> dict[str, Any]:
     """One mask's record (see ``encode_masks``)."""
-    record: dict[str, Any] = {
-        "score": score,
-        "area": int(np.count_nonzero(mask.window)),
-        "bbox": [mask.left, mask.top, *mask.window.shape[::-1]] if mask.window.size else [0] * 4,
-    }
+    record: dict[str, Any] = {"score": score, "area": mask.area, "bbox": mask.bbox}
     if output == "rle":
         rle = mask.rle()
         record["segmentation"] = {

@@ -1,12 +1,14 @@
-"""COCO RLE of whole masks by pycocotools' own C encoder, called without the GIL.
+"""COCO RLE by pycocotools' own C functions, called without the GIL.
 
 ``pycocotools.mask.encode`` runs its C encoder (``rleEncode`` and ``rleToString`` of the
 COCO API's ``maskApi.c``) while holding the GIL, so masks encoded in several threads take
 turns: a 1500x2000 mask of fine structure costs about 3 ms, and one click's three masks
 use one core of many. The same two functions are exported by pycocotools' extension
 module; called through ``ctypes`` (which releases the GIL for the call) they give the
-same bytes, and masks can be encoded side by side. Where the symbols are not found (an
-unusual build of pycocotools), ``encode_rle`` is ``pycocotools.mask.encode`` itself.
+same bytes, and masks can be encoded side by side. Masks made as run lengths
+(``samserve.upscale``) go to ``rleToString`` the same way. Where the
+symbols are not found (an unusual build of pycocotools), the functions here call
+``pycocotools.mask`` itself.
 """
 
 from __future__ import annotations
@@ -65,16 +67,40 @@ def encode_rle(mask: np.ndarray) -> dict[str, Any]:
     pixels = np.asfortranarray(mask).view(np.uint8)
     if _COCO_API is None:
         return mask_utils.encode(pixels)
-    api, free = _COCO_API
+    api, _ = _COCO_API
     height, width = pixels.shape
     rle = _Rle()
     api.rleEncode(ctypes.byref(rle), pixels.ctypes.data, height, width, 1)
     try:
-        text = api.rleToString(ctypes.byref(rle))
-        try:
-            counts = ctypes.string_at(text)
-        finally:
-            free(text)
+        return {"size": [height, width], "counts": _compressed(rle)}
     finally:
         api.rleFree(ctypes.byref(rle))
-    return {"size": [height, width], "counts": counts}
+
+
+def rle_of_counts(counts: np.ndarray, size: tuple[int, int]) -> dict[str, Any]:
+    """COCO RLE, as ``encode_rle`` returns it, of an HxW (``size``) mask given by its
+    uncompressed ``counts`` (column-major run lengths from a run of 0s)."""
+    height, width = size
+    if _COCO_API is None:
+        return mask_utils.frPyObjects(
+            {"size": [height, width], "counts": counts.tolist()}, height, width
+        )
+    counts = np.ascontiguousarray(counts, dtype=np.uint32)  # alive until the call returns
+    return {"size": [height, width], "counts": _compressed(_borrowed(counts, size))}
+
+
+def _borrowed(counts: np.ndarray, size: tuple[int, int]) -> _Rle:
+    """An ``RLE`` struct over contiguous uint32 ``counts``, which the caller keeps alive
+    while it is used (neither copied nor freed here)."""
+    cnts = counts.ctypes.data_as(ctypes.POINTER(ctypes.c_uint))
+    return _Rle(size[0], size[1], len(counts), cnts)
+
+
+def _compressed(rle: _Rle) -> bytes:
+    """``rleToString`` of one RLE: COCO's compressed counts."""
+    api, free = _COCO_API
+    text = api.rleToString(ctypes.byref(rle))
+    try:
+        return ctypes.string_at(text)
+    finally:
+        free(text)
