@@ -57,6 +57,17 @@ def test_matches_automatic_mask_generator_and_reuses_the_embedding(shapes_sam, p
         assert got["point_coords"] == [[float(x), float(y)] for x, y in want["point_coords"]]
 
 
+def test_no_mask_above_the_predicted_iou_filter_gives_no_records(shapes_sam):
+    """Every mask dropped by the first filter, before any is made full size: no records,
+    as SAM's generator gives."""
+    sample = make_sample(np.random.default_rng([20_000, 4]), 200, 260, 4)
+    embedding = SamEngine(shapes_sam).embed({"a": sample.image})["a"]
+    params = EverythingParams(points_per_side=4, pred_iou_thresh=1.5)
+    assert segment_everything(shapes_sam, embedding, params).records == []
+    expected = SamAutomaticMaskGenerator(shapes_sam, **params.as_kwargs()).generate(sample.image)
+    assert expected == []
+
+
 def test_crop_layers_need_the_image_and_encode_each_crop(shapes_sam):
     sample = make_sample(np.random.default_rng([20_000, 2]), 200, 260, 3)
     embedding = SamEngine(shapes_sam).embed({"a": sample.image})["a"]

@@ -2,10 +2,11 @@
 
 The method is ``segment_anything.SamAutomaticMaskGenerator``'s own (a grid of point
 prompts, predicted-IoU and stability filters, box NMS, optional crop layers and small
-region removal), run by that class itself, so results match it. The one change: when
-the generator asks for the embedding of the whole image and the engine has it cached,
-it gets the cached one instead of running the image encoder again. Crops are new
-images to the encoder, as in SAM.
+region removal), run by that class itself, so results match it. Two changes: when the
+generator asks for the embedding of the whole image and the engine has it cached, it
+gets the cached one instead of running the image encoder again (crops are new images to
+the encoder, as in SAM); and its batch step (``_FilterFirstGenerator``) drops the masks
+the predicted-IoU filter drops before making their full-size logits, not after.
 """
 
 from __future__ import annotations
@@ -16,9 +17,18 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import torch
 from segment_anything import SamAutomaticMaskGenerator, SamPredictor
 from segment_anything.modeling import Sam
-from segment_anything.utils.amg import generate_crop_boxes
+from segment_anything.utils.amg import (
+    MaskData,
+    batched_mask_to_box,
+    calculate_stability_score,
+    generate_crop_boxes,
+    is_box_near_crop_edge,
+    mask_to_rle_pytorch,
+    uncrop_masks,
+)
 
 from .engine import ImageEmbedding
 
@@ -68,6 +78,91 @@ class _CachedPredictor(SamPredictor):
         self.is_image_set = True
 
 
+class _FilterFirstGenerator(SamAutomaticMaskGenerator):
+    """``SamAutomaticMaskGenerator`` whose batch step makes full-size logits only for the
+    masks that pass the predicted-IoU filter, ``UPSCALE_BATCH`` at a time.
+
+    SAM's ``_process_batch`` upsamples all 3 x ``points_per_batch`` masks to the image's
+    size before that filter, which reads only the decoder's scores: 2.3 GB of float
+    logits per batch of 64 points on a 1500x2000 image, most of them dropped. Here the
+    filter runs on the low-res logits; the upsampling treats each mask alone, so the
+    masks kept are the same bits, and every later step is SAM's, in SAM's order.
+    """
+
+    def _process_batch(
+        self,
+        points: np.ndarray,
+        im_size: tuple[int, ...],
+        crop_box: list[int],
+        orig_size: tuple[int, ...],
+    ) -> MaskData:
+        predictor, model = self.predictor, self.predictor.model
+        coords = torch.as_tensor(
+            predictor.transform.apply_coords(points, im_size), device=predictor.device
+        )
+        labels = torch.ones(coords.shape[0], dtype=torch.int, device=coords.device)
+        sparse, dense = model.prompt_encoder(
+            points=(coords[:, None, :], labels[:, None]), boxes=None, masks=None
+        )
+        low_res, iou_preds = model.mask_decoder(
+            image_embeddings=predictor.features,
+            image_pe=model.prompt_encoder.get_dense_pe(),
+            sparse_prompt_embeddings=sparse,
+            dense_prompt_embeddings=dense,
+            multimask_output=True,
+        )
+        kept = MaskData(
+            low_res=low_res.flatten(0, 1),
+            iou_preds=iou_preds.flatten(0, 1),
+            points=torch.as_tensor(points.repeat(low_res.shape[1], axis=0)),
+        )
+        del low_res
+        if self.pred_iou_thresh > 0.0:
+            kept.filter(kept["iou_preds"] > self.pred_iou_thresh)
+        data = MaskData()
+        for start in range(0, max(len(kept["iou_preds"]), 1), UPSCALE_BATCH):
+            part = slice(start, start + UPSCALE_BATCH)
+            data.cat(self._full_size(kept, part, predictor, crop_box, orig_size))
+        return data
+
+    def _full_size(
+        self,
+        kept: MaskData,
+        part: slice,
+        predictor: SamPredictor,
+        crop_box: list[int],
+        orig_size: tuple[int, ...],
+    ) -> MaskData:
+        """The rest of SAM's ``_process_batch`` for the ``part`` of the masks ``kept``."""
+        orig_h, orig_w = orig_size
+        model = predictor.model
+        logits = model.postprocess_masks(
+            kept["low_res"][part, None], predictor.input_size, predictor.original_size
+        )[:, 0]
+        data = MaskData(
+            masks=logits, iou_preds=kept["iou_preds"][part], points=kept["points"][part]
+        )
+        data["stability_score"] = calculate_stability_score(
+            data["masks"], model.mask_threshold, self.stability_score_offset
+        )
+        if self.stability_score_thresh > 0.0:
+            data.filter(data["stability_score"] >= self.stability_score_thresh)
+        data["masks"] = data["masks"] > model.mask_threshold
+        data["boxes"] = batched_mask_to_box(data["masks"])
+        keep_mask = ~is_box_near_crop_edge(data["boxes"], crop_box, [0, 0, orig_w, orig_h])
+        if not torch.all(keep_mask):
+            data.filter(keep_mask)
+        data["masks"] = uncrop_masks(data["masks"], crop_box, orig_h, orig_w)
+        data["rles"] = mask_to_rle_pytorch(data["masks"])
+        del data["masks"]
+        return data
+
+
+UPSCALE_BATCH = 8
+"""Masks whose full-size logits ``_FilterFirstGenerator`` makes at a time (1500x2000:
+96 MB of float logits)."""
+
+
 @dataclass(frozen=True)
 class EverythingResult:
     """What segment everything found: SAM's records (``segmentation`` as COCO RLE with
@@ -97,7 +192,7 @@ def segment_everything(
             raise ValueError("crop layers need the image itself, not only its embedding")
         height, width = embedding.original_size
         image = np.broadcast_to(np.zeros(3, dtype=np.uint8), (height, width, 3))
-    generator = SamAutomaticMaskGenerator(model, output_mode="coco_rle", **params.as_kwargs())
+    generator = _FilterFirstGenerator(model, output_mode="coco_rle", **params.as_kwargs())
     predictor = _CachedPredictor(model, embedding)
     generator.predictor = predictor
     started = time.perf_counter()
