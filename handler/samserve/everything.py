@@ -2,11 +2,20 @@
 
 The method is ``segment_anything.SamAutomaticMaskGenerator``'s own (a grid of point
 prompts, predicted-IoU and stability filters, box NMS, optional crop layers and small
-region removal), run by that class itself, so results match it. Two changes: when the
-generator asks for the embedding of the whole image and the engine has it cached, it
-gets the cached one instead of running the image encoder again (crops are new images to
-the encoder, as in SAM); and its batch step (``_FilterFirstGenerator``) drops the masks
-the predicted-IoU filter drops before making their full-size logits, not after.
+region removal), run by that class itself. Three changes, none to the method:
+
+* When the generator asks for the embedding of the whole image and the engine has it
+  cached, it gets the cached one instead of running the image encoder again (crops are
+  new images to the encoder, as in SAM).
+* Its batch step (``_EngineGenerator``) decodes the points with the engine's mask decoder
+  (``samserve.decoder``: SAM's logits to float rounding, a few prompts per call), where
+  SAM's repeats the embedding for every point of a batch of 64 (on a CPU, a ``vit_b``
+  sized decoder then took 144 instead of about 20 ms per point).
+* It drops the masks the predicted-IoU filter drops before making their full-size
+  logits, not after.
+
+So the records are SAM's but for float rounding: a mask whose predicted IoU, stability
+score or box overlap lies within rounding of a threshold may go either way.
 """
 
 from __future__ import annotations
@@ -19,7 +28,6 @@ from typing import Any
 import numpy as np
 import torch
 from segment_anything import SamAutomaticMaskGenerator, SamPredictor
-from segment_anything.modeling import Sam
 from segment_anything.utils.amg import (
     MaskData,
     batched_mask_to_box,
@@ -30,7 +38,7 @@ from segment_anything.utils.amg import (
     uncrop_masks,
 )
 
-from .engine import ImageEmbedding
+from .engine import ImageEmbedding, SamEngine
 
 
 @dataclass(frozen=True)
@@ -55,38 +63,64 @@ class EverythingParams:
 
 
 class _CachedPredictor(SamPredictor):
-    """A ``SamPredictor`` that takes a known embedding for images of its original size.
+    """A ``SamPredictor`` that takes a known embedding for images of its original size and
+    decodes points with the engine's decoder.
 
     ``SamAutomaticMaskGenerator`` calls ``set_image`` once per crop; the full-image crop
     has the original size and gets ``embedding``; other crops run the encoder.
     """
 
-    def __init__(self, model: Sam, embedding: ImageEmbedding) -> None:
-        super().__init__(model)
+    def __init__(self, engine: SamEngine, embedding: ImageEmbedding) -> None:
+        super().__init__(engine.model)
+        self.engine = engine
         self.cached = embedding
+        self.embedding = embedding
         self.encoder_runs = 0
 
     def set_image(self, image: np.ndarray, image_format: str = "RGB") -> None:
         if tuple(image.shape[:2]) != tuple(self.cached.original_size):
             self.encoder_runs += 1
             super().set_image(image, image_format)
+            self.embedding = self.engine.image_embedding(
+                self.features, self.input_size, self.original_size
+            )
             return
         self.reset_image()
         self.original_size = tuple(self.cached.original_size)
         self.input_size = tuple(self.cached.input_size)
         self.features = self.cached.embedding
+        self.embedding = self.cached
         self.is_image_set = True
 
+    @torch.inference_mode()
+    def decode_points(self, coords: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Bx3xhxw low-res logits and Bx3 predicted IoUs of B single foreground points
+        (Bx2, in the model's input frame), as SAM's ``predict_torch`` makes them with
+        multimask output; ``decoder_batch_size`` points per decoder call."""
+        labels = torch.ones(coords.shape[0], 1, dtype=torch.int, device=coords.device)
+        step = self.engine.decoder_batch_size
+        parts = [
+            self.engine.decode(
+                self.embedding,
+                (coords[start : start + step, None, :], labels[start : start + step]),
+                multimask=True,
+                defer_padding=True,  # no full-size pixel reads the padding's logits
+            )[:2]
+            for start in range(0, coords.shape[0], step)
+        ]
+        return torch.cat([low for low, _ in parts]), torch.cat([iou for _, iou in parts])
 
-class _FilterFirstGenerator(SamAutomaticMaskGenerator):
-    """``SamAutomaticMaskGenerator`` whose batch step makes full-size logits only for the
-    masks that pass the predicted-IoU filter, ``UPSCALE_BATCH`` at a time.
+
+class _EngineGenerator(SamAutomaticMaskGenerator):
+    """``SamAutomaticMaskGenerator`` whose batch step decodes with the engine
+    (``_CachedPredictor.decode_points``) and makes full-size logits only for the masks
+    that pass the predicted-IoU filter, ``UPSCALE_BATCH`` at a time.
 
     SAM's ``_process_batch`` upsamples all 3 x ``points_per_batch`` masks to the image's
     size before that filter, which reads only the decoder's scores: 2.3 GB of float
     logits per batch of 64 points on a 1500x2000 image, most of them dropped. Here the
-    filter runs on the low-res logits; the upsampling treats each mask alone, so the
-    masks kept are the same bits, and every later step is SAM's, in SAM's order.
+    filter runs on the low-res logits; the upsampling (SAM's) treats each mask alone, and
+    every later step is SAM's, in SAM's order.
     """
 
     def _process_batch(
@@ -96,21 +130,13 @@ class _FilterFirstGenerator(SamAutomaticMaskGenerator):
         crop_box: list[int],
         orig_size: tuple[int, ...],
     ) -> MaskData:
-        predictor, model = self.predictor, self.predictor.model
+        predictor = self.predictor
         coords = torch.as_tensor(
-            predictor.transform.apply_coords(points, im_size), device=predictor.device
+            predictor.transform.apply_coords(points, im_size),
+            dtype=torch.float,
+            device=predictor.device,
         )
-        labels = torch.ones(coords.shape[0], dtype=torch.int, device=coords.device)
-        sparse, dense = model.prompt_encoder(
-            points=(coords[:, None, :], labels[:, None]), boxes=None, masks=None
-        )
-        low_res, iou_preds = model.mask_decoder(
-            image_embeddings=predictor.features,
-            image_pe=model.prompt_encoder.get_dense_pe(),
-            sparse_prompt_embeddings=sparse,
-            dense_prompt_embeddings=dense,
-            multimask_output=True,
-        )
+        low_res, iou_preds = predictor.decode_points(coords)
         kept = MaskData(
             low_res=low_res.flatten(0, 1),
             iou_preds=iou_preds.flatten(0, 1),
@@ -159,8 +185,8 @@ class _FilterFirstGenerator(SamAutomaticMaskGenerator):
 
 
 UPSCALE_BATCH = 8
-"""Masks whose full-size logits ``_FilterFirstGenerator`` makes at a time (1500x2000:
-96 MB of float logits)."""
+"""Masks whose full-size logits ``_EngineGenerator`` makes at a time (1500x2000: 96 MB of
+float logits)."""
 
 
 @dataclass(frozen=True)
@@ -177,12 +203,13 @@ class EverythingResult:
 
 
 def segment_everything(
-    model: Sam,
+    engine: SamEngine,
     embedding: ImageEmbedding,
     params: EverythingParams,
     image: np.ndarray | None = None,
 ) -> EverythingResult:
-    """Every instance in the image of ``embedding`` (HxW original size).
+    """Every instance in the image of ``embedding`` (HxW original size), decoded by
+    ``engine``.
 
     ``image`` (HxWx3 uint8 RGB) is only needed with crop layers, whose crops are encoded
     anew; without crops the cached embedding is all the generator uses.
@@ -192,8 +219,8 @@ def segment_everything(
             raise ValueError("crop layers need the image itself, not only its embedding")
         height, width = embedding.original_size
         image = np.broadcast_to(np.zeros(3, dtype=np.uint8), (height, width, 3))
-    generator = _FilterFirstGenerator(model, output_mode="coco_rle", **params.as_kwargs())
-    predictor = _CachedPredictor(model, embedding)
+    generator = _EngineGenerator(engine.model, output_mode="coco_rle", **params.as_kwargs())
+    predictor = _CachedPredictor(engine, embedding)
     generator.predictor = predictor
     started = time.perf_counter()
     records = generator.generate(image)

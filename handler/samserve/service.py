@@ -284,7 +284,7 @@ class SegmentService:
                 "segment everything with crop layers encodes each crop: send 'image', "
                 "not only 'image_id'",
             )
-        result = segment_everything(self.engine.model, job.embedding, params, job.image)
+        result = segment_everything(self.engine, job.embedding, params, job.image)
         self.engine.encoder_runs += result.encoder_runs
         job.timing_ms["everything"] = result.seconds * 1000
         everything = {
