@@ -184,3 +184,14 @@ def test_tokens_read_are_the_cells_with_weight(input_size, original_size):
         np.add.at(weights, amap.index.flatten(), amap.weight.flatten())
         assert not weights[4 * axis :].any()
         assert weights[4 * (axis - 1) : 4 * axis].any()
+
+
+def test_the_pass_compiles_where_numba_cannot_cache_it():
+    """numba refuses to cache a function whose source file has no writable cache
+    directory (here: source with no file at all); such a function is compiled without a
+    cache, not left failing at import."""
+    from samserve.upscale import compiled
+
+    namespace: dict = {}
+    exec("def twice(x):\n    return 2 * x\n", namespace)
+    assert compiled(namespace["twice"])(21) == 42

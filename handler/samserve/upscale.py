@@ -24,7 +24,9 @@ upscaling, and 1.2 ms here for both.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numba
 import numpy as np
@@ -161,7 +163,17 @@ with np.errstate(over="ignore"):  # the product wraps around, as the trick needs
         _BIT_INDEX[(np.uint64(1 << _bit) * _DE_BRUIJN) >> np.uint64(58)] = _bit
 
 
-@numba.njit(nogil=True, cache=True, boundscheck=False)
+def compiled(function: Callable[..., Any]) -> Callable[..., Any]:
+    """``function`` compiled by numba to run without the GIL, its machine code cached
+    beside its module (or in ``NUMBA_CACHE_DIR``); where no such directory can be written
+    (numba refuses to cache then), compiled anew in each process."""
+    try:
+        return numba.njit(nogil=True, cache=True, boundscheck=False)(function)
+    except RuntimeError:  # "cannot cache function ...: no locator available"
+        return numba.njit(nogil=True, boundscheck=False)(function)
+
+
+@compiled
 def _mask_runs(
     logits: np.ndarray,
     row_index: np.ndarray,
