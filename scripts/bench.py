@@ -5,7 +5,8 @@ In one run on one machine, for each model: ``SamPredictor.predict`` in-process (
 floor), a naive handler that runs ``set_image`` on every request (scripts/naive_handler.py),
 and this project served by TorchServe (cold, warm by ``image_id`` over REST and gRPC,
 1-64 prompts per request, concurrent clients, response sizes, worker memory vs cached
-embeddings), plus the decoder's FLOPs against this machine's matmul rate. Writes
+embeddings, segment everything against SAM's own generator), plus the decoder's FLOPs
+against this machine's matmul rate. Writes
 ``<out>/<label>.json``, ``.md`` (tables and the "must show" checks) and ``.png``::
 
     python scripts/bench.py                              # sam_small and vit_b, minutes
@@ -37,7 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
-from segment_anything import SamPredictor
+from segment_anything import SamAutomaticMaskGenerator, SamPredictor
 from segment_anything.modeling import Sam
 
 REPO = Path(__file__).resolve().parent.parent
@@ -80,11 +81,13 @@ class Counts:
     size_images: int = 4  # images whose response sizes are measured
     max_cached: int = 8  # memory: RSS up to this many cached embeddings
     matmul_repeats: int = 5
+    everything_side: int = 8  # segment everything: a grid of side x side points (SAM's
+    everything_repeats: int = 2  # generator decodes 64 in one batch)
 
 
 QUICK = Counts(
     warm=5, warmup=1, cold=2, naive=2, prompt_repeats=1, concurrency=(1, 2), seconds=2.0,
-    size_images=2, max_cached=2, matmul_repeats=3,
+    size_images=2, max_cached=2, matmul_repeats=3, everything_side=4, everything_repeats=1,
 )  # fmt: skip
 
 
@@ -333,6 +336,29 @@ def floor_predictor(
     }
 
 
+def sam_generator(predictor: SamPredictor, counts: Counts) -> dict[str, Any]:
+    """``SamAutomaticMaskGenerator`` as SAM runs it, on ``predictor``'s image (already set:
+    the encoder is not timed, as a cached image's is not): ms and masks found."""
+    sam = predictor.model
+    generator = SamAutomaticMaskGenerator(
+        sam, points_per_side=counts.everything_side, output_mode="coco_rle"
+    )
+    generator.predictor = predictor
+    features = predictor.features
+
+    def keep_image(image: np.ndarray, image_format: str = "RGB") -> None:
+        predictor.features, predictor.is_image_set = features, True  # the image it has
+
+    predictor.set_image = keep_image  # type: ignore[method-assign]
+    image = np.zeros((*predictor.original_size, 3), dtype=np.uint8)  # sizes only: not read
+    times, found = [], 0
+    for _ in range(counts.everything_repeats):
+        ms, records = timed(lambda: generator.generate(image))
+        times.append(ms)
+        found = len(records)
+    return summarize(times) | {"masks": found}
+
+
 # -- served --------------------------------------------------------------------------------
 
 
@@ -551,6 +577,17 @@ class Served:
             }
         return out
 
+    def everything(self, image_id: str, counts: Counts) -> dict[str, Any]:
+        """Segment everything on a cached image over REST, SAM's default thresholds."""
+        body = segment_request(
+            image_id=image_id, everything={"points_per_side": counts.everything_side}
+        )
+        times, responses = self.repeat(body, counts.everything_repeats)
+        return summarize(times) | {
+            "server_ms": server_timing(responses),
+            "masks": responses[-1]["everything"]["count"],
+        }
+
     def naive(self, image: BenchImage, counts: Counts) -> dict[str, Any]:
         """Image + one click per request: the naive handler encodes every time."""
         body = segment_request(image.jpeg, prompts=click_prompts(image.clicks(1)))
@@ -611,6 +648,12 @@ def bench_model(
         warm = served.warm(predictor, images[0], ids[0], counts)
         result["in_process"]["predict"] = warm.pop("in_process")
         result.update(warm)
+        print(f"[{name}] segment everything: SAM's generator in-process, REST", flush=True)
+        result["everything"] = {
+            "points": counts.everything_side**2,
+            "sam_generator": sam_generator(predictor, counts),
+            "served_rest": served.everything(ids[0], counts),
+        }
         del predictor, sam
         gc.collect()
         print(f"[{name}] prompts per request {counts.prompt_counts}", flush=True)

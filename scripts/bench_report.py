@@ -249,6 +249,20 @@ def model_section(name: str, r: dict[str, Any], image_size: str) -> list[str]:
              "share of same-round matmul, end-to-end"],
             rows,
         )  # fmt: skip
+    if "everything" in r:  # runs before 2026-12-03 did not measure it
+        every = r["everything"]
+        sam, served = every["sam_generator"], every["served_rest"]
+        out += [
+            f"### Segment everything: {every['points']} points on a cached image, SAM's "
+            "default thresholds (ms)",
+            "",
+        ]
+        out += table(
+            ["path", "p50", "n", "masks found"],
+            [["SAM's generator in-process (image already set)", sam["p50"], sam["n"],
+              sam["masks"]],
+             ["samserve, REST", served["p50"], served["n"], served["masks"]]],
+        )  # fmt: skip
     out += ["### Throughput: concurrent clients, each clicking on its own cached image", ""]
     out += table(
         ["clients", "requests", "errors", "requests/s", "p50 ms", "p95 ms", "p99 ms"],

@@ -115,6 +115,8 @@ def _fake_result(warm_ms: float) -> dict:
                          "latency": _stats(5.0)}],
         "sizes": sizes,
         "memory": {"rss": [{"cached": 0, "rss_mib": 500.0}, {"cached": 1, "rss_mib": 504.0}]},
+        "everything": {"points": 64, "sam_generator": _stats(9000.0) | {"masks": 3},
+                       "served_rest": _stats(700.0) | {"masks": 3}},
     }  # fmt: skip
 
 
@@ -165,6 +167,10 @@ def test_report_checks_markdown_and_plot(tmp_path: Path) -> None:
     assert "**Not measured**: RuntimeError: checkpoint does not fit" in markdown
     assert "One click per prompt, 3 masks per click:" in markdown
     assert "One click per prompt, best mask only:" in markdown
+    assert "### Segment everything: 64 points on a cached image" in markdown
+    assert "| samserve, REST | 700 | 3 | 3 |" in markdown
+    del results["models"]["sam_small"]["everything"]  # a run from before it was measured
+    assert render_markdown(results).count("### Segment everything") == 1
     assert "| 16 | 40 | 2.5 | 0.25 | 20 | - | 1 | 2 | 1,600 | 400 | 16 | 4 |" in markdown
     assert (
         "**100.0 GFLOP/s**, the highest of 2 measurements (at the start and after each "
