@@ -82,6 +82,14 @@ def make_image(height: int, width: int, seed: int = 0) -> np.ndarray:
     return np.clip(image, 0, 255).astype(np.uint8)
 
 
+def column_runs(mask: np.ndarray) -> np.ndarray:
+    """COCO RLE's uncompressed counts (uint32) of an HxW bool or 0/1 mask, found by numpy:
+    column-major run lengths from a run of 0s."""
+    flat = mask.astype(np.uint8).flatten(order="F")
+    changes = np.flatnonzero(np.diff(np.concatenate(([0], flat, [1 - flat[-1]]))))
+    return np.diff(changes, prepend=0).astype(np.uint32)
+
+
 def png_bytes(image: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(image).save(buffer, format="PNG")

@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 from pycocotools import mask as mask_utils
 
+from conftest import column_runs
 from samserve.masks import (
     OUTPUT_FORMATS,
     MaskRuns,
@@ -278,10 +279,8 @@ def test_groups_encode_as_each_alone_whatever_the_map(output):
 
 def runs_of(mask: np.ndarray) -> MaskRuns:
     """``MaskRuns`` of an HxW bool mask: its column-major run lengths, found by numpy."""
-    pixels = np.concatenate(([False], mask.flatten(order="F"), [not mask.flatten(order="F")[-1]]))
-    counts = np.diff(np.flatnonzero(pixels[1:] != pixels[:-1]), prepend=0).astype(np.uint32)
     box = [int(v) for v in mask_utils.toBbox(coco_rle(mask))]
-    return MaskRuns(counts, mask.shape, box)
+    return MaskRuns(column_runs(mask), mask.shape, box)
 
 
 @pytest.mark.parametrize("output", OUTPUT_FORMATS)

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from pycocotools import mask as mask_utils
 
+from conftest import column_runs
 from samserve import rle
 from samserve.rle import encode_rle, releases_gil, rle_of_counts
 
@@ -41,13 +42,6 @@ def test_same_bytes_as_pycocotools(shape, density):
             assert type(got["size"][0]) is int and isinstance(got["counts"], bytes)
 
 
-def column_runs(mask: np.ndarray) -> np.ndarray:
-    """COCO's uncompressed counts of an HxW mask, found by numpy."""
-    flat = mask.flatten(order="F")
-    changes = np.flatnonzero(np.diff(np.concatenate(([0], flat, [1 - flat[-1]]))))
-    return np.diff(changes, prepend=0).astype(np.uint32)
-
-
 @pytest.mark.parametrize("fast", [True, False])
 def test_counts_compress_as_pycocotools_encodes_the_mask(monkeypatch, fast):
     """Runs (as ``samserve.upscale`` makes them) give the bytes pycocotools gives the
@@ -57,7 +51,7 @@ def test_counts_compress_as_pycocotools_encodes_the_mask(monkeypatch, fast):
     rng = np.random.default_rng(3)
     for shape, density in (((7, 3), 0.5), ((64, 65), 0.02), ((30, 41), 1.0), ((5, 9), 0.0)):
         mask = rng.random(shape) < density
-        assert rle_of_counts(column_runs(mask.astype(np.uint8)), shape) == coco_rle(mask)
+        assert rle_of_counts(column_runs(mask), shape) == coco_rle(mask)
 
 
 def test_a_transposed_view_is_encoded_as_the_mask_it_shows():

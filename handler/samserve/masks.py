@@ -82,7 +82,8 @@ class MaskWindow:
         """COCO RLE (compressed, as ``pycocotools.mask.encode`` returns it) of the full mask.
 
         Small windows: runs are found in the window only (column-major transitions,
-        placed at their offsets in the full frame) and pycocotools compresses the counts.
+        placed at their offsets in the full frame) and pycocotools compresses the counts
+        (``rle_of_counts``).
         Windows over a quarter of the frame: pycocotools' own pass over the full mask is
         faster (and runs without the GIL, ``samserve.rle``).
         """
@@ -103,9 +104,7 @@ class MaskWindow:
         counts = np.diff(np.concatenate(([0], starts, [height * width])))
         if len(counts) > 1 and counts[-1] == 0:  # the mask ends on the last pixel
             counts = counts[:-1]
-        return mask_utils.frPyObjects(
-            {"size": [height, width], "counts": counts.tolist()}, height, width
-        )
+        return rle_of_counts(counts, self.size)
 
 
 @dataclass(frozen=True)
