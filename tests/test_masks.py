@@ -280,7 +280,7 @@ def test_groups_encode_as_each_alone_whatever_the_map(output):
 def runs_of(mask: np.ndarray) -> MaskRuns:
     """``MaskRuns`` of an HxW bool mask: its column-major run lengths, found by numpy."""
     box = [int(v) for v in mask_utils.toBbox(coco_rle(mask))]
-    return MaskRuns(column_runs(mask), mask.shape, box)
+    return MaskRuns(column_runs(mask), mask.shape, box, int(mask.sum()))
 
 
 @pytest.mark.parametrize("output", OUTPUT_FORMATS)

@@ -113,22 +113,19 @@ class MaskRuns:
     counts, the lengths of alternate runs of 0s and 1s over the pixels in column-major
     order, from a run of 0s (maybe empty). ``samserve.upscale`` makes masks so, without
     their pixels; ``size`` is (H, W), ``bbox`` [x, y, w, h] of the set pixels (integer
-    pixels; [0, 0, 0, 0] if none), as ``pycocotools.mask.toBbox`` gives it."""
+    pixels; [0, 0, 0, 0] if none), as ``pycocotools.mask.toBbox`` gives it, and ``area``
+    the pixels set (the sum of the counts of 1s)."""
 
     counts: np.ndarray
     size: tuple[int, int]
     bbox: list[int]
+    area: int
 
     @classmethod
     def empty(cls, size: tuple[int, int]) -> MaskRuns:
         """A mask of ``size`` with no pixel set."""
         height, width = int(size[0]), int(size[1])
-        return cls(np.array([height * width], dtype=np.uint32), (height, width), [0] * 4)
-
-    @property
-    def area(self) -> int:
-        """Pixels set."""
-        return int(self.counts[1::2].sum(dtype=np.int64))
+        return cls(np.array([height * width], dtype=np.uint32), (height, width), [0] * 4, 0)
 
     def rle(self) -> dict[str, Any]:
         """COCO RLE (compressed, as ``pycocotools.mask.encode`` returns it)."""
