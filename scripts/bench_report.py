@@ -221,7 +221,9 @@ def model_section(name: str, r: dict[str, Any], image_size: str) -> list[str]:
             "the same-round matmul rate are the median, over the rounds, of each request's "
             "rate divided by the matmul rate measured just before its round. Server stage "
             "times are summed over the decoder calls that ran side by side (each on one "
-            "core); the decoder's GFLOP/s divides its time by their number.",
+            "core); the decoder's GFLOP/s divides its time by their number. The server's "
+            "total is the handler's wall time; outside it, the response moves through the "
+            "worker's socket, the frontend and the client, one after another.",
             "",
         ]
     for series, words in PROMPT_SERIES.items():
@@ -235,6 +237,7 @@ def model_section(name: str, r: dict[str, Any], image_size: str) -> list[str]:
                 [count, p["latency"]["p50"], p["per_prompt_ms"],
                  d[series]["per_prompt_vs_single"].get(count), p["server_ms"].get("decoder"),
                  p["server_ms"].get("upscale"), p["server_ms"].get("encode_masks"),
+                 p["server_ms"].get("total"), _outside(p),
                  p.get("decoder_streams", 1), achieved["gflops_decoder"],
                  achieved["gflops_end_to_end"],
                  achieved.get("vs_round_matmul_decoder"),
@@ -244,7 +247,7 @@ def model_section(name: str, r: dict[str, Any], image_size: str) -> list[str]:
         out += table(
             ["prompts", "request p50 ms", "ms per prompt", "per prompt / 1-prompt request",
              "server decoder ms", "server upscale ms", "server encode_masks ms",
-             "decoder calls side by side",
+             "server total ms", "outside the handler ms", "decoder calls side by side",
              "GFLOP/s decoder", "GFLOP/s end-to-end", "share of same-round matmul, decoder",
              "share of same-round matmul, end-to-end"],
             rows,
@@ -286,6 +289,13 @@ def model_section(name: str, r: dict[str, Any], image_size: str) -> list[str]:
         [[m["cached"], m["rss_mib"]] for m in r["memory"]["rss"]],
     )
     return out
+
+
+def _outside(row: dict[str, Any]) -> float | None:
+    """A prompts row's request p50 less the handler's total p50 (ms): moving the response
+    through the worker's socket, the frontend and the client."""
+    total = row["server_ms"].get("total")
+    return None if total is None else round(row["latency"]["p50"] - total, 3)
 
 
 def render_markdown(results: dict[str, Any]) -> str:

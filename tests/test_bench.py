@@ -84,7 +84,7 @@ def _fake_result(warm_ms: float) -> dict:
     # and a request slowed alone (4x) while the matmul rate held.
     prompts = [
         {"prompts": n, "latency": _stats(10.0 * n**0.5), "per_prompt_ms": 10.0 / n**0.5,
-         "server_ms": {"decoder": 5.0 * n**0.5, "encode_masks": 1.0},
+         "server_ms": {"decoder": 5.0 * n**0.5, "encode_masks": 1.0, "total": 9.0 * n**0.5},
          "decoder_streams": 2 if n > 4 else 1,
          "rounds": [{"matmul_gflops": rate, "ms": slow * 10.0 * n**0.5,
                      "decoder_ms": slow * 5.0 * n**0.5}
@@ -171,7 +171,9 @@ def test_report_checks_markdown_and_plot(tmp_path: Path) -> None:
     assert "| samserve, REST | 700 | 3 | 3 |" in markdown
     del results["models"]["sam_small"]["everything"]  # a run from before it was measured
     assert render_markdown(results).count("### Segment everything") == 1
-    assert "| 16 | 40 | 2.5 | 0.25 | 20 | - | 1 | 2 | 1,600 | 400 | 16 | 4 |" in markdown
+    # Request 40 ms, the handler's total 36: 4 ms outside it (rows without a total: "-").
+    assert "| 16 | 40 | 2.5 | 0.25 | 20 | - | 1 | 36 | 4 | 2 | 1,600 | 400 | 16 | 4 |" in markdown
+    assert "| 16 | 112 | 7 | 0.875 | 64 | - | - | - | - | 1 |" in markdown
     assert (
         "**100.0 GFLOP/s**, the highest of 2 measurements (at the start and after each "
         "model: 100.0, 90.0)" in markdown
