@@ -137,6 +137,8 @@ def weighted_sums(
         ((640, 480), 384, 96, 1.5),
         ((300, 300), 1024, 256, -0.5),
         ((5, 3), 1024, 256, 0.0),
+        ((2, 1), 1024, 256, 0.0),  # 2 cells per pixel: the pass's general column loop
+        ((1, 1), 1024, 256, 0.0),
     ],  # fmt: skip
 )
 def test_runs_are_the_same_bits_as_the_maps_sums_made_by_torch(
