@@ -237,7 +237,7 @@ def test_mask_window_rle_is_what_pycocotools_encodes(shape, density):
         assert window.rle() == coco_rle(mask)
         np.testing.assert_array_equal(window.dense(), mask)
         assert window.window.sum() == mask.sum()
-        column_major = MaskWindow.of(np.asfortranarray(mask))  # as upscale makes them
+        column_major = MaskWindow.of(np.asfortranarray(mask))  # read without transposing
         assert column_major.rle() == coco_rle(mask)
         np.testing.assert_array_equal(column_major.dense(), mask)
 
@@ -301,15 +301,17 @@ def test_mask_runs_encode_as_their_pixels(output):
     assert MaskRuns.empty((30, 41)).rle() == coco_rle(np.zeros((30, 41), dtype=bool))
 
 
-def test_crop_of_a_mask_set_on_all_four_edges_keeps_it_whole():
+def test_window_of_a_mask_set_on_all_four_edges_keeps_it_whole():
     mask = np.zeros((30, 40), dtype=bool, order="F")
     mask[0, 5] = mask[29, 7] = mask[12, 0] = mask[3, 39] = True
-    window = MaskWindow.crop(mask, 2, 3, (50, 60))
-    assert window.window is mask  # no copy and no pass over the whole mask
-    assert (window.top, window.left, window.size) == (2, 3, (50, 60))
-    for edge in ((0, 5), (29, 7), (12, 0), (3, 39)):  # one edge empty: cropped as before
+    window = MaskWindow.of(mask)
+    assert window.window.shape == mask.shape and window.window.flags.f_contiguous
+    assert not np.shares_memory(window.window, mask)
+    assert (window.top, window.left, window.size) == (0, 0, (30, 40))
+    np.testing.assert_array_equal(window.dense(), mask)
+    for edge in ((0, 5), (29, 7), (12, 0), (3, 39)):  # one edge empty: cropped
         partial = mask.copy(order="F")
         partial[edge] = False
-        cropped = MaskWindow.crop(partial, 2, 3, (50, 60))
-        assert cropped.window.shape != mask.shape
-        np.testing.assert_array_equal(cropped.dense()[2:32, 3:43], partial)
+        cropped = MaskWindow.of(partial)
+        assert cropped.window.shape != mask.shape and cropped.window.flags.f_contiguous
+        np.testing.assert_array_equal(cropped.dense(), partial)

@@ -40,24 +40,19 @@ class MaskWindow:
         return cls(np.zeros((0, 0), dtype=bool), 0, 0, (int(size[0]), int(size[1])))
 
     @classmethod
-    def crop(cls, mask: np.ndarray, top: int, left: int, size: tuple[int, int]) -> MaskWindow:
-        """The tight window of ``mask`` (hxw bool placed at ``top``, ``left`` in ``size``)."""
-        size = (int(size[0]), int(size[1]))
+    def of(cls, mask: np.ndarray) -> MaskWindow:
+        """The tight window of a full HxW bool (or 0/1) mask, in its memory order; a copy:
+        later changes to ``mask`` stay out."""
+        mask = np.asarray(mask, dtype=bool)
+        size = (int(mask.shape[0]), int(mask.shape[1]))
         if mask.size and all(edge.any() for edge in (mask[0], mask[-1], mask[:, 0], mask[:, -1])):
-            return cls(mask, top, left, size)  # tight already: no pass over the whole mask
+            return cls(mask.copy(order="K"), 0, 0, size)  # tight already: no pass over it all
         rows = np.flatnonzero(mask.any(axis=1))
         if len(rows) == 0:
             return cls.empty(size)
         cols = np.flatnonzero(mask.any(axis=0))
-        window = mask[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
-        if window.shape != mask.shape:  # a copy, not a view of a much larger mask
-            window = window.copy(order="K")  # in the mask's memory order
-        return cls(window, top + int(rows[0]), left + int(cols[0]), size)
-
-    @classmethod
-    def of(cls, mask: np.ndarray) -> MaskWindow:
-        """The window of a full HxW bool mask (a copy: later changes to ``mask`` stay out)."""
-        return cls.crop(np.array(mask, dtype=bool), 0, 0, mask.shape)
+        window = mask[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1].copy(order="K")
+        return cls(window, int(rows[0]), int(cols[0]), size)
 
     @property
     def area(self) -> int:
