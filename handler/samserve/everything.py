@@ -146,6 +146,7 @@ class _EngineGenerator(SamAutomaticMaskGenerator):
         if self.pred_iou_thresh > 0.0:
             kept.filter(kept["iou_preds"] > self.pred_iou_thresh)
         data = MaskData()
+        # At least one part, maybe empty: SAM's later steps read the batch's fields.
         for start in range(0, max(len(kept["iou_preds"]), 1), UPSCALE_BATCH):
             part = slice(start, start + UPSCALE_BATCH)
             data.cat(self._full_size(kept, part, predictor, crop_box, orig_size))
