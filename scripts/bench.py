@@ -57,7 +57,7 @@ from samserve import matmul  # noqa: E402
 from samserve.engine import SamEngine  # noqa: E402
 from samserve.images import decode_image  # noqa: E402
 from samserve.models import SamSpec, build_sam, random_checkpoint, spec_by_name  # noqa: E402
-from samserve.service import part_size, parts_side_by_side  # noqa: E402
+from samserve.service import part_size, parts_side_by_side, prompt_work  # noqa: E402
 from samserve.settings import Settings  # noqa: E402
 from training.prompts import random_pixel  # noqa: E402
 from training.synthetic import make_sample  # noqa: E402
@@ -126,13 +126,13 @@ def server_timing(responses: Sequence[dict[str, Any]]) -> dict[str, float]:
     return {stage: round(float(np.median(v)), 3) for stage, v in stages.items()}
 
 
-def decoder_streams(prompts: int, pixels_per_prompt: int, threads: int) -> int:
+def decoder_streams(prompts: int, pixels_per_prompt: int, threads: int, work: int) -> int:
     """Decoder calls of a ``prompts``-click request (each click ``pixels_per_prompt``
     full-size mask pixels) that run side by side in a worker with ``threads`` mask threads
-    (the default), as ``samserve.service`` splits it: its ``timing_ms`` stages are summed
-    over them."""
+    (the default) on a model of ``prompt_work`` ``work``, as ``samserve.service`` splits
+    it: its ``timing_ms`` stages are summed over them."""
     size = part_size(pixels_per_prompt, Settings().decoder_batch_size)
-    return parts_side_by_side(math.ceil(prompts / size), threads)
+    return parts_side_by_side(math.ceil(prompts / size), threads, work)
 
 
 def rss_mib(pid: int) -> float:
@@ -455,12 +455,13 @@ class Served:
         image_id: str,
         counts: Counts,
         threads: int,
+        work: int,
         best_only: bool = False,
         matmul_rate: Callable[[], float] | None = None,
     ) -> list[dict[str, Any]]:
         """Requests with 1, 4, 16, 64 click prompts on one cached image: three masks per
         click, or with ``best_only`` the best-scoring one; ``threads`` are the worker's mask
-        threads (see ``decoder_streams``).
+        threads and ``work`` the model's ``prompt_work`` (see ``decoder_streams``).
 
         The counts take turns (1, 4, 16, 64, 1, 4, ...): this machine's speed drifts by
         tens of percent over minutes, and the ratios between counts should not. For the
@@ -494,7 +495,7 @@ class Served:
                 "latency": latency,
                 "per_prompt_ms": round(latency["p50"] / count, 3),
                 "server_ms": server_timing(responses),
-                "decoder_streams": decoder_streams(count, pixels_per_prompt, threads),
+                "decoder_streams": decoder_streams(count, pixels_per_prompt, threads, work),
             }
             if matmul_rate:
                 row["rounds"] = [
@@ -661,10 +662,13 @@ def bench_model(
         def rate() -> float:
             return matmul_gflops(device, counts.matmul_repeats)["gflops"]
 
-        result["prompts"] = served.prompts(images[0], ids[0], counts, threads, matmul_rate=rate)
+        work = prompt_work((1, spec.prompt_embed_dim, spec.embedding_size, spec.embedding_size))
+        result["prompts"] = served.prompts(
+            images[0], ids[0], counts, threads, work, matmul_rate=rate
+        )
         print(f"[{name}] prompts per request, best mask only", flush=True)
         result["prompts_best"] = served.prompts(
-            images[0], ids[0], counts, threads, best_only=True, matmul_rate=rate
+            images[0], ids[0], counts, threads, work, best_only=True, matmul_rate=rate
         )
         print(f"[{name}] concurrent clients {counts.concurrency}", flush=True)
         clicks = images[0].clicks(64, seed=3)

@@ -23,15 +23,18 @@ def test_summarize_percentiles() -> None:
 
 def test_decoder_streams_follow_the_service() -> None:
     """A request of up to one decoder call (4 prompts) runs alone; more run one call per
-    mask thread side by side; where masks are large, calls take fewer prompts."""
-    from samserve.service import MASK_PIXELS_PER_CALL
+    mask thread side by side, for a model as large as SAM's decoder; where masks are
+    large, calls take fewer prompts. A small decoder's calls run one after another."""
+    from samserve.service import MASK_PIXELS_PER_CALL, prompt_work
 
     small = 3 * 100 * 100
-    assert [decoder_streams(n, small, 2) for n in (1, 4, 5, 16, 64)] == [1, 1, 2, 2, 2]
-    assert [decoder_streams(n, small, 1) for n in (1, 16)] == [1, 1]
-    assert decoder_streams(12, small, 4) == 3
+    sam = prompt_work((1, 256, 64, 64))
+    assert [decoder_streams(n, small, 2, sam) for n in (1, 4, 5, 16, 64)] == [1, 1, 2, 2, 2]
+    assert [decoder_streams(n, small, 1, sam) for n in (1, 16)] == [1, 1]
+    assert decoder_streams(12, small, 4, sam) == 3
     # One prompt's masks fill half a call: 4 prompts are 2 calls.
-    assert decoder_streams(4, MASK_PIXELS_PER_CALL // 2, 4) == 2
+    assert decoder_streams(4, MASK_PIXELS_PER_CALL // 2, 4, sam) == 2
+    assert decoder_streams(64, small, 2, prompt_work((1, 96, 32, 32))) == 1
 
 
 @pytest.mark.parametrize(

@@ -11,6 +11,7 @@ from PIL import Image
 from segment_anything import SamPredictor
 
 from conftest import make_image, png_bytes
+from samserve import service as service_module
 from samserve.engine import SamEngine
 from samserve.masks import decode_segmentation
 from samserve.service import SegmentService
@@ -32,6 +33,20 @@ def _request(image: bytes | None = None, **fields) -> tuple[dict, str]:
 
 
 POINT = {"points": [[60, 50]], "labels": [1]}
+
+
+@pytest.fixture(params=["in turn", "side by side"])
+def schedule(request, monkeypatch) -> str:
+    """Run the test with decoder calls in turn (as for small models) and side by side (as
+    for SAM-sized ones)."""
+    if request.param == "side by side":
+        monkeypatch.setattr(service_module, "SIDE_BY_SIDE_WORK", 0)
+    return request.param
+
+
+def _as_large_as_sam(monkeypatch) -> None:
+    """Schedule sam_micro's decoder calls as a SAM-sized model's: side by side."""
+    monkeypatch.setattr(service_module, "SIDE_BY_SIDE_WORK", 0)
 
 
 def test_second_request_does_not_run_encoder(service):
@@ -229,7 +244,8 @@ def test_stats(service):
     assert stats["logits_cache"]["entries"] == 1
 
 
-def test_unexpected_failure_is_a_json_500_for_that_request_only(service, monkeypatch):
+def test_unexpected_failure_is_a_json_500_for_that_request_only(micro_sam, monkeypatch, schedule):
+    service = SegmentService(SamEngine(micro_sam), Settings(mask_threads=2))
     image = png_bytes(make_image(100, 100))
     good = _request(image, prompts=[POINT])
     broken = _request(image, prompts=[{"box": [1, 1, 50, 50]}])
@@ -359,6 +375,7 @@ def test_parts_of_a_request_run_side_by_side_on_the_pool_in_order(micro_sam, mon
     (one torch thread), results stay in the prompts' order; one part runs on the caller."""
     import threading
 
+    _as_large_as_sam(monkeypatch)
     service = SegmentService(SamEngine(micro_sam), Settings(mask_threads=2))
     image = png_bytes(make_image(120, 160, seed=8))
     prompts = [{"points": [[10 + 13 * k, 15 + 9 * k]], "labels": [1]} for k in range(10)]
@@ -390,8 +407,68 @@ def test_parts_of_a_request_run_side_by_side_on_the_pool_in_order(micro_sam, mon
         assert stored is not None and stored.image_id == image_id
 
 
-def test_response_too_large_while_parts_run_side_by_side(micro_sam):
-    """A 413 found after the first parts stops the request; the service keeps serving."""
+def test_small_decoders_calls_run_in_turn_on_the_caller(micro_sam, monkeypatch):
+    """A model whose decoder calls are short (sam_micro) decodes a batch's parts one after
+    another on the serving thread, on all its torch threads: side by side, two threads
+    would take turns at their Python under the GIL."""
+    import threading
+
+    service = SegmentService(SamEngine(micro_sam), Settings(mask_threads=2))
+    calls = []
+    real_predict = service.engine.predict
+
+    def predict(embedding, chunk, *args, **kwargs):
+        calls.append((len(chunk), threading.current_thread().name, torch.get_num_threads()))
+        return real_predict(embedding, chunk, *args, **kwargs)
+
+    monkeypatch.setattr(service.engine, "predict", predict)
+    images = [png_bytes(make_image(90, 120, seed=s)) for s in (11, 12)]
+    prompts = [{"points": [[10 + 9 * k, 15 + 7 * k]], "labels": [1]} for k in range(6)]
+    replies = service.handle(
+        [_request(images[0], prompts=prompts), _request(images[1], prompts=[POINT])]
+    )
+    assert [r.status for r in replies] == [200, 200]
+    me = (threading.current_thread().name, torch.get_num_threads())
+    assert [(n, name, threads) for n, name, threads in calls] == [(4, *me), (2, *me), (1, *me)]
+
+
+def test_batch_of_clicks_on_different_images_runs_side_by_side(micro_sam, monkeypatch):
+    """Concurrent clients' clicks, batched by TorchServe, each on its own cached image:
+    each request's decoder call runs on a pool thread (one torch thread) beside the
+    others', and every reply is the one that request gets alone, in the batch's order."""
+    import threading
+
+    _as_large_as_sam(monkeypatch)
+    service = SegmentService(SamEngine(micro_sam), Settings(mask_threads=2))
+    images = [png_bytes(make_image(90 + 10 * s, 120, seed=20 + s)) for s in range(3)]
+    ids = [service.handle([_request(image)])[0].body["image_id"] for image in images]
+    clicks = [{"points": [[30 + 20 * s, 40]], "labels": [1]} for s in range(3)]
+    requests = [_request(image_id=i, prompts=[c]) for i, c in zip(ids, clicks)]
+    alone = [service.handle([r])[0].body for r in requests]
+    calls = []
+    real_predict = service.engine.predict
+
+    def predict(embedding, chunk, *args, **kwargs):
+        calls.append((threading.current_thread().name, torch.get_num_threads()))
+        return real_predict(embedding, chunk, *args, **kwargs)
+
+    monkeypatch.setattr(service.engine, "predict", predict)
+    together = service.handle(requests)
+    assert [r.status for r in together] == [200, 200, 200]
+    assert len(calls) == 3
+    assert all(name.startswith("samserve-masks") and threads == 1 for name, threads in calls)
+    for reply, single, image_id in zip(together, alone, ids):
+        assert reply.body["image_id"] == image_id
+        assert (reply.body["height"], reply.body["width"]) == (single["height"], single["width"])
+        got, want = reply.body["results"][0]["masks"], single["results"][0]["masks"]
+        assert [m["score"] for m in got] == pytest.approx([m["score"] for m in want], abs=1e-4)
+        assert [m["area"] for m in got] == pytest.approx([m["area"] for m in want], abs=5)
+
+
+def test_response_too_large_while_parts_run_side_by_side(micro_sam, monkeypatch):
+    """A 413 found after the first parts stops the request, not the batch's others; the
+    service keeps serving."""
+    _as_large_as_sam(monkeypatch)
     service = SegmentService(SamEngine(micro_sam), Settings(mask_threads=2))
     image = png_bytes(make_image(120, 160, seed=9))
     prompts = [{"points": [[10 + 13 * k, 15 + 9 * k]], "labels": [1]} for k in range(12)]
@@ -400,8 +477,11 @@ def test_response_too_large_while_parts_run_side_by_side(micro_sam):
     small = SegmentService(
         SamEngine(micro_sam), Settings(mask_threads=2, max_response_bytes=len(full.encode()) // 3)
     )
-    reply = small.handle([_request(image, prompts=prompts, output="png")])[0]
+    reply, beside = small.handle(
+        [_request(image, prompts=prompts, output="png"), _request(image, prompts=prompts[:2])]
+    )
     assert reply.status == 413 and reply.body["error"]["code"] == "response_too_large"
+    assert beside.status == 200 and len(beside.body["results"]) == 2
     after = small.handle([_request(image, prompts=prompts[:1], output="png")])[0]
     assert after.status == 200 and len(after.body["results"]) == 1
 

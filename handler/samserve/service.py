@@ -9,10 +9,9 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import closing, contextmanager
 from dataclasses import dataclass, field
-from functools import partial
 from typing import Any
 
 import numpy as np
@@ -30,7 +29,7 @@ from .engine import (
     release_freed_memory,
 )
 from .errors import RequestError
-from .everything import EverythingParams, segment_everything
+from .everything import segment_everything
 from .images import decode_image, image_id_of
 from .masks import Mapper, encode_mask_groups
 from .protocol import Limits, PromptRequest, SegmentRequest, parse_request
@@ -42,6 +41,13 @@ logger = logging.getLogger(__name__)
 # Full-size mask pixels decoded in one engine call: bounds the worker's memory whatever
 # the number of prompts (each mask a call returns may be as large as the image).
 MASK_PIXELS_PER_CALL = 1 << 27
+
+# The smallest prompt_work whose decoder calls run side by side. Below it a call is
+# mostly Python between short ops, held under the GIL, and two threads take turns at it:
+# a one-prompt sam_small call on one thread took 3.2 ms alone and 7.9 beside a second
+# (at SAM's sizes 21.2 and 21.9 ms per click, 4-prompt calls), so its batch of four
+# clicks on four images took 22 ms side by side and 16 in turn, on all threads.
+SIDE_BY_SIDE_WORK = 1 << 26
 
 
 @dataclass
@@ -96,6 +102,7 @@ class SegmentService:
         # memory-bound passes that torch's intra-op threads barely speed up.
         threads = torch.get_num_threads()  # also fixes this thread's count before the pool's
         self.mask_threads = settings.mask_threads or threads
+        self.prompt_work = prompt_work(tuple(engine.image_pe.shape))
         self._mask_pool = ThreadPoolExecutor(
             self.mask_threads, "samserve-masks", initializer=_one_torch_thread
         )
@@ -135,11 +142,16 @@ class SegmentService:
                     replies[index] = Reply(500, _INTERNAL.to_dict())
                     del jobs[index]
 
+        planned: dict[int, tuple[_Job, list[list[Prompt]]]] = {}
         for index, job in jobs.items():
             with _replying(replies, index):
-                reply = Reply(200, self._segment(job))
-                self._check_response_size(len(reply.encode()))
-                replies[index] = reply
+                if job.request.everything is not None:
+                    replies[index] = self._reply(self._segment_everything(job))
+                else:
+                    planned[index] = (job, self._parts(job))
+        for index, done in self._decode_batch(planned):
+            with _replying(replies, index), closing(done):
+                replies[index] = self._reply(self._results(planned[index][0], done))
         if self.engine.encoder_runs != encoder_runs:
             release_freed_memory()
         return replies  # type: ignore[return-value]
@@ -191,10 +203,14 @@ class SegmentService:
             if not _needs_image(job.request):
                 job.image = None
 
-    def _segment(self, job: _Job) -> dict[str, Any]:
-        """Decode the job's prompts and build its response body."""
-        if job.request.everything is not None:
-            return self._segment_everything(job, job.request.everything)
+    def _reply(self, body: dict[str, Any]) -> Reply:
+        """A 200 reply of ``body``, checked against ``max_response_bytes``."""
+        reply = Reply(200, body)
+        self._check_response_size(len(reply.encode()))
+        return reply
+
+    def _parts(self, job: _Job) -> list[list[Prompt]]:
+        """The job's prompts, checked against its image, in parts of one decoder call."""
         embedding = job.embedding
         height, width = embedding.original_size
         prompts = [
@@ -215,34 +231,50 @@ class SegmentService:
         # A decoder call's worth of prompts per part, its masks encoded before the part is
         # done: then only a few parts' full-size masks are alive (and in cache).
         chunk = part_size(masks_per_prompt * width * height, self.engine.decoder_batch_size)
-        parts = [prompts[start : start + chunk] for start in range(0, len(prompts), chunk)]
+        return [prompts[start : start + chunk] for start in range(0, len(prompts), chunk)]
+
+    def _results(self, job: _Job, parts: Iterator[_Part]) -> dict[str, Any]:
+        """The job's response body from its decoded ``parts``, in order."""
         results = []
         size = 0
         stages = {"decoder": 0.0, "upscale": 0.0, "encode_masks": 0.0}
-        for part in self._decode_parts(job, parts):
+        for part in parts:
             for masks, logits in zip(part.records, part.logits):
                 size += sum(len(_mask_data(m)) for m in masks)
                 results.append({"masks": masks, "logits_id": self.engine.store_logits(logits)})
             for stage, ms in part.timing_ms.items():
                 stages[stage] += ms
             self._check_response_size(size)  # give up early, before all the work
-        if prompts:
+        if results:
             job.timing_ms.update(stages)
         return _response(job, results=results)
 
-    def _decode_parts(self, job: _Job, parts: list[list[Prompt]]) -> Iterator[_Part]:
-        """Each part of the job's prompts decoded, masks encoded, in order.
+    def _decode_batch(
+        self, planned: dict[int, tuple[_Job, list[list[Prompt]]]]
+    ) -> Iterator[tuple[int, Iterator[_Part]]]:
+        """Each planned job's index and its parts decoded, masks encoded, in order.
 
-        Several parts run side by side on the mask pool's threads, each on one torch
-        thread with its masks made one by one: one part's decoder runs while another's
-        masks are made, and no op waits for an OpenMP team (16 vit_b clicks on 2 cores,
-        30 interleaved in-process runs: 7-9 % less time per click than each part's
-        decoder on both threads and its masks in the pool after it). A single part runs
-        here on all torch threads, its masks in the pool.
+        Where the batch holds several parts (of one request or of several), they run side
+        by side on the mask pool's threads, each on one torch thread with its masks made
+        one by one: one part's decoder runs while another's masks are made, and no op
+        waits for an OpenMP team (16 vit_b clicks on 2 cores, 30 interleaved in-process
+        runs: 7-9 % less time per click than each part's decoder on both threads and its
+        masks in the pool after it; a batch of four vit_b clicks on four images, 95 -> 78
+        ms). A single part, and every part of a small model's (``parts_side_by_side``),
+        runs here on all torch threads, its masks in the pool. A job that fails cancels
+        its own parts not yet started.
         """
-        if parts_side_by_side(len(parts), self.mask_threads) > 1:
-            return self._mask_pool.map(partial(self._decode_part, job, map), parts)
-        return map(partial(self._decode_part, job, self._mask_pool.map), parts)
+        total = sum(len(parts) for _, parts in planned.values())
+        if parts_side_by_side(total, self.mask_threads, self.prompt_work) == 1:
+            for index, (job, parts) in planned.items():
+                yield index, (self._decode_part(job, self._mask_pool.map, p) for p in parts)
+            return
+        submitted = {
+            index: [self._mask_pool.submit(self._decode_part, job, map, p) for p in parts]
+            for index, (job, parts) in planned.items()
+        }
+        for index, futures in submitted.items():
+            yield index, _outcomes(futures)
 
     def _decode_part(self, job: _Job, map_fn: Mapper, prompts: list[Prompt]) -> _Part:
         """Decode ``prompts`` on the job's image and encode their masks, made by ``map_fn``."""
@@ -275,8 +307,9 @@ class SegmentService:
                 "or output 'none'",
             )
 
-    def _segment_everything(self, job: _Job, params: EverythingParams) -> dict[str, Any]:
+    def _segment_everything(self, job: _Job) -> dict[str, Any]:
         """Every instance in the job's image, by SAM's automatic mask generator."""
+        params = job.request.everything
         if params.crop_n_layers > 0 and job.image is None:
             raise RequestError(
                 400,
@@ -364,11 +397,20 @@ def part_size(pixels_per_prompt: int, decoder_batch_size: int) -> int:
     return max(1, min(MASK_PIXELS_PER_CALL // pixels_per_prompt, decoder_batch_size))
 
 
-def parts_side_by_side(parts: int, mask_threads: int) -> int:
-    """How many of a request's ``parts`` (decoder calls, see ``SegmentService._decode_parts``)
-    run at once with ``mask_threads``: up to one per thread when there are several, else
-    one. The request's ``timing_ms`` stages are summed over them."""
-    return min(parts, mask_threads) if parts > 1 else 1
+def prompt_work(embedding_shape: tuple[int, ...]) -> int:
+    """A mask-decoder prompt's size, for scheduling: the multiply-adds of one CxC
+    projection of a 1xCxhxw embedding's image tokens (a prompt's image-side products are
+    about three of these): 2.7e8 at SAM's sizes, 9.4e6 for sam_small."""
+    _, channels, height, width = embedding_shape
+    return height * width * channels * channels
+
+
+def parts_side_by_side(parts: int, mask_threads: int, work: int) -> int:
+    """How many of a batch's ``parts`` (decoder calls, see ``SegmentService._decode_batch``)
+    run at once with ``mask_threads``, for a model of ``prompt_work`` ``work``: up to one per
+    thread when there are several and ``work`` is at least ``SIDE_BY_SIDE_WORK``, else one.
+    A request's ``timing_ms`` stages are summed over its parts."""
+    return min(parts, mask_threads) if parts > 1 and work >= SIDE_BY_SIDE_WORK else 1
 
 
 def _one_torch_thread() -> None:
@@ -393,6 +435,16 @@ def _replying(replies: list[Reply | None], index: int) -> Iterator[None]:
     except Exception:
         logger.exception("request %d of the batch failed", index)
         replies[index] = Reply(500, _INTERNAL.to_dict())
+
+
+def _outcomes(futures: list[Future[_Part]]) -> Iterator[_Part]:
+    """The futures' results in order; closed early, it cancels those not yet started."""
+    try:
+        for future in futures:
+            yield future.result()
+    finally:
+        for future in futures:
+            future.cancel()
 
 
 def _mask_data(record: dict[str, Any]) -> str:
