@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import threading
 
 import numpy as np
 import pytest
@@ -42,6 +43,20 @@ def schedule(request, monkeypatch) -> str:
     if request.param == "side by side":
         monkeypatch.setattr(service_module, "SIDE_BY_SIDE_WORK", 0)
     return request.param
+
+
+def _decoder_calls(service: SegmentService, monkeypatch) -> list[tuple[int, str, int]]:
+    """The service's decoder calls from now on, as they happen: (prompts, the calling
+    thread's name, its torch threads)."""
+    calls = []
+    real_predict = service.engine.predict
+
+    def predict(embedding, chunk, *args, **kwargs):
+        calls.append((len(chunk), threading.current_thread().name, torch.get_num_threads()))
+        return real_predict(embedding, chunk, *args, **kwargs)
+
+    monkeypatch.setattr(service.engine, "predict", predict)
+    return calls
 
 
 def _as_large_as_sam(monkeypatch) -> None:
@@ -373,20 +388,11 @@ def test_mask_threads_run_torch_single_threaded_and_leave_the_caller_alone(micro
 def test_parts_of_a_request_run_side_by_side_on_the_pool_in_order(micro_sam, monkeypatch):
     """More prompts than one decoder call takes: each call's part runs on a pool thread
     (one torch thread), results stay in the prompts' order; one part runs on the caller."""
-    import threading
-
     _as_large_as_sam(monkeypatch)
     service = SegmentService(SamEngine(micro_sam), Settings(mask_threads=2))
     image = png_bytes(make_image(120, 160, seed=8))
     prompts = [{"points": [[10 + 13 * k, 15 + 9 * k]], "labels": [1]} for k in range(10)]
-    calls = []
-    real_predict = service.engine.predict
-
-    def predict(embedding, chunk, *args, **kwargs):
-        calls.append((len(chunk), threading.current_thread().name, torch.get_num_threads()))
-        return real_predict(embedding, chunk, *args, **kwargs)
-
-    monkeypatch.setattr(service.engine, "predict", predict)
+    calls = _decoder_calls(service, monkeypatch)
     together = service.handle([_request(image, prompts=prompts)])[0]
     assert together.status == 200
     assert sorted(n for n, _, _ in calls) == [2, 4, 4]
@@ -411,17 +417,8 @@ def test_small_decoders_calls_run_in_turn_on_the_caller(micro_sam, monkeypatch):
     """A model whose decoder calls are short (sam_micro) decodes a batch's parts one after
     another on the serving thread, on all its torch threads: side by side, two threads
     would take turns at their Python under the GIL."""
-    import threading
-
     service = SegmentService(SamEngine(micro_sam), Settings(mask_threads=2))
-    calls = []
-    real_predict = service.engine.predict
-
-    def predict(embedding, chunk, *args, **kwargs):
-        calls.append((len(chunk), threading.current_thread().name, torch.get_num_threads()))
-        return real_predict(embedding, chunk, *args, **kwargs)
-
-    monkeypatch.setattr(service.engine, "predict", predict)
+    calls = _decoder_calls(service, monkeypatch)
     images = [png_bytes(make_image(90, 120, seed=s)) for s in (11, 12)]
     prompts = [{"points": [[10 + 9 * k, 15 + 7 * k]], "labels": [1]} for k in range(6)]
     replies = service.handle(
@@ -436,8 +433,6 @@ def test_batch_of_clicks_on_different_images_runs_side_by_side(micro_sam, monkey
     """Concurrent clients' clicks, batched by TorchServe, each on its own cached image:
     each request's decoder call runs on a pool thread (one torch thread) beside the
     others', and every reply is the one that request gets alone, in the batch's order."""
-    import threading
-
     _as_large_as_sam(monkeypatch)
     service = SegmentService(SamEngine(micro_sam), Settings(mask_threads=2))
     images = [png_bytes(make_image(90 + 10 * s, 120, seed=20 + s)) for s in range(3)]
@@ -445,18 +440,11 @@ def test_batch_of_clicks_on_different_images_runs_side_by_side(micro_sam, monkey
     clicks = [{"points": [[30 + 20 * s, 40]], "labels": [1]} for s in range(3)]
     requests = [_request(image_id=i, prompts=[c]) for i, c in zip(ids, clicks)]
     alone = [service.handle([r])[0].body for r in requests]
-    calls = []
-    real_predict = service.engine.predict
-
-    def predict(embedding, chunk, *args, **kwargs):
-        calls.append((threading.current_thread().name, torch.get_num_threads()))
-        return real_predict(embedding, chunk, *args, **kwargs)
-
-    monkeypatch.setattr(service.engine, "predict", predict)
+    calls = _decoder_calls(service, monkeypatch)
     together = service.handle(requests)
     assert [r.status for r in together] == [200, 200, 200]
     assert len(calls) == 3
-    assert all(name.startswith("samserve-masks") and threads == 1 for name, threads in calls)
+    assert all(name.startswith("samserve-masks") and threads == 1 for _, name, threads in calls)
     for reply, single, image_id in zip(together, alone, ids):
         assert reply.body["image_id"] == image_id
         assert (reply.body["height"], reply.body["width"]) == (single["height"], single["width"])
