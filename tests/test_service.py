@@ -41,7 +41,7 @@ def schedule(request, monkeypatch) -> str:
     """Run the test with decoder calls in turn (as for small models) and side by side (as
     for SAM-sized ones)."""
     if request.param == "side by side":
-        monkeypatch.setattr(service_module, "SIDE_BY_SIDE_WORK", 0)
+        _as_large_as_sam(monkeypatch)
     return request.param
 
 
