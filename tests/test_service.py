@@ -474,6 +474,32 @@ def test_response_too_large_while_parts_run_side_by_side(micro_sam, monkeypatch)
     assert after.status == 200 and len(after.body["results"]) == 1
 
 
+def test_a_request_given_up_cancels_its_parts_not_yet_started():
+    """Closing a request's parts early (as a 413 found in its first part's masks does)
+    cancels its parts still queued on the pool; the one already running finishes."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    running, release = threading.Event(), threading.Event()
+    ran = []
+
+    def part(k: int) -> int:
+        ran.append(k)
+        if k == 1:
+            running.set()
+            release.wait(10)
+        return k
+
+    with ThreadPoolExecutor(1) as pool:
+        futures = [pool.submit(part, k) for k in range(4)]
+        parts = service_module._outcomes(futures)
+        assert next(parts) == 0
+        assert running.wait(10)  # part 1 holds the pool's thread; 2 and 3 wait
+        parts.close()
+        release.set()
+    assert ran == [0, 1]
+    assert [f.cancelled() for f in futures] == [False, False, True, True]
+
+
 def test_mask_threads_encode_the_same_records(micro_sam):
     image = png_bytes(make_image(200, 300, seed=4))
     prompts = [{"points": [[20 + 23 * k, 30 + 13 * k]], "labels": [1]} for k in range(7)]
