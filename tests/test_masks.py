@@ -280,7 +280,7 @@ def test_groups_encode_as_each_alone_whatever_the_map(output):
 def runs_of(mask: np.ndarray) -> MaskRuns:
     """``MaskRuns`` of an HxW bool mask: its column-major run lengths, found by numpy."""
     box = [int(v) for v in mask_utils.toBbox(coco_rle(mask))]
-    return MaskRuns(column_runs(mask), mask.shape, box, int(mask.sum()))
+    return MaskRuns.of_runs(column_runs(mask), mask.shape, box, int(mask.sum()))
 
 
 @pytest.mark.parametrize("output", OUTPUT_FORMATS)
@@ -299,6 +299,7 @@ def test_mask_runs_encode_as_their_pixels(output):
     for run, mask in zip(runs, masks):
         np.testing.assert_array_equal(run.dense(), mask)
     assert MaskRuns.empty((30, 41)).rle() == coco_rle(np.zeros((30, 41), dtype=bool))
+    assert MaskRuns.empty((30, 41), rle=False).counts is None
 
 
 def test_window_of_a_mask_set_on_all_four_edges_keeps_it_whole():

@@ -202,6 +202,19 @@ def test_output_none_and_order_of_results(service):
         assert all("segmentation" not in m and "png" not in m for m in result["masks"])
 
 
+def test_output_none_records_are_the_rle_records_without_their_masks(service):
+    """Masks made for ``none`` skip their RLE; their scores, areas and boxes stay."""
+    image = png_bytes(make_image(80, 80))
+    prompts = [POINT, {"box": [5, 5, 40, 40]}]
+    bare = service.handle([_request(image, prompts=prompts, output="none")])[0].body
+    full = service.handle([_request(image, prompts=prompts)])[0].body
+    for bare_result, full_result in zip(bare["results"], full["results"], strict=True):
+        expected = [
+            {key: m[key] for key in ("score", "area", "bbox")} for m in full_result["masks"]
+        ]
+        assert bare_result["masks"] == expected
+
+
 @pytest.mark.parametrize("multimask", [True, False])
 def test_best_only_returns_the_best_of_the_masks_multimask_gives(service, monkeypatch, multimask):
     image = png_bytes(make_image(120, 160, seed=3))

@@ -69,8 +69,9 @@ def test_matches_postprocess_masks(original_size, padded, low):
 
 def test_all_negative_logits_give_empty_masks_without_work():
     masks = upscale_masks(torch.full((3, 64, 64), -1.0), (200, 256), (300, 384), 256)
+    empty = mask_utils.encode(np.zeros((300, 384), dtype=np.uint8, order="F"))
     for runs in masks:
-        assert runs.counts.tolist() == [300 * 384]
+        assert runs.rle() == empty
         assert not runs.dense().any() and runs.dense().shape == (300, 384)
         assert runs.area == 0 and runs.bbox == [0, 0, 0, 0]
 
@@ -103,7 +104,32 @@ def test_masks_made_in_a_thread_pool_are_the_same_bits():
     assert len(pooled) == len(alone) == 8
     for a, b in zip(alone, pooled, strict=True):
         assert a.size == b.size
-        np.testing.assert_array_equal(a.counts, b.counts)
+        assert a.counts == b.counts and a.counts is not None
+
+
+def test_masks_made_one_after_another_in_a_thread_keep_their_own_runs():
+    """A thread's masks reuse one buffer for their runs: a mask of many runs, then one of
+    few, then a larger frame (the buffer grows) and the first again give each its own."""
+    noise = torch.randn(1, 256, 256, generator=torch.Generator().manual_seed(4))
+    smooth = blobs(256, 1, seed=6)
+    order = [(noise, (1500, 2000)), (smooth, (1500, 2000)), (noise, (3000, 4000)),
+             (smooth, (600, 800)), (noise, (1500, 2000))]  # fmt: skip
+    for logits, size in order:
+        input_size = tuple(int(s * 1024 / max(size) + 0.5) for s in size)
+        (runs,) = upscale_masks(logits, input_size, size, 1024)
+        expected = weighted_sums(logits, input_size, size, 1024, 0.0)[0]
+        assert runs.rle() == mask_utils.encode(np.asfortranarray(expected, dtype=np.uint8))
+
+
+def test_masks_without_rle_carry_box_and_area_only():
+    logits = torch.cat([blobs(256, 3, seed=2), torch.full((1, 256, 256), -1.0)])
+    made = upscale_masks(logits, (768, 1024), (1500, 2000), 1024)
+    bare = upscale_masks(logits, (768, 1024), (1500, 2000), 1024, rle=False)
+    for full, box_only in zip(made, bare, strict=True):
+        assert box_only.counts is None
+        assert (box_only.size, box_only.bbox, box_only.area) == (full.size, full.bbox, full.area)
+        with pytest.raises(ValueError, match="box and area only"):
+            box_only.rle()
 
 
 def weighted_sums(
@@ -162,7 +188,6 @@ def test_runs_are_the_same_bits_as_the_maps_sums_made_by_torch(
     for runs, mask in zip(masks, expected, strict=True):
         coco = mask_utils.encode(np.asfortranarray(mask, dtype=np.uint8))
         assert runs.rle() == coco
-        assert runs.counts.dtype == np.uint32 and int(runs.counts.sum()) == mask.size
         assert runs.area == mask.sum()
         assert runs.bbox == [int(v) for v in mask_utils.toBbox(coco)]
 

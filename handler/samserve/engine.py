@@ -141,7 +141,7 @@ class Prediction:
     """The decoder's answer to one prompt.
 
     ``masks`` are C masks of HxW in the original frame (C = 3 with multimask, else 1),
-    each kept as its runs (``MaskRuns``); ``scores`` is C predicted IoUs,
+    each kept as its COCO RLE (``MaskRuns``); ``scores`` is C predicted IoUs,
     ``low_res_logits`` is Cxhxw float32. With ``padding``, the logits over the padding
     (which no mask pixel reads) are zeros until ``complete_logits`` makes them.
     """
@@ -356,16 +356,19 @@ class SamEngine:
         best_only: bool = False,
         map_fn: Mapper = map,
         defer_padding: bool = False,
+        rle: bool = True,
     ) -> list[Prediction]:
         """Decode ``prompts`` on one embedded image; one prediction per prompt, in order.
 
         ``best_only`` keeps only the highest-scoring of the decoder's masks for each prompt
         (the one a click UI shows): the others are never upscaled. ``timing_ms``, if given,
         accumulates the milliseconds spent in the prompt encoder and mask decoder
-        (``decoder``) and in making full-size masks (``upscale``), which ``map_fn`` makes
-        (see ``upscale_masks``). With ``defer_padding``, the low-res logits over the
-        padding, which no mask pixel reads, are made only when asked for
+        (``decoder``) and in making full-size masks and their RLE (``upscale``), which
+        ``map_fn`` makes (see ``upscale_masks``). With ``defer_padding``, the low-res logits
+        over the padding, which no mask pixel reads, are made only when asked for
         (``Prediction.padding``): a quarter of the decoder's upscaling for a 4:3 image.
+        Without ``rle``, masks carry their box and area only (``MaskRuns``): no COCO RLE,
+        no pixels.
 
         Prompts of equal shape (same number of points, box or not, mask_input or not) go
         through the prompt encoder and mask decoder together, ``decoder_batch_size`` per
@@ -382,8 +385,9 @@ class SamEngine:
                 indices = group[start : start + self.decoder_batch_size]
                 batch = [prompts[i] for i in indices]
                 answers = self._predict_batch(
-                    embedding, batch, multimask, best_only, timing_ms, map_fn, defer_padding
-                )
+                    embedding, batch, multimask, best_only, timing_ms, map_fn, defer_padding,
+                    rle,
+                )  # fmt: skip
                 for i, prediction in zip(indices, answers):
                     predictions[i] = prediction
         return predictions  # type: ignore[return-value]
@@ -397,6 +401,7 @@ class SamEngine:
         timing_ms: dict[str, float] | None,
         map_fn: Mapper,
         defer_padding: bool,
+        rle: bool,
     ) -> list[Prediction]:
         """Decode B prompts of one signature in one call, as ``SamPredictor.predict_torch``."""
         started = time.perf_counter()
@@ -432,6 +437,7 @@ class SamEngine:
             self.model.image_encoder.img_size,
             self.model.mask_threshold,
             map_fn,
+            rle,
         )
         per_prompt = low_res.shape[1]
         predictions = [

@@ -104,27 +104,41 @@ class MaskWindow:
 
 @dataclass(frozen=True)
 class MaskRuns:
-    """An HxW bool mask as its runs: ``counts`` (uint32) are COCO RLE's uncompressed
-    counts, the lengths of alternate runs of 0s and 1s over the pixels in column-major
-    order, from a run of 0s (maybe empty). ``samserve.upscale`` makes masks so, without
-    their pixels; ``size`` is (H, W), ``bbox`` [x, y, w, h] of the set pixels (integer
-    pixels; [0, 0, 0, 0] if none), as ``pycocotools.mask.toBbox`` gives it, and ``area``
-    the pixels set (the sum of the counts of 1s)."""
+    """An HxW bool mask made from its runs, never as pixels (``samserve.upscale``).
 
-    counts: np.ndarray
+    ``counts`` is its COCO RLE's compressed counts (bytes, as pycocotools writes them),
+    or None for a mask made for its box and area only; ``size`` is (H, W), ``bbox`` [x,
+    y, w, h] of the set pixels (integer pixels; [0, 0, 0, 0] if none), as
+    ``pycocotools.mask.toBbox`` gives it, and ``area`` the pixels set.
+    """
+
+    counts: bytes | None
     size: tuple[int, int]
     bbox: list[int]
     area: int
 
     @classmethod
-    def empty(cls, size: tuple[int, int]) -> MaskRuns:
-        """A mask of ``size`` with no pixel set."""
-        height, width = int(size[0]), int(size[1])
-        return cls(np.array([height * width], dtype=np.uint32), (height, width), [0] * 4, 0)
+    def of_runs(
+        cls, runs: np.ndarray, size: tuple[int, int], bbox: list[int], area: int,
+        rle: bool = True,
+    ) -> MaskRuns:  # fmt: skip
+        """The mask whose uncompressed COCO counts are ``runs`` (uint32: the lengths of
+        alternate runs of 0s and 1s over the pixels in column-major order, from a run of 0s,
+        maybe empty); compressed only with ``rle``, else for its box and area only."""
+        size = (int(size[0]), int(size[1]))
+        return cls(rle_of_counts(runs, size)["counts"] if rle else None, size, bbox, area)
+
+    @classmethod
+    def empty(cls, size: tuple[int, int], rle: bool = True) -> MaskRuns:
+        """A mask of ``size`` with no pixel set (``rle``: as in ``of_runs``)."""
+        runs = np.array([int(size[0]) * int(size[1])], dtype=np.uint32)
+        return cls.of_runs(runs, size, [0] * 4, 0, rle)
 
     def rle(self) -> dict[str, Any]:
         """COCO RLE (compressed, as ``pycocotools.mask.encode`` returns it)."""
-        return rle_of_counts(self.counts, self.size)
+        if self.counts is None:
+            raise ValueError("this mask was made for its box and area only (rle=False)")
+        return {"size": list(self.size), "counts": self.counts}
 
     def dense(self) -> np.ndarray:
         """The full HxW bool mask (column-major: the order COCO RLE reads)."""

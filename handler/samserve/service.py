@@ -287,6 +287,7 @@ class SegmentService:
             best_only=job.request.best_only,
             map_fn=map_fn,
             defer_padding=True,
+            rle=job.request.output != "none",
         )
         tic = time.perf_counter()
         records = encode_mask_groups(
