@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import functools
 import math
+import mmap
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -181,7 +182,11 @@ def _buffer(name: str, shape: tuple[int, ...], dtype: type) -> np.ndarray:
     size = math.prod(shape)
     buffer = getattr(_buffers, name, None)
     if buffer is None or buffer.size < size:
-        buffer = np.empty(size, dtype=dtype)
+        # A mapping of its own, so that only the pages a mask reaches become resident: a
+        # heap block brings the pages that freed tensors left resident (the runs' buffer
+        # is sized for the worst case: 12 MiB per thread at 1500x2000).
+        memory = mmap.mmap(-1, size * np.dtype(dtype).itemsize)
+        buffer = np.frombuffer(memory, dtype=dtype)
         setattr(_buffers, name, buffer)
     return buffer[:size].reshape(shape)
 
