@@ -8,12 +8,13 @@ import struct
 import time
 import zlib
 
+import cv2
 import numpy as np
 import pytest
 from PIL import Image
 
 from samserve.errors import RequestError
-from samserve.images import decode_image, image_id_of
+from samserve.images import DecodeOptions, decode_image, image_id_of, stretch_to_8_bits
 
 BIG = 1 << 40  # a limit that never triggers
 ORIENTATION = 0x0112
@@ -258,28 +259,53 @@ def test_cmyk_jpeg_becomes_rgb_approximately():
         assert diff.max() <= 12, stripe
 
 
-SIXTEEN_BIT = np.array(
-    [[0, 257, 257 * 2, 257 * 100], [257 * 200, 257 * 254, 65535, 30000]], dtype=np.uint16
-)
-# 30000 is scaled (30000 / 257 = 116.7), not clipped to 255 nor truncated to its low byte.
-EIGHT_BIT = np.array([[0, 1, 2, 100], [200, 254, 255, 117]], dtype=np.uint8)
+# A 12-bit camera's samples (0..4095) stored in 16 bits: dark background, a bright and a
+# faint object, and one hot pixel.
+TWELVE_BIT = np.full((40, 50), 100, dtype=np.uint16)
+TWELVE_BIT[5:15, 5:15] = 3000  # bright: 2% of the pixels
+TWELVE_BIT[20:30, 20:30] = 300  # faint
+TWELVE_BIT[39, 49] = 4095  # hot pixel
 
 
-def test_16_bit_grayscale_png_is_scaled_to_8_bits():
-    data = encode(Image.fromarray(SIXTEEN_BIT), "PNG")
+def percentile_stretch(samples: np.ndarray) -> np.ndarray:
+    """The documented normalisation, written out plainly: percentiles 1 and 99.8 of all
+    samples map to 0 and 255."""
+    low, high = np.percentile(samples.astype(np.float64), [1.0, 99.8])
+    return np.clip((samples - low) / (high - low) * 255.0, 0, 255).round().astype(np.uint8)
+
+
+def gray3(channel: np.ndarray) -> np.ndarray:
+    return np.repeat(channel[..., None], 3, axis=2)
+
+
+def test_16_bit_grayscale_png_is_stretched_by_its_percentiles():
+    data = encode(Image.fromarray(TWELVE_BIT), "PNG")
     assert Image.open(io.BytesIO(data)).mode.startswith("I")  # really 16-bit on disk
     result = decode(data)
-    assert_rgb(result, 2, 4)
-    np.testing.assert_array_equal(result, np.repeat(EIGHT_BIT[..., None], 3, axis=2))
+    assert_rgb(result, 40, 50)
+    np.testing.assert_array_equal(result, gray3(percentile_stretch(TWELVE_BIT)))
+    # Faint signal keeps its contrast (dividing by 257 made it 0 against 1), and the hot
+    # pixel does not set the scale: the bright object saturates, not the single pixel.
+    assert result[0, 0, 0] == 0
+    assert result[25, 25, 0] >= 8
+    assert result[10, 10, 0] == 255
 
 
-def test_16_bit_big_endian_tiff_is_scaled_to_8_bits():
-    image = Image.fromarray(SIXTEEN_BIT.astype(">u2"))
+def test_16_bit_big_endian_tiff_with_an_intensity_range_is_scaled_by_it():
+    image = Image.fromarray(TWELVE_BIT.astype(">u2"))
     data = encode(image, "TIFF")
     assert Image.open(io.BytesIO(data)).mode == "I;16B"
-    result = decode(data)
-    assert_rgb(result, 2, 4)
-    np.testing.assert_array_equal(result, np.repeat(EIGHT_BIT[..., None], 3, axis=2))
+    result = decode_image(data, BIG, BIG, DecodeOptions(intensity_range=(0.0, 4095.0)))
+    expected = (TWELVE_BIT.astype(np.float64) * 255 / 4095).round().astype(np.uint8)
+    np.testing.assert_array_equal(result, gray3(expected))
+
+
+def test_intensity_range_clips_outside_values():
+    data = encode(Image.fromarray(TWELVE_BIT), "PNG")
+    result = decode_image(data, BIG, BIG, DecodeOptions(intensity_range=(200.0, 400.0)))
+    assert result[0, 0, 0] == 0  # 100, below the range
+    assert result[25, 25, 0] == 128  # 300, the middle
+    assert result[10, 10, 0] == 255  # 3000, above
 
 
 def test_16_bit_png_with_exif_orientation_is_rotated_and_scaled():
@@ -294,26 +320,103 @@ def test_16_bit_png_with_exif_orientation_is_rotated_and_scaled():
     np.testing.assert_array_equal(result[..., 0], expected)
 
 
-def test_32_bit_float_tiff_in_unit_range_is_scaled_to_8_bits():
+def test_signed_16_bit_tiff_keeps_its_negative_values():
+    signed = (TWELVE_BIT.astype(np.int32) - 2000).astype(np.int16)
+    data = encode(Image.fromarray(signed), "TIFF")
+    result = decode(data)
+    np.testing.assert_array_equal(result, gray3(percentile_stretch(signed)))
+    assert result[0, 0, 0] < result[25, 25, 0] < result[10, 10, 0]  # -1900 < -1700 < 1000
+
+
+def test_32_bit_integer_tiff_is_stretched():
+    wide = TWELVE_BIT.astype(np.int32) * 1000
+    data = encode(Image.fromarray(wide), "TIFF")
+    assert Image.open(io.BytesIO(data)).mode == "I"
+    np.testing.assert_array_equal(decode(data), gray3(percentile_stretch(wide)))
+
+
+def test_32_bit_float_tiff_with_unit_range_is_scaled_to_8_bits():
     values = np.array([[0.0, 0.25, 0.5], [0.75, 1.0, 0.1]], dtype=np.float32)
     data = encode(Image.fromarray(values), "TIFF")
     assert Image.open(io.BytesIO(data)).mode == "F"
-    result = decode(data)
+    result = decode_image(data, BIG, BIG, DecodeOptions(intensity_range=(0.0, 1.0)))
     assert_rgb(result, 2, 3)
     expected = np.array([[0, 64, 128], [191, 255, 26]], dtype=np.uint8)
-    np.testing.assert_array_equal(result, np.repeat(expected[..., None], 3, axis=2))
+    np.testing.assert_array_equal(result, gray3(expected))
+
+
+def test_float_tiff_with_nan_and_infinity_decodes():
+    values = np.linspace(-5.0, 5.0, 60, dtype=np.float32).reshape(6, 10)
+    values[0, 0], values[0, 1], values[0, 2] = np.nan, np.inf, -np.inf
+    result = decode(encode(Image.fromarray(values), "TIFF"))
+    assert_rgb(result, 6, 10)
+    assert result[0, 0, 0] == 0 and result[0, 1, 0] == 255 and result[0, 2, 0] == 0
+    assert result[5, 9, 0] == 255 and result[1, 0, 0] < result[4, 0, 0]
+
+
+def test_constant_16_bit_image_is_black():
+    data = encode(Image.fromarray(np.full((4, 4), 1234, dtype=np.uint16)), "PNG")
+    np.testing.assert_array_equal(decode(data), np.zeros((4, 4, 3), dtype=np.uint8))
+
+
+def test_16_bit_colour_png_keeps_its_low_bits():
+    # Pillow cuts 16-bit colour to its high byte (a 12-bit image to 0..15); OpenCV reads it.
+    rgb = np.stack([TWELVE_BIT, TWELVE_BIT // 2, TWELVE_BIT // 4], axis=-1)
+    ok, buffer = cv2.imencode(".png", rgb[:, :, ::-1])  # OpenCV writes BGR
+    assert ok and Image.open(io.BytesIO(buffer.tobytes())).mode == "RGB"  # precondition
+    result = decode(buffer.tobytes())
+    np.testing.assert_array_equal(result, percentile_stretch(rgb))
+    # One scale for all channels keeps the colour: green is half of red, blue a quarter.
+    red, green, blue = result[10, 10].tolist()
+    assert red == 255 and abs(green - 128) <= 2 and abs(blue - 64) <= 2
+    assert result[25, 25, 0] > result[0, 0, 0]
+
+
+def test_16_bit_colour_tiff_page_is_read():
+    rgb = np.stack([TWELVE_BIT, TWELVE_BIT // 2, TWELVE_BIT // 4], axis=-1)
+    ok, buffer = cv2.imencodemulti(".tiff", [rgb[:, :, ::-1] // 2, rgb[:, :, ::-1]])
+    assert ok
+    options = DecodeOptions(page=1, intensity_range=(0.0, 4095.0))
+    result = decode_image(buffer.tobytes(), BIG, BIG, options)
+    expected = (rgb.astype(np.float64) * 255 / 4095).round().astype(np.uint8)
+    np.testing.assert_array_equal(result, expected)
 
 
 @pytest.mark.parametrize(
     ("fmt", "params"), [("GIF", {}), ("TIFF", {}), ("WEBP", {"lossless": True})]
 )
-def test_multi_frame_image_gives_its_first_frame(fmt, params):
+def test_multi_frame_image_gives_its_first_frame_by_default(fmt, params):
     frames = [Image.new("RGB", (6, 4), colour) for colour in [(255, 0, 0), (0, 0, 255)]]
     data = encode(frames[0], fmt, save_all=True, append_images=frames[1:], **params)
     assert getattr(Image.open(io.BytesIO(data)), "n_frames", 1) == 2  # precondition
     result = decode(data)
     assert_rgb(result, 4, 6)
     np.testing.assert_array_equal(result, np.full((4, 6, 3), (255, 0, 0), dtype=np.uint8))
+
+
+def z_stack() -> bytes:
+    """A 3-page 16-bit TIFF whose page k is filled with 1000 * (k + 1)."""
+    pages = [Image.fromarray(np.full((4, 5), 1000 * (k + 1), dtype=np.uint16)) for k in range(3)]
+    return encode(pages[0], "TIFF", save_all=True, append_images=pages[1:])
+
+
+@pytest.mark.parametrize("page", [0, 1, 2])
+def test_page_of_a_multi_page_tiff_is_chosen(page):
+    options = DecodeOptions(page=page, intensity_range=(0.0, 4000.0))
+    result = decode_image(z_stack(), BIG, BIG, options)
+    expected = round(1000 * (page + 1) * 255 / 4000)
+    np.testing.assert_array_equal(result, np.full((4, 5, 3), expected, dtype=np.uint8))
+
+
+def test_page_past_the_last_is_refused():
+    error = expect_error(z_stack(), 400, "page_out_of_range", options=DecodeOptions(page=3))
+    assert "3 page(s)" in error.message
+    expect_error(small_png(), 400, "page_out_of_range", options=DecodeOptions(page=1))
+
+
+def test_stretch_of_an_empty_range_is_black_below_and_white_above():
+    samples = np.array([[1.0, 2.0, 3.0]])
+    assert stretch_to_8_bits(samples, (2.0, 2.0)).tolist() == [[0, 0, 255]]
 
 
 # --- limits and errors ------------------------------------------------------------------
@@ -423,3 +526,20 @@ def test_image_id_differs_for_different_bytes():
     changed = data[:-1] + bytes([data[-1] ^ 1])
     assert image_id_of(changed) != image_id_of(data)
     assert image_id_of(b"") == hashlib.sha256(b"").hexdigest()
+
+
+def test_image_id_of_another_page_or_range_is_another_key():
+    data = z_stack()
+    default = image_id_of(data)
+    assert default == hashlib.sha256(data).hexdigest()
+    assert image_id_of(data, DecodeOptions()) == default
+    keys = {
+        default,
+        image_id_of(data, DecodeOptions(page=1)),
+        image_id_of(data, DecodeOptions(page=2)),
+        image_id_of(data, DecodeOptions(intensity_range=(0.0, 4095.0))),
+        image_id_of(data, DecodeOptions(page=1, intensity_range=(0.0, 4095.0))),
+    }
+    assert len(keys) == 5
+    assert all(len(key) == 64 for key in keys)
+    assert image_id_of(data, DecodeOptions(page=1)) == image_id_of(data, DecodeOptions(page=1))
