@@ -1,14 +1,36 @@
 #!/usr/bin/env bash
 # Make the environment if it is missing: Java for TorchServe's frontend, and .venv with
 # the pinned dependencies (torch 2.14.1 + torchvision 0.29.1 come from the local disk).
+#
+#   bash scripts/setup.sh              # what serving needs (scripts/run.sh)
+#   bash scripts/setup.sh --browser    # also Debian's chromium, for the web demo's test
+#                                      # (scripts/test.sh)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+browser=0
+for arg in "$@"; do
+    case "$arg" in
+        --browser) browser=1 ;;
+        *) echo "setup: unknown option $arg (known: --browser)" >&2; exit 2 ;;
+    esac
+done
+
+# Debian packages the named commands need, installed with apt as root or through sudo.
+apt_packages=()
 if ! command -v java >/dev/null 2>&1; then
     echo "setup: installing a Java runtime for TorchServe" >&2
+    apt_packages+=(openjdk-17-jre-headless)
+fi
+# Debian's own build, not a browser download: tests/test_demo.py drives it with playwright.
+if [ "$browser" = 1 ] && ! command -v chromium >/dev/null 2>&1; then
+    echo "setup: installing Debian's chromium for the web demo's browser test" >&2
+    apt_packages+=(chromium)
+fi
+if [ "${#apt_packages[@]}" -gt 0 ]; then
     if [ "$(id -u)" = 0 ]; then sudo_=""; else sudo_="sudo"; fi
     $sudo_ apt-get update -qq
-    $sudo_ apt-get install -y -qq openjdk-17-jre-headless >/dev/null
+    $sudo_ env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${apt_packages[@]}" >/dev/null
 fi
 
 PYTHON=${PYTHON:-python3}
