@@ -3,7 +3,8 @@
 Stubs come from :mod:`samclient.protos` (generated from the installed server's own protos).
 Token authorization is on by default in TorchServe 0.12: the inference and management APIs
 take *different* keys, sent as ``authorization: Bearer <key>`` metadata; they are read from
-the server's ``key_file.json`` by :func:`samclient.keys.load_keys`.
+the server's ``key_file.json`` by :class:`samclient.keys.KeySource`, which also replaces an
+expired key (TorchServe's token API is REST only: ``token_url``).
 
 Behaviour of TorchServe 0.12's gRPC API worth knowing (checked against a live server):
 
@@ -41,8 +42,9 @@ from samclient.errors import (
     SamServeError,
     ServerUnavailableError,
 )
-from samclient.keys import Keys, load_keys
+from samclient.keys import Keys, KeySource
 from samclient.protos import Stubs, load_stubs
+from samclient.resend import ResendOptions, SentImages, predict_resending
 
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 DEFAULT_PING_TIMEOUT = 10.0
@@ -100,6 +102,18 @@ def rpc_error_to_samserve(exc: grpc.RpcError, what: str) -> SamServeError:
     return SamServeError(name, message)
 
 
+def _register_error(exc: grpc.RpcError, what: str) -> SamServeError:
+    """``rpc_error_to_samserve``, naming the usual cause of RegisterModel's bare UNKNOWN."""
+    error = rpc_error_to_samserve(exc, what)
+    if error.code == "UNKNOWN" and not (exc.details() or ""):
+        return SamServeError(
+            "UNKNOWN",
+            f"{what}: UNKNOWN with no details: TorchServe 0.12 answers this way "
+            "when a model of that name and version is already registered",
+        )
+    return error
+
+
 def _encode_body(body: bytes | bytearray | memoryview | str | Mapping[str, Any]) -> bytes:
     if isinstance(body, (bytes, bytearray, memoryview)):
         return bytes(body)
@@ -125,7 +139,7 @@ class GrpcClient:
 
     Use as a context manager (or call :meth:`close`)::
 
-        with GrpcClient(keys=load_keys("run")) as client:
+        with GrpcClient(keys=KeySource("run/key_file.json")) as client:
             client.ping()
             client.predict("sam", {"image": ...})
 
@@ -137,21 +151,35 @@ class GrpcClient:
         host: str = "127.0.0.1",
         inference_port: int = 7070,
         management_port: int = 7071,
-        keys: Keys | None = None,
+        keys: Keys | KeySource | None = None,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         stubs_dir: Path | None = None,
+        token_url: str | None = None,
+        resend: ResendOptions | None = None,
     ) -> None:
+        """
+        Arguments:
+          host, inference_port, management_port: the server's gRPC APIs.
+          keys: a key source, fixed keys, or None to find the server's key_file.json.
+          max_message_bytes: largest message either way.
+          stubs_dir: where the generated stubs live (default: build/grpc).
+          token_url: the server's REST management API, whose token API renews expired
+            keys (default: port 8081 on ``host``).
+          resend: how requests that reached a worker without their image are recovered.
+        """
         self.host = host
         self.inference_port = inference_port
         self.management_port = management_port
-        self.keys = keys if keys is not None else load_keys()
+        self.key_source = KeySource.of(keys)
         self.max_message_bytes = max_message_bytes
         self.stubs: Stubs = load_stubs(stubs_dir)
+        target_host = f"[{host}]" if ":" in host and not host.startswith("[") else host
+        self.token_url = token_url or f"http://{target_host}:8081"
+        self.sent_images = SentImages(resend or ResendOptions())
         options = [
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
         ]
-        target_host = f"[{host}]" if ":" in host and not host.startswith("[") else host
         self._inference_channel = grpc.insecure_channel(
             f"{target_host}:{inference_port}", options=options
         )
@@ -173,6 +201,11 @@ class GrpcClient:
 
     # -- plumbing ----------------------------------------------------------------------------
 
+    @property
+    def keys(self) -> Keys:
+        """The keys this client sends now."""
+        return self.key_source.keys
+
     def _call(
         self,
         method: Callable[..., Any],
@@ -180,11 +213,19 @@ class GrpcClient:
         api: str,
         timeout: float | None,
         what: str,
+        translate: Callable[[grpc.RpcError, str], SamServeError] | None = None,
     ) -> Any:
-        try:
-            return method(request, metadata=self.keys.metadata(api), timeout=timeout)
-        except grpc.RpcError as exc:
-            raise rpc_error_to_samserve(exc, what) from exc
+        """``method(request)`` with ``api``'s key; a refused key is replaced once
+        (:meth:`KeySource.call`). ``translate`` turns an RpcError into the error raised."""
+        translate = translate or rpc_error_to_samserve
+
+        def send(keys: Keys) -> Any:
+            try:
+                return method(request, metadata=keys.metadata(api), timeout=timeout)
+            except grpc.RpcError as exc:
+                raise translate(exc, what) from exc
+
+        return self.key_source.call(api, send, self.token_url)
 
     # -- inference API -----------------------------------------------------------------------
 
@@ -242,7 +283,28 @@ class GrpcClient:
         Raises :class:`SamServeError` with the handler's code and message when the response
         is ``{"error": {"code": ..., "message": ...}}`` (over gRPC such handler errors arrive
         as a normal prediction), and :class:`InvalidResponseError` when it is not a JSON object.
+        A dict request by ``image_id`` answered ``image_not_cached`` goes once more with the
+        image, when this client sent it before (see :class:`ResendOptions`).
         """
+        if not isinstance(body, Mapping):
+            return self._predict_once(model_name, body, input_name, model_version, timeout)
+        return predict_resending(
+            lambda request: self._predict_once(
+                model_name, request, input_name, model_version, timeout
+            ),
+            body,
+            self.sent_images,
+        )
+
+    def _predict_once(
+        self,
+        model_name: str,
+        body: bytes | Mapping[str, Any],
+        input_name: str,
+        model_version: str | None,
+        timeout: float | None,
+    ) -> dict[str, Any]:
+        """One prediction, decoded; our handler's error body raises SamServeError."""
         raw = self.predict_raw(model_name, body, input_name, model_version, timeout)
         payload = decode_response(raw, f"predict({model_name!r})")
         _raise_handler_error(payload)
@@ -297,19 +359,10 @@ class GrpcClient:
             **{key: value for key, value in optional.items() if value is not None},
         )
         what = f"register_model({url!r})"
-        try:
-            response = self._management.RegisterModel(
-                request, metadata=self.keys.metadata("management"), timeout=timeout
-            )
-        except grpc.RpcError as exc:
-            error = rpc_error_to_samserve(exc, what)
-            if error.code == "UNKNOWN" and not (exc.details() or ""):
-                error = SamServeError(
-                    "UNKNOWN",
-                    f"{what}: UNKNOWN with no details: TorchServe 0.12 answers this way "
-                    "when a model of that name and version is already registered",
-                )
-            raise error from exc
+        response = self._call(
+            self._management.RegisterModel, request, "management", timeout, what,
+            translate=_register_error,
+        )  # fmt: skip
         return str(response.msg)
 
     def list_models(

@@ -18,37 +18,64 @@ from .errors import (
     SamServeError,
     ServerUnavailableError,
 )
-from .keys import Keys, load_keys
+from .keys import Keys, KeySource
+from .resend import ResendOptions, SentImages, predict_resending
 
 
 class RestClient:
     """Calls TorchServe over HTTP with the right token for each API.
 
     Errors raise ``SamServeError``: with our handler's ``code`` (e.g. ``image_not_cached``)
-    and the HTTP status for bad requests, or a subclass for server-side conditions.
+    and the HTTP status for bad requests, or a subclass for server-side conditions. A
+    refused (expired) key is replaced once through ``keys`` (:class:`KeySource`), and a
+    click by ``image_id`` that reached a worker without the image is sent again with the
+    image when this client sent it (:mod:`samclient.resend`).
     """
 
     def __init__(
         self,
         inference_url: str = "http://127.0.0.1:8080",
         management_url: str = "http://127.0.0.1:8081",
-        keys: Keys | None = None,
+        keys: Keys | KeySource | None = None,
         timeout: float = 300,
+        resend: ResendOptions | None = None,
     ) -> None:
+        """
+        Arguments:
+          inference_url, management_url: the server's REST APIs (the management API also
+            serves the token API that renews keys).
+          keys: a key source, fixed keys, or None to find the server's key_file.json.
+          timeout: seconds per HTTP call.
+          resend: how requests that reached a worker without their image are recovered.
+        """
         self.inference_url = inference_url.rstrip("/")
         self.management_url = management_url.rstrip("/")
-        self.keys = keys if keys is not None else load_keys()
+        self.key_source = KeySource.of(keys)
         self.timeout = timeout
         self.session = requests.Session()
+        self.sent_images = SentImages(resend or ResendOptions())
+
+    @property
+    def keys(self) -> Keys:
+        """The keys this client sends now."""
+        return self.key_source.keys
 
     def _call(self, api: str, method: str, path: str, **kwargs: Any) -> Any:
-        """The JSON body of a successful response; an error status raises ``_http_error``'s."""
+        """The JSON body of a successful response; an error status raises ``_http_error``'s.
+        A refused key is replaced once (:meth:`KeySource.call`)."""
+        return self.key_source.call(
+            api, lambda keys: self._send(keys, api, method, path, kwargs), self.management_url
+        )
+
+    def _send(self, keys: Keys, api: str, method: str, path: str, kwargs: dict[str, Any]) -> Any:
+        """One HTTP call with ``keys``; the decoded JSON body."""
         base = self.inference_url if api == "inference" else self.management_url
-        headers = {**self.keys.header(api), **kwargs.pop("headers", {})}
+        headers = {**keys.header(api), **kwargs.get("headers", {})}
+        options = {name: value for name, value in kwargs.items() if name != "headers"}
         try:
             response = self.session.request(
                 method, f"{base}{path}", headers=headers, timeout=self.timeout, stream=True,
-                **kwargs,
+                **options,
             )  # fmt: skip
             # The body in one read: requests' own (``Response.content``) joins 10 KiB
             # chunks, and on a response of many masks (8 MB) that took 12 ms instead of 2
@@ -65,20 +92,32 @@ class RestClient:
         return self._call("inference", "GET", "/ping")["status"]
 
     def predict(self, model_name: str, body: dict[str, Any]) -> dict[str, Any]:
-        """POST a JSON request to /predictions/{model_name}; the decoded response."""
-        return self._call("inference", "POST", f"/predictions/{model_name}", json=body)
+        """POST a JSON request to /predictions/{model_name}; the decoded response.
+
+        A request by ``image_id`` answered ``image_not_cached`` goes once more with the
+        image, when this client sent it before (see :class:`ResendOptions`).
+        """
+        return predict_resending(
+            lambda request: self._call(
+                "inference", "POST", f"/predictions/{model_name}", json=dict(request)
+            ),
+            body,
+            self.sent_images,
+        )
 
     def predict_image(
         self, model_name: str, image: bytes, content_type: str = "image/png"
     ) -> dict[str, Any]:
         """POST raw image bytes (a pre-compute request); the response with its image_id."""
-        return self._call(
+        response = self._call(
             "inference",
             "POST",
             f"/predictions/{model_name}",
             data=image,
             headers={"Content-Type": content_type},
         )
+        self.sent_images.remember(response.get("image_id"), image)
+        return response
 
     def register_model(
         self, url: str, model_name: str | None = None, initial_workers: int = 1,
@@ -134,7 +173,7 @@ def _http_error(status: int, body: bytes) -> SamServeError:
     text = body.decode(errors="replace")
     message = (payload.get("message") if isinstance(payload, dict) else None) or text
     message = f"HTTP {status} {kind}: {message}".strip()
-    if kind == "InvalidKeyException":
+    if key_refused(status, body):
         return AuthError(status, message, status=status)
     if "Model API disabled" in message:
         return ModelApiDisabledError(status, message, status=status)
@@ -147,3 +186,15 @@ def _http_error(status: int, body: bytes) -> SamServeError:
     if status >= 500:
         return PredictionFailedError(status, message, status=status)
     return SamServeError(status, message, status=status)
+
+
+def key_refused(status: int, body: bytes) -> bool:
+    """Whether TorchServe refused the call's key: HTTP 400 ``InvalidKeyException``
+    (TorchServe's ``TokenAuthorizationHandler.java``), for a missing, wrong or expired key."""
+    if status != 400:
+        return False
+    try:
+        payload = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return False
+    return isinstance(payload, dict) and payload.get("type") == "InvalidKeyException"

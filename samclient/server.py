@@ -2,7 +2,8 @@
 
 Each instance lives in its own working directory: its key file, logs, pid file (under
 ``TMPDIR``, which TorchServe's launcher honours) and worker sockets stay there, so a
-test server and a demo server never step on each other.
+test server and a demo server never step on each other. An instance listens where its
+config.properties says, unless it is given ports of its own (tests, benchmarks).
 """
 
 from __future__ import annotations
@@ -14,12 +15,14 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import requests
 
-from .keys import Keys, load_keys
+from .keys import KEY_FILE_NAME, Keys, KeySource, load_keys
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = REPO / "config.properties"
@@ -51,8 +54,109 @@ class Ports:
         return cls(*(getattr(base, f) + delta for f in cls.__dataclass_fields__))
 
 
+@dataclass(frozen=True)
+class Addresses:
+    """Where a client on this machine reaches one TorchServe instance (TorchServe's
+    defaults unless its config.properties says otherwise)."""
+
+    inference_url: str = "http://127.0.0.1:8080"
+    management_url: str = "http://127.0.0.1:8081"
+    metrics_url: str = "http://127.0.0.1:8082"
+    grpc_inference_host: str = "127.0.0.1"
+    grpc_inference_port: int = 7070
+    grpc_management_host: str = "127.0.0.1"
+    grpc_management_port: int = 7071
+
+    @classmethod
+    def from_properties(cls, properties: Mapping[str, str]) -> Addresses:
+        """The addresses a config.properties (as a dict) makes TorchServe listen on; one
+        bound to every interface (``0.0.0.0``, ``::``) is reached through loopback."""
+        default = cls()
+        return cls(
+            inference_url=_reachable_url(
+                properties.get("inference_address"), default.inference_url
+            ),
+            management_url=_reachable_url(
+                properties.get("management_address"), default.management_url
+            ),
+            metrics_url=_reachable_url(properties.get("metrics_address"), default.metrics_url),
+            grpc_inference_host=_reachable_host(
+                properties.get("grpc_inference_address") or default.grpc_inference_host
+            ),
+            grpc_inference_port=int(
+                properties.get("grpc_inference_port") or default.grpc_inference_port
+            ),
+            grpc_management_host=_reachable_host(
+                properties.get("grpc_management_address") or default.grpc_management_host
+            ),
+            grpc_management_port=int(
+                properties.get("grpc_management_port") or default.grpc_management_port
+            ),
+        )
+
+    @classmethod
+    def from_config(cls, config: str | os.PathLike = DEFAULT_CONFIG) -> Addresses:
+        """The addresses of a server started with the config.properties at ``config``."""
+        return cls.from_properties(read_properties(config))
+
+    @classmethod
+    def on_ports(cls, ports: Ports, host: str = "127.0.0.1") -> Addresses:
+        """The addresses of an instance given its own ports on ``host``."""
+        return cls(
+            inference_url=f"http://{host}:{ports.inference}",
+            management_url=f"http://{host}:{ports.management}",
+            metrics_url=f"http://{host}:{ports.metrics}",
+            grpc_inference_host=host,
+            grpc_inference_port=ports.grpc_inference,
+            grpc_management_host=host,
+            grpc_management_port=ports.grpc_management,
+        )
+
+
+def read_properties(path: str | os.PathLike) -> dict[str, str]:
+    """The ``key=value`` settings of a Java properties file such as config.properties.
+
+    Arguments:
+      path: the file.
+
+    Returns:
+      Each key's value, stripped; comment lines (``#``, ``!``) are skipped.
+    """
+    properties = {}
+    for line in Path(path).read_text().splitlines():
+        text = line.strip()
+        if not text or text[0] in "#!" or "=" not in text:
+            continue
+        key, value = text.split("=", 1)
+        properties[key.strip()] = value.strip()
+    return properties
+
+
+def _reachable_host(host: str) -> str:
+    """``host`` as a client connects to it: a wildcard bind through loopback."""
+    return {"0.0.0.0": "127.0.0.1", "::": "::1", "[::]": "[::1]"}.get(host, host)
+
+
+def _reachable_url(address: str | None, default: str) -> str:
+    """A listen address of config.properties (``http://0.0.0.0:8080``) as a client's URL."""
+    parts = urlsplit(address or default)
+    host = parts.hostname or "127.0.0.1"
+    reachable = _reachable_host(host)
+    if reachable == host:
+        return (address or default).rstrip("/")
+    if ":" in reachable:
+        reachable = f"[{reachable}]"
+    netloc = f"{reachable}:{parts.port}" if parts.port else reachable
+    return urlunsplit((parts.scheme, netloc, parts.path, "", "")).rstrip("/")
+
+
 class TorchServe:
-    """One TorchServe process tree, configured from ``config.properties``."""
+    """One TorchServe process tree, configured from ``config.properties``.
+
+    With ``ports``, the instance listens on them on ``host`` whatever the file says
+    (tests and benchmarks run beside a user's server); without, it listens where the file
+    (and ``overrides``) say, as ``torchserve --ts-config`` would.
+    """
 
     def __init__(
         self,
@@ -65,22 +169,34 @@ class TorchServe:
     ) -> None:
         self.workdir = Path(workdir).resolve()
         self.model_store = Path(model_store).resolve()
-        self.ports = ports or Ports()
+        self.ports = ports
         self.config = Path(config)
         self.overrides = overrides or {}
         self.host = host
 
     @property
+    def addresses(self) -> Addresses:
+        """Where clients on this machine reach the instance."""
+        if self.ports is not None:
+            return Addresses.on_ports(self.ports, self.host)
+        return Addresses.from_properties({**read_properties(self.config), **self.overrides})
+
+    @property
     def inference_url(self) -> str:
-        return f"http://{self.host}:{self.ports.inference}"
+        return self.addresses.inference_url
 
     @property
     def management_url(self) -> str:
-        return f"http://{self.host}:{self.ports.management}"
+        return self.addresses.management_url
 
     @property
     def metrics_url(self) -> str:
-        return f"http://{self.host}:{self.ports.metrics}"
+        return self.addresses.metrics_url
+
+    @property
+    def key_file(self) -> Path:
+        """Where the instance writes its keys (TorchServe: its working directory)."""
+        return self.workdir / KEY_FILE_NAME
 
     @property
     def tmpdir(self) -> Path:
@@ -94,26 +210,35 @@ class TorchServe:
         """The running instance's tokens (empty when authorization is disabled)."""
         return load_keys(self.workdir)
 
+    def key_source(self) -> KeySource:
+        """The instance's key file as clients' key source: re-read, and renewed through
+        the token API, when a key expires."""
+        return KeySource(self.key_file)
+
     def write_config(self) -> Path:
-        """The instance's config: the project's file with this instance's ports and paths
-        (its ``vmargs`` keep the file's JVM options and add this instance's tmpdir)."""
-        p, h = self.ports, self.host
+        """The instance's config: the project's file with this instance's paths (its
+        ``vmargs`` keep the file's JVM options and add this instance's tmpdir), its
+        ``ports`` where it has its own, and ``overrides``."""
         config = self.config.read_text().splitlines()
         keyed = {line.split("=", 1)[0].strip(): line for line in config if "=" in line}
         vmargs = keyed["vmargs"].split("=", 1)[1].strip() if "vmargs" in keyed else ""
         values = {
-            "inference_address": f"http://{h}:{p.inference}",
-            "management_address": f"http://{h}:{p.management}",
-            "metrics_address": f"http://{h}:{p.metrics}",
-            "grpc_inference_address": h,
-            "grpc_management_address": h,
-            "grpc_inference_port": str(p.grpc_inference),
-            "grpc_management_port": str(p.grpc_management),
-            "initial_worker_port": str(p.worker),
             "model_store": str(self.model_store),
             "vmargs": f"{vmargs} -Djava.io.tmpdir={self.tmpdir}".strip(),
-            **self.overrides,
         }
+        if self.ports is not None:
+            p, h = self.ports, self.host
+            values |= {
+                "inference_address": f"http://{h}:{p.inference}",
+                "management_address": f"http://{h}:{p.management}",
+                "metrics_address": f"http://{h}:{p.metrics}",
+                "grpc_inference_address": h,
+                "grpc_management_address": h,
+                "grpc_inference_port": str(p.grpc_inference),
+                "grpc_management_port": str(p.grpc_management),
+                "initial_worker_port": str(p.worker),
+            }
+        values |= self.overrides
         lines = [line for line in config if line.split("=", 1)[0].strip() not in values]
         lines += [f"{key}={value}" for key, value in values.items()]
         path = self.workdir / "config.properties"
@@ -187,7 +312,7 @@ class TorchServe:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.tmpdir.mkdir(exist_ok=True)
         self.log_dir.mkdir(exist_ok=True)
-        (self.workdir / "key_file.json").unlink(missing_ok=True)
+        self.key_file.unlink(missing_ok=True)
         args = ["--start", "--ncs", "--ts-config", str(self.write_config())]
         args += ["--model-store", str(self.model_store)]
         if models:
