@@ -5,7 +5,9 @@
     python scripts/segment.py photo.jpg --point 50,80 --point 90,20,0 --grpc
 
 Each ``--point x,y[,label]`` (label 1 foreground by default, 0 background) and each
-``--box x0,y0,x1,y1`` is its own prompt; ``--point ... --with-box`` joins them.
+``--box x0,y0,x1,y1`` is its own prompt; ``--point ... --with-box`` joins them. The server
+is found where config.properties says; its key comes from its key_file.json (renewed
+through TorchServe's token API once expired, when that file holds the API key).
 """
 
 from __future__ import annotations
@@ -25,8 +27,9 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO), str(REPO / "handler")]
 
 from samclient.body import segment_request  # noqa: E402
-from samclient.keys import load_keys  # noqa: E402
+from samclient.keys import KeySource  # noqa: E402
 from samclient.overlay import draw_overlay  # noqa: E402
+from samclient.server import DEFAULT_CONFIG, Addresses  # noqa: E402
 from samserve.masks import decode_segmentation  # noqa: E402
 
 
@@ -84,24 +87,32 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--with-box", action="store_true", help="points and box as one prompt")
     parser.add_argument("--model", default="sam")
     parser.add_argument("--grpc", action="store_true", help="call the gRPC API instead of REST")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, help="inference port (8080 REST, 7070 gRPC)")
+    parser.add_argument("--host", help="server host (default: config.properties')")
+    parser.add_argument("--port", type=int, help="inference port (default: config.properties')")
+    parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="the server's")
     parser.add_argument("--workdir", type=Path, help="server directory holding key_file.json")
     parser.add_argument("--out", type=Path, default=REPO / "out" / "overlay.png")
     args = parser.parse_args(argv)
 
     data = args.image.read_bytes()
     prompts = parse_prompts(args.point, args.box, args.with_box)
-    keys = load_keys(args.workdir)
+    keys = KeySource(search_from=args.workdir)
+    addresses = Addresses.from_config(args.config)
     if args.grpc:
         from samclient.grpc_client import GrpcClient
 
-        with GrpcClient(args.host, args.port or 7070, keys=keys) as client:
+        host = args.host or addresses.grpc_inference_host
+        port = args.port or addresses.grpc_inference_port
+        management = addresses.management_url
+        with GrpcClient(host, port, keys=keys, token_url=management) as client:
             response = segment(lambda body: client.predict(args.model, body), data, prompts)
     else:
         from samclient.rest_client import RestClient
 
-        client = RestClient(f"http://{args.host}:{args.port or 8080}", keys=keys)
+        url = addresses.inference_url
+        if args.host or args.port:
+            url = f"http://{args.host or '127.0.0.1'}:{args.port or 8080}"
+        client = RestClient(url, addresses.management_url, keys=keys)
         response = segment(lambda body: client.predict(args.model, body), data, prompts)
 
     image = np.asarray(ImageOps.exif_transpose(Image.open(BytesIO(data))).convert("RGB"))

@@ -1,0 +1,76 @@
+"""samclient.server and scripts/serve.py: a server listens where its config.properties
+says, and serve.py renews keys."""
+
+from __future__ import annotations
+
+import pytest
+import requests
+
+import serve
+from conftest import PORTS
+from samclient.keys import read_keys
+from samclient.server import DEFAULT_CONFIG, Addresses, Ports, TorchServe
+
+
+def test_addresses_follow_the_config_and_reach_wildcard_binds_through_loopback():
+    addresses = Addresses.from_properties(
+        {
+            "inference_address": "http://0.0.0.0:9080",
+            "management_address": "https://10.0.0.5:9081",
+            "grpc_inference_address": "0.0.0.0",
+            "grpc_inference_port": "9070",
+        }
+    )
+    assert addresses.inference_url == "http://127.0.0.1:9080"
+    assert addresses.management_url == "https://10.0.0.5:9081"
+    assert addresses.metrics_url == "http://127.0.0.1:8082"  # TorchServe's default
+    assert (addresses.grpc_inference_host, addresses.grpc_inference_port) == ("127.0.0.1", 9070)
+    assert addresses.grpc_management_port == 7071
+
+
+def test_without_ports_of_its_own_an_instance_keeps_the_configs_addresses(tmp_path):
+    config = tmp_path / "config.properties"
+    config.write_text(
+        DEFAULT_CONFIG.read_text().replace(
+            "inference_address=http://127.0.0.1:8080", "inference_address=http://10.0.0.5:8080"
+        )
+    )
+    written = TorchServe(tmp_path / "run", tmp_path / "store", config=config)
+    (tmp_path / "run").mkdir()
+    assert "inference_address=http://10.0.0.5:8080" in written.write_config().read_text()
+    assert written.inference_url == "http://10.0.0.5:8080"
+    own = TorchServe(tmp_path / "run", tmp_path / "store", Ports.offset(100), config=config)
+    assert "inference_address=http://127.0.0.1:8180" in own.write_config().read_text()
+
+
+@pytest.mark.integration
+def test_serve_script_listens_where_the_config_says_and_renews_keys(tmp_path):
+    ports = Ports.offset(PORTS.inference - 8080 + 820)
+    config = tmp_path / "config.properties"
+    config.write_text(
+        DEFAULT_CONFIG.read_text()
+        .replace(":8080", f":{ports.inference}")
+        .replace(":8081", f":{ports.management}")
+        .replace(":8082", f":{ports.metrics}")
+        .replace("=7070", f"={ports.grpc_inference}")
+        .replace("=7071", f"={ports.grpc_management}")
+        .replace("=9000", f"={ports.worker}")
+    )
+    args = ["--config", str(config), "--workdir", str(tmp_path / "run")]
+    args += ["--model-store", str(tmp_path / "store")]
+    (tmp_path / "store").mkdir()
+    assert serve.main(["start", *args]) == 0
+    try:
+        keys = read_keys(tmp_path / "run" / "key_file.json")
+        ping = requests.get(
+            f"http://127.0.0.1:{ports.inference}/ping",
+            headers={"Authorization": f"Bearer {keys.inference}"},
+            timeout=10,
+        )
+        assert ping.json() == {"status": "Healthy"}
+        assert serve.main(["status", *args]) == 0
+        assert serve.main(["renew-key", "--api", "management", *args]) == 0
+        renewed = read_keys(tmp_path / "run" / "key_file.json")
+        assert renewed.management != keys.management and renewed.inference == keys.inference
+    finally:
+        assert serve.main(["stop", *args]) == 0
