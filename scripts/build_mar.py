@@ -2,8 +2,11 @@
 """Build a self-contained SAM model archive (.mar) with torch-model-archiver.
 
 The archive holds the checkpoint, the handler, the ``samserve`` package it imports,
-and a ``model-config.yaml`` whose ``handler:`` section carries the model spec and the
-handler settings, so one handler serves every SAM size::
+the Python packages it needs (``requirements.txt``, installed by a TorchServe started
+with ``install_py_dep_per_model=true``), and a ``model-config.yaml`` whose ``handler:``
+section carries the model spec and the handler settings, so one handler serves every
+SAM size. It sets no worker count: that is chosen at registration (``initial_workers``)
+or with the scale API::
 
     python scripts/build_mar.py --spec vit_b --checkpoint weights/sam_vit_b_01ec64.pth
     python scripts/build_mar.py --spec sam_micro          # random weights, for tests
@@ -29,14 +32,17 @@ from samserve.settings import Settings  # noqa: E402
 
 HANDLER = REPO / "handler" / "sam_handler.py"
 PACKAGE = REPO / "handler" / "samserve"
+REQUIREMENTS = REPO / "handler" / "requirements.txt"
 
 
-def model_config(spec: SamSpec, settings: dict[str, Any], workers: int = 1) -> dict[str, Any]:
-    """The archive's model-config.yaml: TorchServe's worker/batch keys plus ``handler:``."""
+def model_config(spec: SamSpec, settings: dict[str, Any]) -> dict[str, Any]:
+    """The archive's model-config.yaml: TorchServe's batch keys plus ``handler:``.
+
+    No ``minWorkers``/``maxWorkers``: in TorchServe 0.12 they override the
+    ``initial_workers`` of a registration.
+    """
     Settings.from_dict(settings)  # fail at build time, not at load time
     return {
-        "minWorkers": workers,
-        "maxWorkers": workers,
         "batchSize": 4,
         # Milliseconds the frontend waits for a batch to fill. Every request that finds
         # the worker idle waits this long (a warm click took 18.8 ms with 5, 14.4 with 1,
@@ -82,6 +88,7 @@ def build_archive(
             "--handler", str(handler),
             "--extra-files", str(staging),
             "--config-file", str(config),
+            "--requirements-file", str(REQUIREMENTS),
             "--export-path", str(export_path),
             "--archive-format", archive_format,
             "--force",
