@@ -113,7 +113,22 @@ class SamHandler(BaseHandler):
 
 
 def _default_threads(context: Any) -> int:
-    """The machine's cores shared among the model's workers (at least one each)."""
-    config = getattr(context, "model_yaml_config", None) or {}
-    workers = int(config.get("minWorkers", 1) or 1)
-    return max(1, (os.cpu_count() or 1) // workers)
+    """The machine's cores shared among the model's running workers (at least one each).
+
+    TorchServe tells a worker nothing about how many workers its model has (neither its
+    load request, its environment nor its context; ``ts/model_service_worker.py``), but
+    starts every worker of a model in the model's directory (``WorkerLifeCycle.java``):
+    the workers are TorchServe's Python worker processes found running there. Workers
+    started together (registration, or restart) count each other; one added later by
+    the scale API counts those before it, which keep their threads.
+    """
+    model_dir = os.path.realpath(context.system_properties.get("model_dir") or os.getcwd())
+    workers = 0
+    for pid in filter(str.isdigit, os.listdir("/proc") if os.path.isdir("/proc") else []):
+        try:
+            in_model_dir = os.readlink(f"/proc/{pid}/cwd") == model_dir
+            command = Path(f"/proc/{pid}/cmdline").read_bytes() if in_model_dir else b""
+        except OSError:  # gone meanwhile, or another user's
+            continue
+        workers += b"model_service_worker" in command
+    return max(1, (os.cpu_count() or 1) // max(1, workers))
