@@ -125,14 +125,19 @@ def server(tmp_path_factory, checkpoints):
 
 @pytest.fixture(scope="session")
 def rest(server) -> RestClient:
-    return RestClient(server.inference_url, server.management_url, keys=server.keys())
+    """A REST client of the session's server whose keys renew when they expire."""
+    return RestClient(server.inference_url, server.management_url, keys=server.key_source())
 
 
 @pytest.fixture(scope="module")
 def grpc_client(server):
     """A gRPC client of the session's server, with its keys."""
     client = GrpcClient(
-        "127.0.0.1", PORTS.grpc_inference, PORTS.grpc_management, keys=server.keys()
+        "127.0.0.1",
+        PORTS.grpc_inference,
+        PORTS.grpc_management,
+        keys=server.key_source(),
+        token_url=server.management_url,
     )
     yield client
     client.close()
