@@ -33,6 +33,9 @@ REPO = Path(__file__).resolve().parent.parent
 SHIPPED = REPO / "models" / "sam_small_shapes.pth"
 ARTIFACTS = REPO / "out" / "test-artifacts"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+NO_CHROMIUM = (
+    "Debian's chromium is not installed: bash scripts/test.sh installs it (setup.sh --browser)"
+)
 MASK_RGB = (30, 144, 255)  # the page's single-object mask colour
 
 
@@ -40,7 +43,7 @@ MASK_RGB = (30, 144, 255)  # the page's single-object mask colour
 def demo_setup(tmp_path_factory):
     """TorchServe (own ports) with the trained model as ``sam``, and the demo's server."""
     if CHROMIUM is None:
-        pytest.fail("Debian's chromium is not installed (.ci/run installs it)")
+        pytest.fail(NO_CHROMIUM)
     root = tmp_path_factory.mktemp("demo")
     build_archive(spec_by_name("sam_small"), SHIPPED, root / "store", "sam")
     server = TorchServe(root / "run", root / "store", Ports.offset(PORTS.inference - 8080 + 700))
@@ -150,7 +153,7 @@ def busy_demo(tmp_path_factory, checkpoints):
     """TorchServe (own ports) with two workers of sam_micro and keys that expire in
     seconds, and the demo's server."""
     if CHROMIUM is None:
-        pytest.fail("Debian's chromium is not installed (.ci/run installs it)")
+        pytest.fail(NO_CHROMIUM)
     root = tmp_path_factory.mktemp("busy_demo")
     build_archive(spec_by_name("sam_micro"), checkpoints["sam_micro"], root / "store", "sam")
     server = TorchServe(
