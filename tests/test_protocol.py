@@ -9,8 +9,10 @@ from typing import Any
 import numpy as np
 import pytest
 
-from samserve.errors import RequestError
+from samserve.errors import MAX_MESSAGE_BYTES, MAX_QUOTE_CHARS, RequestError
+from samserve.everything import EverythingParams
 from samserve.protocol import (
+    EVERYTHING_BOUNDS,
     Limits,
     PromptRequest,
     SegmentRequest,
@@ -97,8 +99,20 @@ def test_full_request_as_bytearray():
     check_full(parse_request(bytearray(json.dumps(FULL).encode()), "application/json", LIMITS))
 
 
-def test_full_request_as_text_plain_string():
-    check_full(parse_request(json.dumps(FULL), "text/plain", LIMITS))
+def test_full_request_as_a_string_as_torchserve_may_hand_it_over():
+    check_full(parse_request(json.dumps(FULL), "application/json", LIMITS))
+
+
+@pytest.mark.parametrize("body", [b"\xef\xbb\xbf", "\ufeff"], ids=["bytes", "text"])
+def test_a_utf8_byte_order_mark_before_the_json_is_ignored(body):
+    text = json.dumps(FULL)
+    raw = body + text.encode() if isinstance(body, bytes) else body + text
+    check_full(parse_request(raw, "application/json", LIMITS))
+    check_full(parse_request(raw, None, LIMITS))
+
+
+def test_a_byte_order_mark_alone_is_an_empty_body():
+    expect_error(b"\xef\xbb\xbf", "invalid_json", names="empty")
 
 
 def test_content_type_parameters_and_case_are_ignored():
@@ -122,6 +136,21 @@ def test_defaults_multimask_true_output_rle_no_prompts():
 
 def test_null_prompts_mean_no_prompts():
     assert parse_json({"image_id": "abc", "prompts": None}, LIMITS).prompts == ()
+
+
+def test_null_is_absent_for_every_field():
+    """One rule for null: a field sent as null takes its default, as if left out."""
+    nulls = {name: None for name in ("image", "prompts", "multimask", "best_only", "output")}
+    assert parse_json({"image_id": "abc", **nulls, "everything": None}, LIMITS) == parse_json(
+        {"image_id": "abc"}, LIMITS
+    )
+    prompt = {"points": None, "labels": None, "box": [0, 0, 1, 1], "mask_input": None}
+    (parsed,) = parse_json(with_prompts(prompt), LIMITS).prompts
+    assert parsed.points is None and parsed.labels is None and parsed.mask_input is None
+    np.testing.assert_array_equal(parsed.box, [0, 0, 1, 1])
+    params = {name: None for name in EVERYTHING_BOUNDS}
+    request = parse_json({"image_id": "abc", "everything": params}, LIMITS)
+    assert request.everything == EverythingParams()
 
 
 @pytest.mark.parametrize("output", ["rle", "png", "none"])
@@ -209,9 +238,12 @@ def test_unsupported_content_type():
     assert "application/octet-stream" in error.message
 
 
-@pytest.mark.parametrize("content_type", ["multipart/form-data", "application/xml"])
+@pytest.mark.parametrize(
+    "content_type", ["multipart/form-data", "application/xml", "text/plain", "text/json"]
+)
 def test_other_content_types_are_unsupported(content_type):
     expect_error(b"{}", "unsupported_media_type", status=415, content_type=content_type)
+    expect_error("{}", "unsupported_media_type", status=415, content_type=content_type)
 
 
 @pytest.mark.parametrize("body", [b"", None, "text body", {"image_id": "a"}])
@@ -270,12 +302,12 @@ def test_invalid_base64(image):
         ({"image_id": "a", "prompts": "box"}, "prompts"),
         ({"image_id": "a", "multimask": "true"}, "multimask"),
         ({"image_id": "a", "multimask": 1}, "multimask"),
-        ({"image_id": "a", "multimask": None}, "multimask"),
         ({"image_id": "a", "best_only": "yes"}, "best_only"),
         ({"image_id": "a", "best_only": 0}, "best_only"),
         ({"image_id": "a", "output": "jpeg"}, "output"),
         ({"image_id": "a", "output": "RLE"}, "output"),
-        ({"image_id": "a", "output": None}, "output"),
+        ({"image_id": "a", "output": ["rle"]}, "output"),
+        ({"image_id": "a", "output": {"rle": 1}}, "output"),
         ({"image_id": "a", "prompts": ["box"]}, "prompts[0]"),
         ({"image_id": "a", "prompts": [None]}, "prompts[0]"),
     ],
@@ -391,3 +423,62 @@ def test_label_must_be_an_integer(label):
 def test_best_only_is_parsed():
     request = parse_request({"image_id": "a", "best_only": True}, "application/json", LIMITS)
     assert request.best_only is True
+
+
+# --- errors quote a short prefix of what was sent ---------------------------------------
+
+HUGE = [1e15] * 1_000_000
+
+
+@pytest.mark.parametrize(
+    ("body", "names"),
+    [
+        (with_prompts({"box": HUGE}), "prompts[0].box"),
+        (with_prompts({"box": [0, 0, 1, HUGE]}), "prompts[0].box"),
+        (with_prompts({"points": [HUGE], "labels": [1]}), "prompts[0].points[0]"),
+        (with_prompts({"points": [[1, 2]], "labels": [HUGE]}), "prompts[0].labels[0]"),
+        (with_prompts({"box": [30, 0, 10, "x" * 1_000_000]}), "prompts[0].box"),
+        ({"image_id": "a", "output": HUGE}, "output"),
+        ({"image_id": "a", "output": "x" * 1_000_000}, "output"),
+        ({"image_id": "a", "everything": {"points_per_side": HUGE}}, "points_per_side"),
+        ({"image_id": "a", "everything": {"box_nms_thresh": [[[[HUGE]]]]}}, "box_nms_thresh"),
+    ],
+    ids=lambda v: v if isinstance(v, str) else "",
+)
+def test_errors_quote_a_short_prefix_of_a_huge_value(body, names):
+    error = expect_error(body, "invalid_request", names=names)
+    assert len(error.message) < MAX_QUOTE_CHARS + 200, error.message
+
+
+def test_a_huge_value_is_quoted_with_its_first_items_and_length():
+    error = expect_error({"image_id": "a", "output": HUGE}, "invalid_request")
+    assert "[1000000000000000.0, 1000000000000000.0," in error.message
+    assert "(1000000 items)" in error.message
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"image_id": "a", **{f"unknown_{i}": 1 for i in range(100_000)}},
+        {"image_id": "a", "x" * 1_000_000: 1},
+        with_prompts({"box": [0, 0, 1, 1], "y" * 1_000_000: 1}),
+        {"image_id": "a", "everything": {"z" * 1_000_000: 1}},
+    ],
+    ids=["many", "long", "prompt", "everything"],
+)
+def test_unknown_fields_are_quoted_short(body):
+    error = expect_error(body, "unknown_field")
+    assert len(error.message.encode()) <= MAX_MESSAGE_BYTES
+
+
+def test_a_long_content_type_is_quoted_short():
+    error = expect_error(
+        b"{}", "unsupported_media_type", status=415, content_type="text/" + "a" * 100_000
+    )
+    assert len(error.message) < MAX_QUOTE_CHARS + 200
+
+
+def test_lone_surrogates_in_a_value_are_escaped_in_the_message():
+    error = expect_error({"image_id": "a", "output": "\ud800"}, "invalid_request")
+    assert "\\ud800" in error.message
+    error.message.encode("utf-8")  # encodable: a JSON encoder takes it

@@ -6,8 +6,10 @@ Request (``Content-Type: application/json``, or the same JSON as gRPC input ``bo
      "box": [x0, y0, x1, y1], "mask_input": "<logits_id>"}], "multimask": true,
      "output": "rle"}
 
-A raw image body (``Content-Type: image/*``) is a pre-compute request. Everything
-below the protocol receives typed, checked values and never parses JSON.
+A raw image body (``Content-Type: image/*``) is a pre-compute request. A field whose
+value is ``null`` is treated as absent, as JSON APIs usually do. Everything below the
+protocol receives typed, checked values and never parses JSON; error messages quote
+what was sent only through ``errors.quote``.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import RequestError
+from .errors import RequestError, quote
 from .everything import EverythingParams
 from .masks import OUTPUT_FORMATS
 
@@ -87,8 +89,9 @@ def parse_request(body: Any, content_type: str | None, limits: Limits) -> Segmen
     """Parse one request body as TorchServe hands it over.
 
     ``body`` is a dict (TorchServe already decoded JSON), ``bytes``/``str`` (JSON that
-    failed to decode, gRPC input, or a raw image), per ``content_type``: ``image/*``
-    means raw image bytes; JSON, text or no content type (gRPC) means JSON.
+    TorchServe did not decode, gRPC input, or a raw image), per ``content_type``:
+    ``image/*`` means raw image bytes; ``application/json`` or no content type (gRPC)
+    means JSON, UTF-8 with or without a byte-order mark.
 
     Raises:
       RequestError: 400 for malformed or invalid requests, 415 for other media types.
@@ -100,11 +103,11 @@ def parse_request(body: Any, content_type: str | None, limits: Limits) -> Segmen
                 400, "missing_image", "an image/* body must be non-empty image bytes"
             )
         return SegmentRequest(image=bytes(body))
-    if media_type not in ("", "application/json") and not media_type.startswith("text/"):
+    if media_type not in ("", "application/json"):
         raise RequestError(
             415,
             "unsupported_media_type",
-            f"Content-Type {content_type!r} is not supported; send application/json "
+            f"Content-Type {quote(content_type)} is not supported; send application/json "
             "or a raw image with Content-Type image/*",
         )
     return parse_json(_load_json(body), limits)
@@ -118,6 +121,9 @@ def _load_json(body: Any) -> Any:
             body = bytes(body).decode("utf-8")
         except UnicodeDecodeError as err:
             raise RequestError(400, "invalid_json", f"body is not UTF-8 text: {err}") from err
+    if isinstance(body, str):
+        # RFC 8259 lets a parser ignore a byte-order mark, and Windows tools write one.
+        body = body.removeprefix("\ufeff")
     if not isinstance(body, str) or not body.strip():
         raise RequestError(400, "invalid_json", "the request body is empty")
     try:
@@ -133,8 +139,9 @@ def parse_json(data: Any, limits: Limits) -> SegmentRequest:
     if not isinstance(data, dict):
         raise _invalid("request", f"must be a JSON object, got {_type_name(data)}")
     _reject_unknown(data, REQUEST_FIELDS, "request")
-    image = _parse_image(data["image"]) if data.get("image") is not None else None
-    image_id = data.get("image_id")
+    image = _field(data, "image", None)
+    image = None if image is None else _parse_image(image)
+    image_id = _field(data, "image_id", None)
     if image_id is not None and (
         not isinstance(image_id, str) or not image_id or len(image_id) > MAX_ID_LENGTH
     ):
@@ -142,9 +149,7 @@ def parse_json(data: Any, limits: Limits) -> SegmentRequest:
     if image is None and image_id is None:
         raise RequestError(400, "missing_image", "send 'image' (base64) or 'image_id'")
 
-    prompts_data = data.get("prompts", [])
-    if prompts_data is None:
-        prompts_data = []
+    prompts_data = _field(data, "prompts", [])
     if not isinstance(prompts_data, list):
         raise _invalid("prompts", f"must be a list, got {_type_name(prompts_data)}")
     if len(prompts_data) > limits.max_prompts:
@@ -157,18 +162,25 @@ def parse_json(data: Any, limits: Limits) -> SegmentRequest:
 
     multimask = _flag(data, "multimask", True)
     best_only = _flag(data, "best_only", False)
-    output = data.get("output", "rle")
-    if output not in OUTPUT_FORMATS:
-        raise _invalid("output", f"must be one of {list(OUTPUT_FORMATS)}, got {output!r}")
-    everything = _parse_everything(data.get("everything"))
+    output = _field(data, "output", "rle")
+    if not isinstance(output, str) or output not in OUTPUT_FORMATS:
+        raise _invalid("output", f"must be one of {list(OUTPUT_FORMATS)}, got {quote(output)}")
+    everything = _parse_everything(_field(data, "everything", None))
     if everything is not None and prompts:
         raise _invalid("request", "send 'prompts' or 'everything', not both")
     return SegmentRequest(image, image_id, prompts, multimask, best_only, output, everything)
 
 
+def _field(data: dict[str, Any], name: str, default: Any) -> Any:
+    """The value of field ``name`` of a JSON object, or ``default`` when it is absent or
+    null: the one rule for null in the protocol."""
+    value = data.get(name)
+    return default if value is None else value
+
+
 def _flag(data: dict[str, Any], name: str, default: bool) -> bool:
-    """The request's true/false field ``name``, or ``default`` when absent."""
-    value = data.get(name, default)
+    """The request's true/false field ``name``, or ``default`` when absent or null."""
+    value = _field(data, name, default)
     if not isinstance(value, bool):
         raise _invalid(name, f"must be true or false, got {_type_name(value)}")
     return value
@@ -183,13 +195,15 @@ def _parse_everything(value: Any) -> EverythingParams | None:
     _reject_unknown(value, frozenset(EVERYTHING_BOUNDS), "everything")
     params = {}
     for name, given in value.items():
+        if given is None:
+            continue
         low, high, integer = EVERYTHING_BOUNDS[name]
         where = f"everything.{name}"
         if integer and (isinstance(given, bool) or not isinstance(given, int)):
-            raise _invalid(where, f"must be an integer, got {given!r}")
+            raise _invalid(where, f"must be an integer, got {quote(given)}")
         (number,) = _numbers([given], 1, where)
         if not low <= number <= high:
-            raise _invalid(where, f"must be in [{low}, {high}], got {given!r}")
+            raise _invalid(where, f"must be in [{low}, {high}], got {quote(given)}")
         params[name] = int(given) if integer else number
     return EverythingParams(**params)
 
@@ -251,31 +265,35 @@ def _parse_points(
     )
     for i, label in enumerate(labels):
         if type(label) is not int or label not in (0, 1):
-            raise _invalid(f"{where}.labels[{i}]", f"must be 1 (foreground) or 0, got {label!r}")
+            raise _invalid(
+                f"{where}.labels[{i}]", f"must be 1 (foreground) or 0, got {quote(label)}"
+            )
     return coords, np.array(labels, dtype=np.int64)
 
 
 def _parse_box(value: Any, where: str) -> np.ndarray:
     x0, y0, x1, y1 = _numbers(value, 4, where)
     if x1 < x0 or y1 < y0:
-        raise _invalid(where, f"must be [x0, y0, x1, y1] with x0 <= x1 and y0 <= y1, got {value}")
+        raise _invalid(
+            where, f"must be [x0, y0, x1, y1] with x0 <= x1 and y0 <= y1, got {quote(value)}"
+        )
     return np.array([x0, y0, x1, y1], dtype=np.float64)
 
 
 def _numbers(value: Any, count: int, where: str) -> list[float]:
     """``count`` finite JSON numbers (not booleans) from a list."""
     if not isinstance(value, list) or len(value) != count:
-        raise _invalid(where, f"must be a list of {count} numbers, got {value!r}")
+        raise _invalid(where, f"must be a list of {count} numbers, got {quote(value)}")
     numbers = []
     for v in value:
         if isinstance(v, bool) or not isinstance(v, (int, float)):
-            raise _invalid(where, f"must contain finite numbers, got {v!r}")
+            raise _invalid(where, f"must contain finite numbers, got {quote(v)}")
         try:
             number = float(v)  # an int too large for a float raises OverflowError
         except OverflowError:
             number = math.inf
         if not math.isfinite(number):
-            raise _invalid(where, f"must contain finite numbers, got {str(v)[:32]}")
+            raise _invalid(where, f"must contain finite numbers, got {quote(v)}")
         numbers.append(number)
     return numbers
 
@@ -286,7 +304,7 @@ def _reject_unknown(data: dict[str, Any], allowed: frozenset[str], where: str) -
         raise RequestError(
             400,
             "unknown_field",
-            f"{where} has unknown field(s) {unknown}; allowed: {sorted(allowed)}",
+            f"{where} has unknown field(s) {quote(unknown)}; allowed: {sorted(allowed)}",
         )
 
 
