@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from segment_anything import SamPredictor
+from segment_anything.utils.transforms import ResizeLongestSide
 
 from conftest import make_image
 from samserve.engine import Prompt, SamEngine, StoredLogits
@@ -106,6 +107,40 @@ def test_encoder_batch_matches_single(micro_sam):
         np.testing.assert_allclose(
             batched[key].embedding.numpy(), single[key].embedding.numpy(), atol=1e-4
         )
+
+
+@pytest.mark.parametrize("size", [(2, 3000), (3000, 2), (1, 513), (1, 512), (300, 500)])
+def test_input_size_is_sams_resize_and_refuses_a_side_with_no_pixels(micro_sam, size):
+    engine = SamEngine(micro_sam)
+    expected = ResizeLongestSide.get_preprocess_shape(*size, micro_sam.image_encoder.img_size)
+    if min(expected) >= 1:
+        assert engine.input_size(size) == expected
+        return
+    with pytest.raises(ValueError, match="a side with no pixels"):
+        engine.input_size(size)
+    with pytest.raises(ValueError, match="a side with no pixels"):
+        engine.embed({"thin": np.zeros((*size, 3), dtype=np.uint8)})
+    assert engine.encoder_runs == 0
+
+
+def test_an_image_that_fails_its_encoder_batch_fails_alone(micro_sam):
+    """A chunk that fails runs again image by image: the others are embedded (as they
+    are alone) and cached; the failure is reported, not raised."""
+    engine = SamEngine(micro_sam, encoder_batch_size=3)
+    images = {
+        "good": make_image(60, 80, seed=1),
+        "thin": np.zeros((2, 3000, 3), dtype=np.uint8),
+        "also good": make_image(90, 70, seed=2),
+    }
+    failures: dict[str, Exception] = {}
+    embedded = engine.embed(images, failures)
+    assert set(embedded) == {"good", "also good"} and set(failures) == {"thin"}
+    assert isinstance(failures["thin"], ValueError)
+    assert engine.encoder_runs == 2
+    alone = SamEngine(micro_sam).embed({"good": images["good"]})["good"]
+    np.testing.assert_allclose(embedded["good"].embedding, alone.embedding, atol=1e-4)
+    assert engine.cached_embedding("also good") is embedded["also good"]
+    assert engine.cached_embedding("thin") is None
 
 
 def test_embed_caches_and_counts(micro_sam):

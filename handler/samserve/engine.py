@@ -207,6 +207,14 @@ class StoredLogits:
             return self._logits
 
 
+def _failed(image_id: str, error: Exception, failures: dict[str, Exception] | None) -> None:
+    """Record that ``image_id`` could not be encoded, or raise ``error`` without
+    ``failures``."""
+    if failures is None:
+        raise error
+    failures[image_id] = error
+
+
 def decode_prompts(
     model: Sam,
     embedding: torch.Tensor,
@@ -297,19 +305,62 @@ class SamEngine:
     def device(self) -> torch.device:
         return self.model.device
 
-    def embed(self, images: dict[str, np.ndarray]) -> dict[str, ImageEmbedding]:
+    def input_size(self, original_size: tuple[int, int]) -> tuple[int, int]:
+        """(H, W) of an image of ``original_size`` (H, W) resized by SAM's
+        ``ResizeLongestSide`` for the encoder, before padding.
+
+        Raises:
+          ValueError: when a side would have no pixels (an image whose long side is more
+            than about twice the encoder's input size times its short side), which SAM's
+            transform cannot resize.
+        """
+        height, width = original_size
+        size = ResizeLongestSide.get_preprocess_shape(height, width, self.transform.target_length)
+        if min(size) < 1:
+            raise ValueError(
+                f"a {width}x{height} image resizes to {size[1]}x{size[0]} for the model's "
+                f"{self.transform.target_length}-pixel input: a side with no pixels"
+            )
+        return size
+
+    def embed(
+        self,
+        images: dict[str, np.ndarray],
+        failures: dict[str, Exception] | None = None,
+    ) -> dict[str, ImageEmbedding]:
         """Embed HxWx3 uint8 RGB images keyed by ``image_id`` and cache the results.
 
-        Images run through the encoder in chunks of ``encoder_batch_size``. Returns the
-        embedding of every key, including any the cache could not hold.
+        Images run through the encoder in chunks of ``encoder_batch_size``; when a chunk
+        fails, its images run again one by one, so that one image that cannot be encoded
+        does not fail the others.
+
+        Arguments:
+          images (dict(str, np.ndarray)): HxWx3 uint8 RGB images by ``image_id``.
+          failures (dict(str, Exception) or None): where to put the exception of each
+            image that fails alone; None: raise it.
+
+        Returns:
+          (dict(str, ImageEmbedding)): the embedding of every image that was encoded,
+            including any the cache could not hold.
         """
         keys = list(images)
         out: dict[str, ImageEmbedding] = {}
         for start in range(0, len(keys), self.encoder_batch_size):
             chunk = keys[start : start + self.encoder_batch_size]
-            for image_id, embedding in zip(chunk, self._encode([images[k] for k in chunk])):
-                self.embeddings.put(image_id, embedding)
-                out[image_id] = embedding
+            try:
+                out.update(zip(chunk, self._encode([images[k] for k in chunk])))
+            except Exception as err:
+                if len(chunk) == 1:
+                    _failed(chunk[0], err, failures)
+                    continue
+                for image_id in chunk:  # alone, each image that can be encoded is
+                    try:
+                        (out[image_id],) = self._encode([images[image_id]])
+                    except Exception as alone:
+                        _failed(image_id, alone, failures)
+            for image_id in chunk:
+                if image_id in out:
+                    self.embeddings.put(image_id, out[image_id])
         return out
 
     def cached_embedding(self, image_id: str) -> ImageEmbedding | None:
@@ -321,6 +372,7 @@ class SamEngine:
         """Encode HxWx3 uint8 RGB images in one encoder call, as ``SamPredictor.set_image``."""
         inputs, input_sizes = [], []
         for image in images:
+            self.input_size(image.shape[:2])  # a side with no pixels fails here, not in torch
             resized = self.transform.apply_image(image)
             tensor = torch.as_tensor(resized, device=self.device).permute(2, 0, 1).contiguous()
             inputs.append(self.model.preprocess(tensor[None]))
