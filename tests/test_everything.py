@@ -6,15 +6,23 @@ compared as masks that agree to a few boundary pixels, not as bytes."""
 from __future__ import annotations
 
 import base64
+import dataclasses
 from pathlib import Path
 
 import numpy as np
 import pytest
 from pycocotools import mask as mask_utils
 from segment_anything import SamAutomaticMaskGenerator
+from segment_anything.utils.amg import generate_crop_boxes
 
 from samserve.engine import SamEngine
-from samserve.everything import EverythingParams, segment_everything
+from samserve.errors import RequestError
+from samserve.everything import (
+    EverythingLimits,
+    EverythingParams,
+    plan_everything,
+    segment_everything,
+)
 from samserve.models import build_sam, spec_by_name
 from training.synthetic import make_sample
 
@@ -135,3 +143,122 @@ def test_everything_through_the_protocol(shapes_sam):
         ]  # fmt: skip
     )[0]
     assert both.status == 400 and "not both" in both.body["error"]["message"]
+
+
+# --- parameters checked together, work bounded (issue 32) -------------------------------
+
+UNBOUNDED = EverythingLimits(
+    max_everything_points=10**9,
+    max_everything_crops=10**9,
+    max_mask_pixels=10**18,
+    max_everything_seconds=3600.0,
+)
+
+
+@pytest.mark.parametrize(
+    ("size", "params"),
+    [
+        ((300, 420), EverythingParams(points_per_side=8)),
+        ((300, 420), EverythingParams(points_per_side=8, crop_n_layers=1)),
+        (
+            (300, 420),
+            EverythingParams(points_per_side=9, crop_n_layers=2, crop_n_points_downscale_factor=2),
+        ),  # fmt: skip
+        ((40, 30), EverythingParams(points_per_side=5, crop_n_layers=2, crop_overlap_ratio=0.9)),
+    ],
+)
+def test_plan_counts_the_points_and_crops_sams_generator_runs(micro_sam, size, params):
+    work = plan_everything(SamEngine(micro_sam), params, size)
+    generator = SamAutomaticMaskGenerator(micro_sam, **params.as_kwargs())
+    boxes, layers = generate_crop_boxes(size, params.crop_n_layers, params.crop_overlap_ratio)
+    assert work.points == sum(len(generator.point_grids[layer]) for layer in layers)
+    full = [0, 0, size[1], size[0]]
+    assert work.crop_encoder_runs == sum(box != full for box in boxes)
+
+
+def test_a_crop_layer_without_points_is_an_invalid_request_not_a_division_by_zero(micro_sam):
+    params = EverythingParams(points_per_side=4, crop_n_layers=1, crop_n_points_downscale_factor=8)
+    with pytest.raises(ZeroDivisionError):  # what SAM's generator does with them
+        SamAutomaticMaskGenerator(micro_sam, **params.as_kwargs())
+    with pytest.raises(RequestError) as caught:
+        plan_everything(SamEngine(micro_sam), params, (50, 60))
+    assert (caught.value.status, caught.value.code) == (400, "invalid_request")
+    assert "crop_n_points_downscale_factor 8^1 leaves no point" in caught.value.message
+
+
+def test_an_empty_crop_is_an_invalid_request(micro_sam):
+    params = EverythingParams(points_per_side=2, crop_n_layers=1)
+    image = np.full((1, 1, 3), 200, dtype=np.uint8)
+    with pytest.raises(ValueError):  # SAM's generator resizes a crop of no pixels
+        SamAutomaticMaskGenerator(micro_sam, **params.as_kwargs()).generate(image)
+    engine = SamEngine(micro_sam)
+    embedding = engine.embed({"a": image})["a"]
+    with pytest.raises(RequestError) as caught:
+        segment_everything(engine, embedding, params, image)
+    assert caught.value.code == "invalid_request" and "empty crop" in caught.value.message
+
+
+def test_a_crop_too_narrow_to_encode_is_an_invalid_request(micro_sam):
+    """A 1100x3 image encodes (256 input: 256x1), but two of its layer-1 crops are
+    550x1, which would resize to no rows."""
+    params = EverythingParams(points_per_side=2, crop_n_layers=1, crop_overlap_ratio=0.0)
+    engine = SamEngine(micro_sam)
+    assert engine.input_size((3, 1100)) == (1, 256)
+    with pytest.raises(RequestError) as caught:
+        plan_everything(engine, params, (3, 1100))
+    assert caught.value.code == "invalid_request" and "cannot be encoded" in caught.value.message
+
+
+def test_work_past_the_limits_is_refused_up_front_naming_the_setting(micro_sam):
+    engine = SamEngine(micro_sam)
+    params = EverythingParams(points_per_side=64, crop_n_layers=2)
+    for limits, setting in [
+        (dataclasses.replace(UNBOUNDED, max_everything_points=4096), "max_everything_points"),
+        (dataclasses.replace(UNBOUNDED, max_everything_crops=4), "max_everything_crops"),
+    ]:
+        with pytest.raises(RequestError) as caught:
+            plan_everything(engine, params, (480, 640), limits)
+        assert (caught.value.status, caught.value.code) == (400, "too_much_work")
+        assert setting in caught.value.message
+    work = plan_everything(engine, params, (480, 640), UNBOUNDED)
+    assert (work.points, work.crop_encoder_runs) == (64 * 64 * 21, 20)
+
+
+def test_the_time_budget_stops_the_generator_between_batches(micro_sam):
+    engine = SamEngine(micro_sam)
+    image = make_sample(np.random.default_rng([20_000, 5]), 120, 160, 3).image
+    embedding = engine.embed({"a": image})["a"]
+    params = EverythingParams(points_per_side=64, pred_iou_thresh=0.0, stability_score_thresh=0.0)
+    limits = dataclasses.replace(UNBOUNDED, max_everything_seconds=0.2)
+    with pytest.raises(RequestError) as caught:
+        segment_everything(engine, embedding, params, limits=limits)
+    assert (caught.value.status, caught.value.code) == (413, "time_budget_exceeded")
+    message = caught.value.message
+    assert "0.2 s (max_everything_seconds)" in message
+    done = int(message.split(" with ")[1].split(" of ")[0])
+    assert done < 64 * 64  # it stopped, and said how far it had come
+
+
+def test_full_size_masks_past_max_mask_pixels_stop_the_generator(micro_sam):
+    engine = SamEngine(micro_sam)
+    image = make_sample(np.random.default_rng([20_000, 6]), 100, 100, 3).image
+    embedding = engine.embed({"a": image})["a"]
+    params = EverythingParams(points_per_side=8, points_per_batch=16, pred_iou_thresh=0.0)
+    # Room for the first batch's 48 masks, not the second's.
+    limits = dataclasses.replace(UNBOUNDED, max_mask_pixels=60 * 100 * 100)
+    with pytest.raises(RequestError) as caught:
+        segment_everything(engine, embedding, params, limits=limits)
+    assert (caught.value.status, caught.value.code) == (400, "too_many_mask_pixels")
+    assert "max_mask_pixels" in caught.value.message and "with 32 of its 64" in caught.value.message
+
+
+def test_crop_layers_where_no_mask_passes_give_no_records(micro_sam):
+    """SAM's generator fails on its NMS across crops when no crop kept a mask."""
+    image = make_sample(np.random.default_rng([20_000, 7]), 80, 100, 3).image
+    params = EverythingParams(points_per_side=4, crop_n_layers=1, pred_iou_thresh=1.5)
+    with pytest.raises(IndexError):
+        SamAutomaticMaskGenerator(micro_sam, **params.as_kwargs()).generate(image)
+    engine = SamEngine(micro_sam)
+    embedding = engine.embed({"a": image})["a"]
+    result = segment_everything(engine, embedding, params, image, UNBOUNDED)
+    assert result.records == [] and result.encoder_runs == 4

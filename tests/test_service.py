@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 import threading
 
 import numpy as np
@@ -16,7 +17,7 @@ from samserve import service as service_module
 from samserve.engine import SamEngine
 from samserve.masks import decode_segmentation
 from samserve.service import SegmentService
-from samserve.settings import Settings
+from samserve.settings import MIN_RESPONSE_BYTES, Settings
 
 EMBEDDING_BYTES = 64 * 16 * 16 * 4 + 3 * 256 * 32 * 4  # sam_micro: embedding, projections
 
@@ -34,6 +35,7 @@ def _request(image: bytes | None = None, **fields) -> tuple[dict, str]:
 
 
 POINT = {"points": [[60, 50]], "labels": [1]}
+J = "application/json"
 
 
 @pytest.fixture(params=["in turn", "side by side"])
@@ -544,3 +546,128 @@ def test_replies_are_compact_json_with_nan_as_null(micro_sam):
         Reply(200, {"score": float("nan"), "bbox": [1, 2]}).encode()
         == b'{"score":null,"bbox":[1,2]}'
     )
+
+
+# --- one request never fails another (issue 32) ----------------------------------------
+
+
+def _alone(micro_sam, request: tuple) -> dict:
+    """The body a fresh service answers ``request`` with, alone in its batch."""
+    reply = SegmentService(SamEngine(micro_sam), Settings()).handle([request])[0]
+    assert reply.status == 200, reply.body
+    return reply.body
+
+
+def _same_results(got: dict, want: dict) -> None:
+    """The same answer, but for float rounding where images are encoded together."""
+    assert got["image_id"] == want["image_id"] and got["cached"] == want["cached"]
+    assert len(got["results"]) == len(want["results"])
+    for result, expected in zip(got["results"], want["results"]):
+        assert [m["score"] for m in result["masks"]] == pytest.approx(
+            [m["score"] for m in expected["masks"]], abs=1e-4
+        )
+        assert [m["area"] for m in result["masks"]] == pytest.approx(
+            [m["area"] for m in expected["masks"]], abs=5
+        )
+
+
+def test_a_mixed_batch_answers_each_request_as_if_alone(micro_sam):
+    """Bad requests of every kind beside cold valid ones: each bad one gets its own 4xx
+    naming the problem, the valid ones their answer alone (their images encoded in the
+    same batch as the bad ones)."""
+    service = SegmentService(SamEngine(micro_sam), Settings(encoder_batch_size=2))
+    click = _request(png_bytes(make_image(70, 90, seed=31)), prompts=[POINT])
+    box = _request(png_bytes(make_image(80, 60, seed=32)), prompts=[{"box": [5, 5, 50, 60]}])
+    with_bom = b"\xef\xbb\xbf" + json.dumps(
+        {"image": base64.b64encode(png_bytes(make_image(40, 50, seed=33))).decode(),
+         "prompts": [{"points": [[20, 20]], "labels": [1]}], "multimask": None}
+    ).encode()  # fmt: skip
+    image = base64.b64encode(png_bytes(make_image(50, 60, seed=34))).decode()
+    bad = {
+        "narrow": (_request(png_bytes(np.zeros((2, 3000, 3), np.uint8))), 400,
+                   "image_too_narrow", "3000x2"),
+        "huge box": (_request(image_id="a", prompts=[{"box": [1e15] * 1_000_000}]), 400,
+                     "invalid_request", "prompts[0].box"),
+        "no points in a crop layer": (
+            ({"image": image, "everything": {"points_per_side": 4, "crop_n_layers": 1,
+                                             "crop_n_points_downscale_factor": 8}}, J),
+            400, "invalid_request", "leaves no point"),
+        "empty crop": (
+            ({"image": base64.b64encode(png_bytes(np.ones((1, 1, 3), np.uint8))).decode(),
+              "everything": {"crop_n_layers": 1}}, J), 400, "invalid_request", "empty crop"),
+        "too much work": (
+            ({"image": image, "everything": {"points_per_side": 64, "crop_n_layers": 2}}, J),
+            400, "too_much_work", "max_everything_points"),
+        "text/plain": ((json.dumps({"image": image}), "text/plain"), 415,
+                       "unsupported_media_type", "text/plain"),
+    }  # fmt: skip
+    requests = [click, *(case[0] for case in bad.values()), (with_bom, J), box]
+    replies = service.handle(requests)
+    for reply, (name, (_, status, code, names)) in zip(replies[1:], bad.items()):
+        assert (reply.status, reply.body["error"]["code"]) == (status, code), name
+        assert names in reply.body["error"]["message"], name
+        assert len(reply.encode()) < 1000, name
+    _same_results(replies[0].body, _alone(micro_sam, click))
+    _same_results(replies[-2].body, _alone(micro_sam, (with_bom, J)))
+    _same_results(replies[-1].body, _alone(micro_sam, box))
+    assert service.engine.encoder_runs == 3  # only the valid requests' images
+
+
+def test_an_image_the_encoder_fails_on_fails_only_the_requests_that_carry_it(
+    micro_sam, monkeypatch
+):
+    service = SegmentService(SamEngine(micro_sam), Settings(encoder_batch_size=2))
+    real_encode = service.engine._encode
+
+    def encode(images):
+        if any(image.shape[0] == 77 for image in images):
+            raise RuntimeError("simulated encoder failure on one image")
+        return real_encode(images)
+
+    monkeypatch.setattr(service.engine, "_encode", encode)
+    failing = png_bytes(make_image(77, 90, seed=41))
+    good = _request(png_bytes(make_image(60, 90, seed=42)), prompts=[POINT])
+    replies = service.handle(
+        [_request(failing, prompts=[POINT]), good, _request(failing), (b"{", J)]
+    )
+    assert [r.status for r in replies] == [500, 200, 500, 400]
+    assert replies[0].body["error"]["code"] == "internal_error"
+    _same_results(replies[1].body, _alone(micro_sam, good))
+    assert service.engine.encoder_runs == 1
+
+
+def test_the_time_budget_fails_segment_everything_alone(micro_sam):
+    settings = Settings(
+        max_everything_points=100_000, max_everything_crops=20, max_everything_seconds=0.3
+    )
+    service = SegmentService(SamEngine(micro_sam), settings)
+    image = png_bytes(make_image(120, 160, seed=43))
+    everything = {"points_per_side": 64, "crop_n_layers": 1, "pred_iou_thresh": 0.0,
+                  "stability_score_thresh": 0.0, "box_nms_thresh": 1.0}  # fmt: skip
+    click = _request(png_bytes(make_image(60, 80, seed=44)), prompts=[POINT])
+    replies = service.handle([_request(image, everything=everything), click])
+    assert [r.status for r in replies] == [413, 200]
+    assert replies[0].body["error"]["code"] == "time_budget_exceeded"
+    assert "max_everything_seconds" in replies[0].body["error"]["message"]
+    _same_results(replies[1].body, _alone(micro_sam, click))
+
+
+def test_no_reply_is_longer_than_max_response_bytes(micro_sam):
+    limit = MIN_RESPONSE_BYTES
+    service = SegmentService(SamEngine(micro_sam), Settings(max_response_bytes=limit))
+    image = png_bytes(make_image(100, 120, seed=45))
+    everything = {"points_per_side": 8, "pred_iou_thresh": 0.0, "stability_score_thresh": 0.0,
+                  "box_nms_thresh": 1.0}  # fmt: skip
+    requests = [
+        _request(image, prompts=[POINT] * 8),
+        _request(image, everything=everything),
+        _request(image, prompts=[{"box": [0, 0, 1, "x" * 100_000]}]),
+        ({"image_id": "a", **{"\ud800" * 1000 + str(i): 1 for i in range(1000)}}, J),
+        (b"{" * 10_000, J),
+        _request(image, prompts=[POINT], output="none"),
+    ]
+    replies = service.handle(requests)
+    assert [r.status for r in replies] == [413, 413, 400, 400, 400, 200]
+    assert all(len(r.encode()) <= limit for r in replies)
+    with pytest.raises(ValueError, match="max_response_bytes"):
+        Settings(max_response_bytes=limit - 1)

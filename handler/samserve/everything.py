@@ -16,11 +16,17 @@ region removal), run by that class itself. Three changes, none to the method:
 
 So the records are SAM's but for float rounding: a mask whose predicted IoU, stability
 score or box overlap lies within rounding of a threshold may go either way.
+
+Before the generator starts, ``plan_everything`` checks the parameters together against
+the image (SAM's generator divides by zero or crops nothing on some combinations) and
+bounds the work (``EverythingLimits``); while it runs, the batch step keeps to a deadline
+and a bound on the full-size mask pixels it makes.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -39,6 +45,7 @@ from segment_anything.utils.amg import (
 )
 
 from .engine import ImageEmbedding, SamEngine
+from .errors import RequestError
 
 
 @dataclass(frozen=True)
@@ -60,6 +67,166 @@ class EverythingParams:
     def as_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for ``SamAutomaticMaskGenerator``."""
         return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class EverythingLimits:
+    """Bounds on the work of one segment-everything request, named as the handler
+    settings that set them (their error messages name the setting).
+
+    Arguments:
+      max_everything_points (int): point prompts decoded, over all crops.
+      max_everything_crops (int): crops encoded anew (the full image's embedding is the
+        cached one).
+      max_mask_pixels (int): full-size mask pixels made: each mask that passes
+        ``pred_iou_thresh`` is made at its crop's size.
+      max_everything_seconds (float): wall time from the first crop on; checked between
+        batches of points, so one batch or one crop's encoder run may pass it.
+    """
+
+    max_everything_points: int
+    max_everything_crops: int
+    max_mask_pixels: int
+    max_everything_seconds: float
+
+
+@dataclass(frozen=True)
+class EverythingWork:
+    """What a segment-everything request asks of the model, known before it runs.
+
+    Arguments:
+      points (int): point prompts decoded, over all crops.
+      crop_encoder_runs (int): crops that run the image encoder.
+    """
+
+    points: int
+    crop_encoder_runs: int
+
+
+def plan_everything(
+    engine: SamEngine,
+    params: EverythingParams,
+    original_size: tuple[int, int],
+    limits: EverythingLimits | None = None,
+) -> EverythingWork:
+    """Check ``params`` together against an image of ``original_size`` (H, W) and
+    ``limits``, before any work, as SAM's generator will crop and sample it.
+
+    Raises:
+      RequestError: 400 ``invalid_request`` for parameters SAM's generator cannot run
+        on this image (a crop layer without points, an empty crop, a crop too narrow to
+        resize to the model's input); 400 ``too_much_work`` past ``limits``.
+
+    Returns:
+      (EverythingWork): the points and crop encoder runs the request takes.
+    """
+    # SAM's build_all_layer_point_grids: int(points_per_side / factor**layer) per side.
+    per_side = [
+        int(params.points_per_side / params.crop_n_points_downscale_factor**layer)
+        for layer in range(params.crop_n_layers + 1)
+    ]
+    if per_side[-1] < 1:
+        raise _invalid_everything(
+            f"points_per_side {params.points_per_side} / crop_n_points_downscale_factor "
+            f"{params.crop_n_points_downscale_factor}^{params.crop_n_layers} leaves no "
+            f"point in crop layer {params.crop_n_layers}: fewer crop_n_layers, a smaller "
+            "crop_n_points_downscale_factor or more points_per_side"
+        )
+    boxes, layers = generate_crop_boxes(
+        original_size, params.crop_n_layers, params.crop_overlap_ratio
+    )
+    points = encoder_runs = 0
+    for box, layer in zip(boxes, layers):
+        x0, y0, x1, y1 = box
+        size = (y1 - y0, x1 - x0)
+        if min(size) < 1:
+            raise _invalid_everything(
+                f"crop_n_layers {params.crop_n_layers} on a {original_size[1]}x"
+                f"{original_size[0]} image makes an empty crop {box}: fewer crop_n_layers"
+            )
+        try:
+            engine.input_size(size)
+        except ValueError as err:
+            raise _invalid_everything(
+                f"crop {box} of crop layer {layer} cannot be encoded ({err}): fewer "
+                "crop_n_layers or a smaller crop_overlap_ratio"
+            ) from err
+        points += per_side[layer] ** 2
+        if size != tuple(original_size):  # the full image's embedding is the cached one
+            encoder_runs += 1
+    work = EverythingWork(points, encoder_runs)
+    if limits is not None:
+        _check_work(work, params, limits)
+    return work
+
+
+def _check_work(work: EverythingWork, params: EverythingParams, limits: EverythingLimits) -> None:
+    """400 ``too_much_work`` when ``work`` passes ``limits``, naming the bound."""
+    asked = (
+        f"points_per_side {params.points_per_side}, crop_n_layers {params.crop_n_layers}, "
+        f"crop_n_points_downscale_factor {params.crop_n_points_downscale_factor}"
+    )
+    if work.points > limits.max_everything_points:
+        raise RequestError(
+            400,
+            "too_much_work",
+            f"segment everything with {asked} decodes {work.points} points over its "
+            f"crops; at most {limits.max_everything_points} (max_everything_points): fewer "
+            "points_per_side or crop_n_layers, or a larger crop_n_points_downscale_factor",
+        )
+    if work.crop_encoder_runs > limits.max_everything_crops:
+        raise RequestError(
+            400,
+            "too_much_work",
+            f"segment everything with {asked} encodes {work.crop_encoder_runs} crops; at "
+            f"most {limits.max_everything_crops} (max_everything_crops): fewer crop_n_layers",
+        )
+
+
+def _invalid_everything(message: str) -> RequestError:
+    return RequestError(400, "invalid_request", f"everything: {message}")
+
+
+class _Budget:
+    """The running bounds of one request: a deadline, and the full-size mask pixels made.
+
+    Arguments:
+      limits (EverythingLimits): the bounds.
+      points (int): the request's points over all crops (for its messages).
+    """
+
+    def __init__(self, limits: EverythingLimits, points: int) -> None:
+        self.limits = limits
+        self.points = points
+        self.deadline = time.monotonic() + limits.max_everything_seconds
+        self.points_done = 0
+        self.mask_pixels = 0
+
+    def check_time(self) -> None:
+        """413 ``time_budget_exceeded`` once the deadline has passed."""
+        if time.monotonic() > self.deadline:
+            raise RequestError(
+                413,
+                "time_budget_exceeded",
+                f"segment everything ran past its time budget of "
+                f"{self.limits.max_everything_seconds} s (max_everything_seconds) with "
+                f"{self.points_done} of its {self.points} points decoded: fewer "
+                "points_per_side or crop_n_layers, or a higher pred_iou_thresh",
+            )
+
+    def add_masks(self, count: int, crop_pixels: int) -> None:
+        """Count ``count`` masks to be made at a crop's size; 400 ``too_many_mask_pixels``
+        before they would pass ``max_mask_pixels``."""
+        self.mask_pixels += count * crop_pixels
+        if self.mask_pixels > self.limits.max_mask_pixels:
+            raise RequestError(
+                400,
+                "too_many_mask_pixels",
+                f"segment everything would make more than {self.limits.max_mask_pixels} "
+                f"full-size mask pixels (max_mask_pixels) with {self.points_done} of its "
+                f"{self.points} points decoded: a higher pred_iou_thresh, or fewer "
+                "points_per_side or crop_n_layers",
+            )
 
 
 class _CachedPredictor(SamPredictor):
@@ -123,6 +290,24 @@ class _EngineGenerator(SamAutomaticMaskGenerator):
     every later step is SAM's, in SAM's order.
     """
 
+    budget: _Budget | None = None
+
+    def _process_crop(
+        self,
+        image: np.ndarray,
+        crop_box: list[int],
+        crop_layer_idx: int,
+        orig_size: tuple[int, ...],
+    ) -> MaskData:
+        if self.budget is not None:
+            self.budget.check_time()  # before the crop's encoder run
+        data = super()._process_crop(image, crop_box, crop_layer_idx, orig_size)
+        if len(data["rles"]) == 0:
+            # SAM makes a crop without masks a crop_boxes of shape (0,), on which its
+            # NMS across crops fails when no crop has any; boxes are Nx4.
+            data["crop_boxes"] = torch.zeros((0, 4), dtype=torch.int64)
+        return data
+
     def _process_batch(
         self,
         points: np.ndarray,
@@ -130,6 +315,9 @@ class _EngineGenerator(SamAutomaticMaskGenerator):
         crop_box: list[int],
         orig_size: tuple[int, ...],
     ) -> MaskData:
+        budget = self.budget
+        if budget is not None:
+            budget.check_time()
         predictor = self.predictor
         coords = torch.as_tensor(
             predictor.transform.apply_coords(points, im_size),
@@ -145,9 +333,14 @@ class _EngineGenerator(SamAutomaticMaskGenerator):
         del low_res
         if self.pred_iou_thresh > 0.0:
             kept.filter(kept["iou_preds"] > self.pred_iou_thresh)
+        if budget is not None:
+            budget.points_done += len(points)
+            budget.add_masks(len(kept["iou_preds"]), math.prod(im_size))
         data = MaskData()
         # At least one part, maybe empty: SAM's later steps read the batch's fields.
         for start in range(0, max(len(kept["iou_preds"]), 1), UPSCALE_BATCH):
+            if budget is not None and start:
+                budget.check_time()
             part = slice(start, start + UPSCALE_BATCH)
             data.cat(self._full_size(kept, part, predictor, crop_box, orig_size))
         return data
@@ -208,28 +401,34 @@ def segment_everything(
     embedding: ImageEmbedding,
     params: EverythingParams,
     image: np.ndarray | None = None,
+    limits: EverythingLimits | None = None,
 ) -> EverythingResult:
     """Every instance in the image of ``embedding`` (HxW original size), decoded by
     ``engine``.
 
     ``image`` (HxWx3 uint8 RGB) is only needed with crop layers, whose crops are encoded
-    anew; without crops the cached embedding is all the generator uses.
+    anew; without crops the cached embedding is all the generator uses. ``params`` are
+    checked first (``plan_everything``); with ``limits`` the work is bounded up front and
+    while it runs.
+
+    Raises:
+      RequestError: as ``plan_everything``; 413 ``time_budget_exceeded`` and 400
+        ``too_many_mask_pixels`` while it runs.
     """
     if image is None:
         if params.crop_n_layers > 0:
             raise ValueError("crop layers need the image itself, not only its embedding")
         height, width = embedding.original_size
         image = np.broadcast_to(np.zeros(3, dtype=np.uint8), (height, width, 3))
+    work = plan_everything(engine, params, image.shape[:2], limits)
     generator = _EngineGenerator(engine.model, output_mode="coco_rle", **params.as_kwargs())
     predictor = _CachedPredictor(engine, embedding)
     generator.predictor = predictor
+    if limits is not None:
+        generator.budget = _Budget(limits, work.points)
     started = time.perf_counter()
     records = generator.generate(image)
     seconds = time.perf_counter() - started
-    _, layers = generate_crop_boxes(
-        image.shape[:2], params.crop_n_layers, params.crop_overlap_ratio
-    )
-    points = sum(len(generator.point_grids[layer]) for layer in layers)
     for record in records:  # plain JSON types
         record["bbox"] = [int(v) for v in record["bbox"]]
         record["area"] = int(record["area"])
@@ -237,4 +436,4 @@ def segment_everything(
         record["stability_score"] = float(record["stability_score"])
         record["crop_box"] = [int(v) for v in record["crop_box"]]
         record["point_coords"] = [[float(x), float(y)] for x, y in record["point_coords"]]
-    return EverythingResult(records, points, predictor.encoder_runs, seconds)
+    return EverythingResult(records, work.points, predictor.encoder_runs, seconds)

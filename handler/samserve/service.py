@@ -28,8 +28,8 @@ from .engine import (
     StoredLogits,
     release_freed_memory,
 )
-from .errors import RequestError
-from .everything import segment_everything
+from .errors import RequestError, quote
+from .everything import EverythingLimits, plan_everything, segment_everything
 from .images import decode_image, image_id_of
 from .masks import Mapper, encode_mask_groups
 from .protocol import Limits, PromptRequest, SegmentRequest, parse_request
@@ -97,6 +97,12 @@ class SegmentService:
         self.engine = engine
         self.settings = settings
         self.limits = Limits(settings.max_prompts, settings.max_points_per_prompt)
+        self.everything_limits = EverythingLimits(
+            settings.max_everything_points,
+            settings.max_everything_crops,
+            settings.max_mask_pixels,
+            settings.max_everything_seconds,
+        )
         # Masks are made and encoded side by side: upscaling (torch), pycocotools' RLE
         # (samserve.rle) and Pillow's PNG run without the GIL, and each is a few
         # memory-bound passes that torch's intra-op threads barely speed up.
@@ -123,7 +129,9 @@ class SegmentService:
         """Serve ``(body, content_type)`` pairs; a bad request fails alone, not the batch.
 
         Requests in one batch that carry the same image share one encoder run, and all
-        images the cache lacks are encoded together.
+        images the cache lacks are encoded together; an image that cannot be encoded
+        fails only the requests that carry it. Every reply, error or not, is at most
+        ``max_response_bytes`` long.
         """
         replies: list[Reply | None] = [None] * len(requests)
         jobs: dict[int, _Job] = {}
@@ -133,14 +141,11 @@ class SegmentService:
             with _replying(replies, index):
                 jobs[index] = self._load(parse_request(body, content_type, self.limits), started)
 
-        try:
-            self._embed_missing(list(jobs.values()))
-        except Exception:
-            logger.exception("image encoder failed")
-            for index, job in list(jobs.items()):
-                if job.embedding is None:
-                    replies[index] = Reply(500, _INTERNAL.to_dict())
-                    del jobs[index]
+        failures = self._embed_missing(list(jobs.values()))
+        for index, job in list(jobs.items()):
+            if job.image_id in failures and job.embedding is None:
+                replies[index] = _error_reply(failures[job.image_id], index)
+                del jobs[index]
 
         planned: dict[int, tuple[_Job, list[list[Prompt]]]] = {}
         for index, job in jobs.items():
@@ -154,7 +159,23 @@ class SegmentService:
                 replies[index] = self._reply(self._results(planned[index][0], done))
         if self.engine.encoder_runs != encoder_runs:
             release_freed_memory()
-        return replies  # type: ignore[return-value]
+        return [self._bounded(reply, index) for index, reply in enumerate(replies)]
+
+    def _bounded(self, reply: Reply | None, index: int) -> Reply:
+        """``reply``, encoded, if it is at most ``max_response_bytes`` long, else the 413
+        that says so: a response over TorchServe's ``max_response_size`` would make the
+        frontend drop the worker."""
+        if reply is None:  # every path sets a reply; this one is a bug, not the client's
+            logger.error("request %d of the batch got no reply", index)
+            return Reply(500, _INTERNAL.to_dict())
+        try:
+            size = len(reply.encode())
+        except Exception:
+            logger.exception("the reply to request %d of the batch cannot be encoded", index)
+            return Reply(500, _INTERNAL.to_dict())
+        if size > self.settings.max_response_bytes:
+            return Reply(413, self._response_too_large().to_dict())
+        return reply
 
     def _load(self, request: SegmentRequest, started: float) -> _Job:
         """Decode the request's image, or find its cached embedding by ``image_id``."""
@@ -166,7 +187,7 @@ class SegmentService:
                 raise RequestError(
                     400,
                     "image_id_mismatch",
-                    f"image_id {request.image_id!r} is not the id of the image sent "
+                    f"image_id {quote(request.image_id)} is not the id of the image sent "
                     f"({job.image_id}); send one or the other",
                 )
             job.embedding = self.engine.cached_embedding(job.image_id)
@@ -174,34 +195,61 @@ class SegmentService:
                 job.image = decode_image(
                     request.image, self.settings.max_image_bytes, self.settings.max_image_pixels
                 )
+                self._check_encodable(job.image.shape[:2])
             job.timing_ms["decode"] = _ms_since(tic)
         else:
             job.image_id = request.image_id
+            if _needs_image(request):
+                raise RequestError(
+                    400,
+                    "image_required",
+                    "segment everything with crop layers encodes each crop: send 'image', "
+                    "not only 'image_id'",
+                )
             job.embedding = self.engine.cached_embedding(request.image_id)
             if job.embedding is None:
                 raise RequestError(
                     404,
                     "image_not_cached",
-                    f"image_id {request.image_id!r} is not cached (never sent, or evicted); "
-                    "resend the request with 'image'",
+                    f"image_id {quote(request.image_id)} is not cached (never sent, or "
+                    "evicted); resend the request with 'image'",
                 )
         job.cached = job.embedding is not None
+        if request.everything is not None:  # before the encoder runs for it
+            size = job.embedding.original_size if job.image is None else job.image.shape[:2]
+            plan_everything(self.engine, request.everything, size, self.everything_limits)
         return job
 
-    def _embed_missing(self, jobs: list[_Job]) -> None:
-        """Run the encoder once per distinct uncached image in the batch."""
+    def _check_encodable(self, size: tuple[int, int]) -> None:
+        """400 ``image_too_narrow`` for an image of ``size`` (H, W) that SAM's resize to
+        the encoder's input would leave without a row or a column."""
+        try:
+            self.engine.input_size(size)
+        except ValueError as err:
+            raise RequestError(
+                400,
+                "image_too_narrow",
+                f"the image cannot be encoded: {err}; crop or pad it to a less elongated shape",
+            ) from err
+
+    def _embed_missing(self, jobs: list[_Job]) -> dict[str, Exception]:
+        """Run the encoder once per distinct uncached image in the batch; returns the
+        exception of each image that could not be encoded, by ``image_id`` (its jobs
+        keep no embedding)."""
         missing = {j.image_id: j.image for j in jobs if j.embedding is None}
+        failures: dict[str, Exception] = {}
         if not missing:
-            return
+            return failures
         tic = time.perf_counter()
-        embeddings = self.engine.embed(missing)
+        embeddings = self.engine.embed(missing, failures)
         encoder_ms = _ms_since(tic)
         for job in jobs:
-            if job.embedding is None:
+            if job.embedding is None and job.image_id in embeddings:
                 job.embedding = embeddings[job.image_id]
                 job.timing_ms["encoder"] = encoder_ms
             if not _needs_image(job.request):
                 job.image = None
+        return failures
 
     def _reply(self, body: dict[str, Any]) -> Reply:
         """A 200 reply of ``body``, checked against ``max_response_bytes``."""
@@ -300,25 +348,22 @@ class SegmentService:
     def _check_response_size(self, size: int) -> None:
         """413 ``response_too_large`` once a response passes ``max_response_bytes``."""
         if size > self.settings.max_response_bytes:
-            raise RequestError(
-                413,
-                "response_too_large",
-                f"the response would be over {self.settings.max_response_bytes} bytes "
-                f"(max_response_bytes); ask for fewer prompts per request, multimask false, "
-                "or output 'none'",
-            )
+            raise self._response_too_large()
+
+    def _response_too_large(self) -> RequestError:
+        return RequestError(
+            413,
+            "response_too_large",
+            f"the response would be over {self.settings.max_response_bytes} bytes "
+            f"(max_response_bytes); ask for fewer prompts per request, multimask false, "
+            "or output 'none'",
+        )
 
     def _segment_everything(self, job: _Job) -> dict[str, Any]:
         """Every instance in the job's image, by SAM's automatic mask generator."""
-        params = job.request.everything
-        if params.crop_n_layers > 0 and job.image is None:
-            raise RequestError(
-                400,
-                "image_required",
-                "segment everything with crop layers encodes each crop: send 'image', "
-                "not only 'image_id'",
-            )
-        result = segment_everything(self.engine, job.embedding, params, job.image)
+        result = segment_everything(
+            self.engine, job.embedding, job.request.everything, job.image, self.everything_limits
+        )
         self.engine.encoder_runs += result.encoder_runs
         job.timing_ms["everything"] = result.seconds * 1000
         everything = {
@@ -362,8 +407,8 @@ class SegmentService:
                 raise RequestError(
                     404,
                     "logits_not_cached",
-                    f"{where}.mask_input {prompt.mask_input!r} is not cached (never returned, "
-                    "or evicted); send the prompt without it",
+                    f"{where}.mask_input {quote(prompt.mask_input)} is not cached (never "
+                    "returned, or evicted); send the prompt without it",
                 )
             if stored.image_id != image_id:
                 raise RequestError(
@@ -431,11 +476,17 @@ def _replying(replies: list[Reply | None], index: int) -> Iterator[None]:
     """Turn an exception inside the block into request ``index``'s error reply."""
     try:
         yield
-    except RequestError as err:
-        replies[index] = Reply(err.status, err.to_dict())
-    except Exception:
-        logger.exception("request %d of the batch failed", index)
-        replies[index] = Reply(500, _INTERNAL.to_dict())
+    except Exception as err:
+        replies[index] = _error_reply(err, index)
+
+
+def _error_reply(error: Exception, index: int) -> Reply:
+    """The reply to request ``index`` of a batch that failed with ``error``: its own 4xx
+    for a ``RequestError``, else a 500 whose cause goes to the log, not the client."""
+    if isinstance(error, RequestError):
+        return Reply(error.status, error.to_dict())
+    logger.error("request %d of the batch failed", index, exc_info=error)
+    return Reply(500, _INTERNAL.to_dict())
 
 
 def _outcomes(futures: list[Future[_Part]]) -> Iterator[_Part]:

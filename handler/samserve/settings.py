@@ -8,6 +8,10 @@ from typing import Any
 
 from .matmul import check_backend
 
+# The smallest max_response_bytes: room for any error reply, whose message of at most
+# errors.MAX_MESSAGE_BYTES grows at most sixfold when JSON escapes it.
+MIN_RESPONSE_BYTES = 8 * 1024
+
 
 @dataclass(frozen=True)
 class Settings:
@@ -20,12 +24,20 @@ class Settings:
     max_prompts: int = 256
     max_points_per_prompt: int = 64
     # Full-size mask pixels one request may ask for (prompts x masks per prompt x image
+    # pixels; for segment everything, the masks that pass pred_iou_thresh x their crop's
     # pixels): 256 prompts x 3 masks on a 12-megapixel photo fit; the same on a 64 MP
     # image would keep the worker busy past TorchServe's response timeout.
     max_mask_pixels: int = 10_000_000_000
     # Largest JSON response; keep it below TorchServe's max_response_size (64 MiB in
     # config.properties): a bigger response makes the frontend drop the worker.
     max_response_bytes: int = 63 * 1024 * 1024
+    # Segment everything: point prompts decoded over all crops (a 64x64 grid, or a 32x32
+    # one with a crop layer at half the density), crops encoded anew (one crop layer),
+    # and the wall time of its generator, checked between batches of points; each bounds
+    # how long one request can hold a worker, well within the archive's responseTimeout.
+    max_everything_points: int = 4096
+    max_everything_crops: int = 4
+    max_everything_seconds: float = 60.0
     encoder_batch_size: int = 2
     decoder_batch_size: int = 4  # prompts per mask-decoder call (see SamEngine.predict)
     torch_threads: int = 0  # 0: the machine's cores divided among the model's workers
@@ -34,6 +46,12 @@ class Settings:
 
     def __post_init__(self) -> None:
         check_backend(self.cpu_matmul)
+        if self.max_response_bytes < MIN_RESPONSE_BYTES:
+            raise ValueError(
+                f"max_response_bytes must be at least {MIN_RESPONSE_BYTES}: an error reply must fit"
+            )
+        if not self.max_everything_seconds > 0:
+            raise ValueError("max_everything_seconds must be positive")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Settings:
