@@ -24,6 +24,9 @@ from samserve.settings import Settings
 logger = logging.getLogger(__name__)
 
 JSON = "application/json"
+# The response header by which TorchServe's frontend ends a streamed gRPC call
+# (RequestInput.TS_STREAM_NEXT in pytorch/serve's frontend).
+STREAM_NEXT = "ts_stream_next"
 
 
 class SamHandler(BaseHandler):
@@ -85,19 +88,35 @@ class SamHandler(BaseHandler):
         return self.service.handle(data)
 
     def postprocess(self, data: list[Reply]) -> list[bytes]:
-        """Compact JSON bodies; each request's own status (4xx for bad input)."""
+        """Compact JSON bodies; each request's own status (4xx for bad input); over gRPC,
+        each reply marked as the last of its stream."""
         out = []
         for index, reply in enumerate(data):
             self.context.set_response_content_type(index, JSON)
             if reply.status != 200:
                 error = reply.body["error"]
                 self.context.set_response_status(reply.status, error["code"], index)
+            if self._over_grpc(index):
+                # TorchServe's frontend ends a StreamPredictions call on the reply whose
+                # ts_stream_next is "false", and drops the worker when a reply to one has
+                # none (GRPCJob.response reads it unchecked). The worker cannot tell a
+                # StreamPredictions call from a Predictions one, which ignores the header,
+                # so every gRPC reply is a whole answer marked last.
+                self.context.set_response_header(index, STREAM_NEXT, "false")
             out.append(reply.encode())
         return out
 
     def describe_handle(self) -> str:
         """Cache and encoder counters, shown by describe with ``?customized=true``."""
         return json.dumps(self.service.stats())
+
+    def _over_grpc(self, index: int) -> bool:
+        """Whether request ``index`` came through TorchServe's gRPC inference API: its
+        frontend passes no headers with those (InferenceImpl.prediction), while a REST
+        request carries at least its Content-Length (Netty's HttpObjectAggregator)."""
+        processor = self.context.request_processor[index]
+        properties = processor.get_request_properties() if processor else {}
+        return not any(isinstance(value, str) for value in properties.values())
 
     def _content_type(self, index: int, name: str | None) -> str | None:
         """Content type of the request's input: per-parameter first, then the header."""

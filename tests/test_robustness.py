@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import grpc
 import numpy as np
 import pytest
 import requests
@@ -43,7 +44,7 @@ from samserve.engine import MIB
 from samserve.masks import decode_segmentation
 from samserve.models import random_checkpoint, spec_by_name
 from samserve.service import SegmentService
-from samserve.settings import Settings
+from samserve.settings import MIN_RESPONSE_BYTES, Settings
 
 pytestmark = pytest.mark.integration
 
@@ -75,6 +76,10 @@ def answer_mismatch(got: dict, want: dict) -> str | None:
         return f"image_id {got.get('image_id')} != {want['image_id']}"
     if (got["width"], got["height"]) != (want["width"], want["height"]):
         return f"size {got['width']}x{got['height']} != {want['width']}x{want['height']}"
+    if "everything" in want:
+        found = [(m["bbox"], round(m["predicted_iou"], 3)) for m in got["everything"]["masks"]]
+        wanted = [(m["bbox"], round(m["predicted_iou"], 3)) for m in want["everything"]["masks"]]
+        return None if found == wanted else f"everything: {found} != {wanted}"
     if len(got["results"]) != len(want["results"]):
         return f"{len(got['results'])} results != {len(want['results'])}"
     for i, (result, expected) in enumerate(zip(got["results"], want["results"])):
@@ -184,7 +189,7 @@ LIMITS = {
     "max_prompts": 4,
     "max_points_per_prompt": 3,
     "max_mask_pixels": 2 * 3 * 60 * 60,  # two multimask prompts on a 60x60 image
-    "max_response_bytes": 3000,
+    "max_response_bytes": MIN_RESPONSE_BYTES,
 }
 
 
@@ -440,6 +445,24 @@ CASES = [
          content_type="multipart/form-data; boundary=XX"),
     Case("json_sent_as_image_png", with_prompt(POINT), 400, "invalid_image",
          content_type="image/png"),
+    # JSON's edges (issue 32): null is absent, a byte-order mark is allowed, text is not JSON.
+    Case("json_with_byte_order_mark", b"\xef\xbb\xbf" + with_prompt(POINT), 200, None),
+    Case("grpc_json_with_byte_order_mark", b"\xef\xbb\xbf" + with_prompt(POINT), "OK", None,
+         over="grpc"),
+    Case("null_fields_are_absent", json_body(prompts=[dict(POINT, box=None, mask_input=None)],
+                                             multimask=None, best_only=None, output=None,
+                                             everything=None, image_id=None), 200, None),
+    Case("content_type_text_plain", with_prompt(POINT), 415, "unsupported_media_type",
+         "text/plain", content_type="text/plain"),
+    Case("unknown_field_named_by_a_megabyte", json_body(**{"x" * 1_000_000: 1}), 400,
+         "unknown_field", "unknown field(s) ['xxxxxxxxxx"),
+    Case("box_of_100000_numbers", with_prompt({"box": list(range(100_000))}), 400,
+         "invalid_request", "(100000 items)"),
+    Case("image_1x600", json_body(png_bytes(np.zeros((1, 600, 3), np.uint8))), 400,
+         "image_too_narrow", "600x1"),
+    Case("everything_crop_layer_of_no_masks", json_body(everything={"crop_n_layers": 1,
+                                                                    "points_per_side": 4}),
+         200, None),
     # Refused by TorchServe's frontend before the handler: these bodies are the frontend's.
     Case("oversized_body_65_mib", lambda _: oversized_body(), 413, None, frontend=True),
     Case("unknown_model", with_prompt(POINT), 404, None, "no_such_model", model="no_such_model",
@@ -458,7 +481,7 @@ CASES = [
          "too_many_mask_pixels", "at most 21600", model=LIMITS_MODEL),
     Case("limits_response_bytes", lambda _: json_body(png_bytes(make_image(60, 60, seed=6)),
                                                     prompts=[POINT] * 2), 413,
-         "response_too_large", "3000", model=LIMITS_MODEL),
+         "response_too_large", str(MIN_RESPONSE_BYTES), model=LIMITS_MODEL),
     Case("limits_prompts_exactly", json_body(prompts=[{"box": [k, 0, 59, 49]} for k in range(
         LIMITS["max_prompts"])], multimask=False, output="none"), 200, None, model=LIMITS_MODEL),
     Case("limits_within_all", lambda _: json_body(png_bytes(make_image(60, 60, seed=6)),
@@ -567,6 +590,7 @@ def test_bad_input_matrix(case, server, rest, grpc_client, reference, matrix_wor
             assert answer_mismatch(body, want) is None, answer_mismatch(body, want)
         else:
             assert set(body) == {"error"}, body
+            assert len(raw) < 2048, len(raw)  # messages quote a short prefix of any value
             assert body["error"]["code"] == case.code, body
             assert case.names in body["error"]["message"], body["error"]["message"]
     entry["as_expected"] = True
@@ -947,3 +971,348 @@ def test_registration_only_from_the_model_store(server, rest):
             rest.register_model(url, "intruder", initial_workers=1)
         assert caught.value.status == 404, (url, caught.value)
     assert "intruder" not in [m["modelName"] for m in rest.list_models()["models"]]
+
+
+# --- 6. one request cannot kill a worker or fail its batch-mates (issue 32) -------------
+
+BATCH_MODEL, BUDGET_MODEL = "sam_batch", "sam_budget"
+# The frontend takes a batch's first request, then waits up to maxBatchDelay for the rest
+# of batchSize (Model.pollInferJob in pytorch/serve's frontend/server/.../wlm/Model.java):
+# BATCH_SIZE requests sent together and answered well within the delay shared a batch.
+BATCH_SIZE, BATCH_DELAY_MS = 2, 30_000
+BUDGET = {
+    "max_everything_points": 1_000_000,
+    "max_everything_crops": 100,
+    "max_everything_seconds": 2.0,
+}
+UNBOUNDED_EVERYTHING = {  # issue 32's request that held a worker past the response timeout
+    "points_per_side": 64,
+    "crop_n_layers": 2,
+    "pred_iou_thresh": 0.0,
+    "stability_score_thresh": 0.0,
+    "box_nms_thresh": 1.0,
+}
+NAIVE_HANDLER = REPO / "scripts" / "naive_handler.py"
+
+
+@pytest.fixture(scope="module")
+def batch_models(server, rest, grpc_client, checkpoints):
+    """``sam.mar`` as ``sam_batch`` and a time-budget archive as ``sam_budget``, both
+    registered with batches of BATCH_SIZE and a BATCH_DELAY_MS wait to fill them (the
+    registration's values win over the archive's, ModelManager.createModel)."""
+    budget = archive_in_store(server, checkpoints["sam_micro"], BUDGET_MODEL, BUDGET)
+    for archive, name in (("sam.mar", BATCH_MODEL), (budget, BUDGET_MODEL)):
+        grpc_client.register_model(
+            archive, name, batch_size=BATCH_SIZE, max_batch_delay=BATCH_DELAY_MS
+        )
+    try:
+        for name in (BATCH_MODEL, BUDGET_MODEL):
+            (description,) = rest.describe_model(name)
+            assert (description["batchSize"], description["maxBatchDelay"]) == (
+                BATCH_SIZE,
+                BATCH_DELAY_MS,
+            )
+        yield
+    finally:
+        for name in (BATCH_MODEL, BUDGET_MODEL):
+            rest.unregister_model(name)
+
+
+Outcome = tuple[Any, bytes]  # (HTTP status or gRPC status name, the raw body)
+
+
+def rest_send(server, model: str, data: bytes, content_type: str = J) -> Outcome:
+    response = requests.post(
+        f"{server.inference_url}/predictions/{model}",
+        data=data,
+        headers={**server.keys().header("inference"), "Content-Type": content_type},
+        timeout=300,
+    )
+    return response.status_code, response.content
+
+
+def grpc_send(grpc_client: GrpcClient, model: str, data: bytes) -> Outcome:
+    return "OK", grpc_client.predict_raw(model, data, timeout=300)
+
+
+def stream_predictions(server, grpc_client: GrpcClient, model: str, data: bytes) -> list[bytes]:
+    """The messages of one gRPC ``StreamPredictions`` call (``grpc.RpcError`` if it fails)."""
+    stubs = grpc_client.stubs
+    options = [("grpc.max_receive_message_length", 128 * MIB)]
+    with grpc.insecure_channel(f"127.0.0.1:{PORTS.grpc_inference}", options=options) as channel:
+        stub = stubs.inference_pb2_grpc.InferenceAPIsServiceStub(channel)
+        request = stubs.inference_pb2.PredictionsRequest(model_name=model, input={"body": data})
+        call = stub.StreamPredictions(
+            request, metadata=server.keys().metadata("inference"), timeout=120
+        )
+        return [bytes(reply.prediction) for reply in call]
+
+
+def stream_send(server, grpc_client: GrpcClient, model: str, data: bytes) -> Outcome:
+    (message,) = stream_predictions(server, grpc_client, model, data)  # exactly one, last
+    return "OK", message
+
+
+def in_one_batch(sends: list[Callable[[], Outcome]]) -> list[Outcome]:
+    """Run ``sends`` (BATCH_SIZE of them) at once; their outcomes, checked to have come
+    back well within the batch delay, so from one batch."""
+    assert len(sends) == BATCH_SIZE
+    outcomes: list[Any] = [None] * len(sends)
+    start = threading.Barrier(len(sends))
+
+    def run(i: int) -> None:
+        start.wait()
+        try:
+            outcomes[i] = sends[i]()
+        except Exception as err:  # reported by the asserts below
+            outcomes[i] = err
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(sends))]
+    tic = time.monotonic()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=300)
+    elapsed = time.monotonic() - tic
+    assert all(isinstance(o, tuple) for o in outcomes), outcomes
+    assert elapsed < BATCH_DELAY_MS / 1000 / 2, f"{elapsed:.1f} s: not one batch"
+    return outcomes
+
+
+def cold_click(seed: int) -> bytes:
+    """A valid request on an image no test sent before (its encoder runs in the batch)."""
+    image = png_bytes(make_image(60 + seed % 7, 80, seed=seed))
+    return json.dumps(segment_request(image, prompts=[point_prompt([[30, 20]], [1])])).encode()
+
+
+def numbers(count: int, number: bytes = b"1e15") -> bytes:
+    """A JSON array of ``count`` copies of ``number``, written directly: 6 bytes each."""
+    return b"[" + b", ".join([number] * count) + b"]"
+
+
+@functools.cache
+def huge_box_body() -> bytes:
+    """Issue 32's 24 MB body: a box of 4 million numbers, each quoted back as 20 chars."""
+    return b'{"image_id": "a", "prompts": [{"box": ' + numbers(4_000_000) + b"}]}"
+
+
+@functools.cache
+def huge_output_body() -> bytes:
+    return b'{"image_id": "a", "output": ' + numbers(4_000_000) + b"}"
+
+
+def everything_body(image: bytes, params: dict) -> bytes:
+    return json.dumps({"image": b64(image), "everything": params}).encode()
+
+
+@dataclass(frozen=True)
+class BatchCase:
+    """A request that once failed its worker or its batch (issue 32), and its 4xx now.
+
+    ``over``: "rest", "grpc" or "stream" (gRPC StreamPredictions); ``names``: text the
+    error message must contain."""
+
+    name: str
+    body: Callable[[], bytes]
+    status: int
+    code: str
+    names: str
+    over: str = "rest"
+    content_type: str = J
+    model: str = BATCH_MODEL
+
+
+NARROW_PNG = png_bytes(np.zeros((2, 3000, 3), dtype=np.uint8))
+BATCH_CASES = [
+    BatchCase("huge_box_rest", huge_box_body, 400, "invalid_request", "(4000000 items)"),
+    BatchCase("huge_output_grpc", huge_output_body, 400, "invalid_request", "output", over="grpc"),
+    BatchCase(
+        "image_2x3000",
+        lambda: json_body(NARROW_PNG, prompts=[POINT]),
+        400,
+        "image_too_narrow",
+        "3000x2",
+    ),
+    BatchCase(
+        "image_2x3000_grpc",
+        lambda: json_body(NARROW_PNG),
+        400,
+        "image_too_narrow",
+        "3000x2",
+        over="grpc",
+    ),
+    BatchCase(
+        "everything_crop_layer_without_points",
+        lambda: everything_body(
+            SMALL_PNG,
+            {"points_per_side": 4, "crop_n_layers": 1, "crop_n_points_downscale_factor": 8},
+        ),
+        400,
+        "invalid_request",
+        "leaves no point",
+    ),
+    BatchCase(
+        "everything_empty_crop_of_1x1",
+        lambda: everything_body(ONE_PIXEL_PNG, {"crop_n_layers": 1}),
+        400,
+        "invalid_request",
+        "empty crop",
+    ),
+    BatchCase(
+        "everything_unbounded",
+        lambda: everything_body(png_bytes(make_image(480, 640, seed=24)), UNBOUNDED_EVERYTHING),
+        400,
+        "too_much_work",
+        "max_everything_points",
+    ),
+    BatchCase(
+        "everything_past_the_time_budget",
+        lambda: everything_body(png_bytes(make_image(480, 640, seed=24)), UNBOUNDED_EVERYTHING),
+        413,
+        "time_budget_exceeded",
+        "2.0 s (max_everything_seconds)",
+        model=BUDGET_MODEL,
+    ),
+    BatchCase(
+        "text_plain",
+        lambda: with_prompt(POINT),
+        415,
+        "unsupported_media_type",
+        "text/plain",
+        content_type="text/plain",
+    ),
+    BatchCase(
+        "malformed_json_stream", lambda: b"{broken", 400, "invalid_json", "JSON", over="stream"
+    ),
+]
+
+
+@pytest.mark.parametrize("case", BATCH_CASES, ids=[c.name for c in BATCH_CASES])
+def test_a_bad_request_fails_alone_and_its_worker_lives(
+    case, server, rest, grpc_client, reference, batch_models
+):
+    seed = 300 + BATCH_CASES.index(case)
+    good = cold_click(seed)
+    want = expected_answer(reference, good, J)
+    pid, _ = worker_process(server, rest, case.model)
+    bad = case.body()
+    sends = {
+        "rest": lambda: rest_send(server, case.model, bad, case.content_type),
+        "grpc": lambda: grpc_send(grpc_client, case.model, bad),
+        "stream": lambda: stream_send(server, grpc_client, case.model, bad),
+    }
+    (status, raw), (good_status, good_raw) = in_one_batch(
+        [sends[case.over], lambda: rest_send(server, case.model, good)]
+    )
+    assert status == (case.status if case.over == "rest" else "OK"), raw[:300]
+    assert len(raw) < 2048, len(raw)
+    error = json.loads(raw)["error"]
+    assert error["code"] == case.code and case.names in error["message"], error
+    assert good_status == 200, good_raw[:300]
+    assert answer_mismatch(json.loads(good_raw), want) is None
+    assert worker_process(server, rest, case.model)[0] == pid  # the same worker, alive
+
+
+def test_a_request_past_its_time_budget_holds_the_worker_only_that_long(
+    server, rest, reference, batch_models, capsys
+):
+    """Clicks sent while an unbounded segment everything runs are answered once its time
+    budget is spent (not after the response timeout, not image_not_cached), by the same
+    worker, its cache intact."""
+    model = BUDGET_MODEL
+    image = png_bytes(make_image(480, 640, seed=25))
+    precompute = rest.predict(model, segment_request(image))
+    pid, _ = worker_process(server, rest, model)
+    everything = everything_body(image, UNBOUNDED_EVERYTHING)
+    clicks = [
+        json.dumps(
+            segment_request(image_id=precompute["image_id"], prompts=[point_prompt([[x, 90]], [1])])
+        ).encode()
+        for x in (100, 300)
+    ]
+    expected = [
+        expected_answer(
+            reference, segment_request(image, prompts=[point_prompt([[x, 90]], [1])]), J
+        )
+        for x in (100, 300)
+    ]
+    first: list[Outcome] = []
+    tic = time.monotonic()
+    runs = threading.Thread(
+        target=lambda: first.extend(
+            in_one_batch(
+                [
+                    lambda: rest_send(server, model, everything),
+                    lambda: rest_send(server, model, cold_click(400)),
+                ]
+            )
+        )
+    )
+    runs.start()
+    time.sleep(0.5)  # the everything request's batch is running
+    answers = in_one_batch([lambda body=body: rest_send(server, model, body) for body in clicks])
+    waited = time.monotonic() - tic
+    runs.join(timeout=300)
+    (status, raw), (click_status, _) = first
+    assert status == 413 and json.loads(raw)["error"]["code"] == "time_budget_exceeded"
+    assert click_status == 200
+    for (status, raw), want in zip(answers, expected):
+        assert status == 200, raw[:300]
+        got = json.loads(raw)
+        assert got["cached"] is True and answer_mismatch(got, want) is None
+    assert worker_process(server, rest, model)[0] == pid
+    with capsys.disabled():
+        print(
+            f"\ntime budget: clicks sent during an unbounded segment everything answered "
+            f"after {waited:.1f} s (budget {BUDGET['max_everything_seconds']} s), by the "
+            "same worker, from its cache"
+        )
+
+
+def test_stream_predictions_answers_once_marked_last_and_the_worker_lives(
+    server, rest, grpc_client, reference
+):
+    """Every reply to a gRPC request carries ts_stream_next "false": a StreamPredictions
+    call gets one message, the whole answer, and ends; a REST reply carries no such header
+    (on REST it would turn the reply into a chunked stream, RestJob.responseInference)."""
+    body = cold_click(500)
+    want = expected_answer(reference, body, J)
+    pid, _ = worker_process(server, rest, MODEL)
+    messages = stream_predictions(server, grpc_client, MODEL, body)
+    assert len(messages) == 1
+    assert answer_mismatch(json.loads(messages[0]), want) is None
+    (error,) = stream_predictions(server, grpc_client, MODEL, b'{"image_id": "0"}')
+    assert json.loads(error)["error"]["code"] == "image_not_cached"
+    assert answer_mismatch(json.loads(grpc_client.predict_raw(MODEL, body)), want) is None
+    status, raw = rest_send(server, MODEL, body)
+    assert status == 200 and answer_mismatch(json.loads(raw), want) is None
+    response = requests.post(
+        f"{server.inference_url}/predictions/{MODEL}",
+        data=body,
+        headers={**server.keys().header("inference"), "Content-Type": J},
+        timeout=60,
+    )
+    assert response.status_code == 200 and "ts_stream_next" not in response.headers
+    assert worker_process(server, rest, MODEL)[0] == pid
+
+
+def test_torchserve_drops_a_worker_whose_stream_reply_lacks_ts_stream_next(
+    server, rest, grpc_client, checkpoints, registered
+):
+    """The fact the handler's header rests on: TorchServe 0.12's frontend reads a
+    StreamPredictions reply's ts_stream_next without a check
+    (frontend/server/src/main/java/org/pytorch/serve/job/GRPCJob.java, ``response``), so
+    a handler that does not set it (the benchmark's naive one) loses its worker."""
+    if not (server.model_store / "sam_naive.mar").exists():
+        build_archive(
+            spec_by_name("sam_micro"),
+            checkpoints["sam_micro"],
+            server.model_store,
+            "sam_naive",
+            handler=NAIVE_HANDLER,
+        )
+    model = registered("sam_naive.mar", "sam_naive")
+    pid, _ = worker_process(server, rest, model)
+    with pytest.raises(grpc.RpcError):
+        stream_predictions(server, grpc_client, model, cold_click(600))
+    poll(lambda: not Path(f"/proc/{pid}").exists(), 60, "the naive worker dropped")
