@@ -37,9 +37,10 @@ from segment_anything.modeling import Sam
 from segment_anything.utils.transforms import ResizeLongestSide
 
 from samserve.engine import decode_prompts
-from samserve.models import assemble_sam, spec_by_name
+from samserve.models import SamSpec, assemble_sam, spec_by_name
 
 from .prompts import corrective_click, jittered_box, random_pixel
+from .stopwatch import OFF, Stopwatch
 from .synthetic import TRAIN_SEED, make_sample, sample_size
 
 
@@ -193,9 +194,17 @@ PROMPT_KINDS = ("point", "box", "point_box")
 
 
 def step_loss(
-    sam: Sam, batch: Batch, rng: np.random.Generator, config: TrainConfig
+    sam: Sam,
+    embeddings: torch.Tensor,
+    batch: Batch,
+    rng: np.random.Generator,
+    config: TrainConfig,
+    watch: Stopwatch = OFF,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """The loss of one step over every image and prompt of the batch, and its parts.
+
+    ``embeddings`` are the batch's image embeddings (BxCxhxw), made by the caller so that
+    it can run the encoder's backward pass apart from the decoder's.
 
     Each image gets ``prompts_per_image`` prompts of one kind drawn at random (a single
     foreground point, a jittered box, or both), decoded in one call; a refinement round
@@ -204,47 +213,54 @@ def step_loss(
     cheap and lets the run take more optimizer steps in the same time.
     """
     device = batch.inputs.device
-    embeddings = sam.image_encoder(batch.inputs)
     total = embeddings.new_zeros((), dtype=torch.float32)
     parts: dict[str, list[float]] = {k: [] for k in (*PROMPT_KINDS, "refine")}
     for b, (targets, full) in enumerate(zip(batch.masks, batch.full)):
-        chosen = rng.integers(len(targets), size=config.prompts_per_image)
-        chosen = np.array([i for i in chosen if full[i].any()], dtype=np.int64)
-        if len(chosen) == 0:
-            continue
-        kind = PROMPT_KINDS[rng.integers(len(PROMPT_KINDS))]
-        target = targets[torch.as_tensor(chosen, device=device)]
-        rows = torch.arange(len(chosen), device=device)
-        coords = torch.tensor(
-            [[random_pixel(full[i], rng)] for i in chosen], dtype=torch.float, device=device
-        )
-        labels = torch.ones(len(chosen), 1, dtype=torch.int, device=device)
-        points = None if kind == "box" else (coords, labels)
-        boxes = None
-        if kind != "point":
-            boxes = torch.tensor(
-                [jittered_box(full[i], rng) for i in chosen], dtype=torch.float, device=device
+        with watch.phase("prompts"):
+            chosen = rng.integers(len(targets), size=config.prompts_per_image)
+            chosen = np.array([i for i in chosen if full[i].any()], dtype=np.int64)
+            if len(chosen) == 0:
+                continue
+            kind = PROMPT_KINDS[rng.integers(len(PROMPT_KINDS))]
+            target = targets[torch.as_tensor(chosen, device=device)]
+            rows = torch.arange(len(chosen), device=device)
+            coords = torch.tensor(
+                [[random_pixel(full[i], rng)] for i in chosen], dtype=torch.float, device=device
             )
+            labels = torch.ones(len(chosen), 1, dtype=torch.int, device=device)
+            points = None if kind == "box" else (coords, labels)
+            boxes = None
+            if kind != "point":
+                boxes = torch.tensor(
+                    [jittered_box(full[i], rng) for i in chosen], dtype=torch.float, device=device
+                )
         # A single point is ambiguous: three masks, and only the best one's loss counts.
         multimask = kind == "point"
         embedding = embeddings[b : b + 1]
-        logits, iou_pred, _ = decode_prompts(sam, embedding, points, boxes, None, multimask)
-        loss, iou = mask_losses(logits, target, config.focal_weight, config.focal_alpha)
-        best = loss.argmin(dim=1)
-        total = total + loss[rows, best].mean() + config.iou_weight * _iou_loss(iou_pred, iou)
-        parts[kind].append(float(iou[rows, best].mean()))
+        with watch.phase("decoder_forward"):
+            logits, iou_pred, _ = decode_prompts(sam, embedding, points, boxes, None, multimask)
+        with watch.phase("loss"):
+            loss, iou = mask_losses(logits, target, config.focal_weight, config.focal_alpha)
+            best = loss.argmin(dim=1)
+            total = total + loss[rows, best].mean() + config.iou_weight * _iou_loss(iou_pred, iou)
+            parts[kind].append(float(iou[rows, best].mean()))
 
         if config.refine:
-            previous = logits[rows, best].detach()
-            extra, extra_labels = _error_points(previous, target, rng)
-            coords2 = torch.cat([coords, extra.to(device)[:, None]], dim=1)
-            labels2 = torch.cat([labels, extra_labels.to(device)[:, None]], dim=1)
-            logits_r, iou_pred_r, _ = decode_prompts(
-                sam, embedding, (coords2, labels2), boxes, previous[:, None], False
-            )
-            loss_r, iou_r = mask_losses(logits_r, target, config.focal_weight, config.focal_alpha)
-            total = total + loss_r.mean() + config.iou_weight * _iou_loss(iou_pred_r, iou_r)
-            parts["refine"].append(float(iou_r.mean()))
+            with watch.phase("prompts"):
+                previous = logits[rows, best].detach()
+                extra, extra_labels = _error_points(previous, target, rng)
+                coords2 = torch.cat([coords, extra.to(device)[:, None]], dim=1)
+                labels2 = torch.cat([labels, extra_labels.to(device)[:, None]], dim=1)
+            with watch.phase("decoder_forward"):
+                logits_r, iou_pred_r, _ = decode_prompts(
+                    sam, embedding, (coords2, labels2), boxes, previous[:, None], False
+                )
+            with watch.phase("loss"):
+                loss_r, iou_r = mask_losses(
+                    logits_r, target, config.focal_weight, config.focal_alpha
+                )
+                total = total + loss_r.mean() + config.iou_weight * _iou_loss(iou_pred_r, iou_r)
+                parts["refine"].append(float(iou_r.mean()))
     return total / len(batch.masks), {k: float(np.mean(v)) for k, v in parts.items() if v}
 
 
@@ -290,8 +306,26 @@ def learning_rate(progress: float, config: TrainConfig, step: int) -> float:
     return config.min_lr + (config.lr - config.min_lr) * cosine
 
 
-def train(config: TrainConfig, out: Path, log=print) -> Sam:
-    """Run training and write ``out`` (fp16 state dict) and ``out.with_suffix('.json')``."""
+@dataclass
+class Prepared:
+    """A model ready to train: the model on its device, what is trained and how."""
+
+    sam: Sam
+    spec: SamSpec
+    device: torch.device
+    trained: list[torch.nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    autocast: torch.autocast
+
+
+def prepare(config: TrainConfig) -> Prepared:
+    """Threads, seed, model (from ``init`` if given), optimizer and autocast for ``config``.
+
+    Arguments:
+      config (TrainConfig): the run's settings.
+    Returns:
+      (Prepared): the model in training mode on its device, with its AdamW optimizer.
+    """
     torch.set_num_threads(config.threads or torch.get_num_threads())
     torch.manual_seed(config.seed)
     device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -307,10 +341,17 @@ def train(config: TrainConfig, out: Path, log=print) -> Sam:
     sam.image_encoder.requires_grad_(not config.freeze_encoder)
     trained = [p for p in sam.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trained, lr=config.lr, weight_decay=config.weight_decay)
+    return Prepared(sam, spec, device, trained, optimizer, autocast)
+
+
+def train(config: TrainConfig, out: Path, log=print) -> Sam:
+    """Run training and write ``out`` (fp16 state dict) and ``out.with_suffix('.json')``."""
+    run = prepare(config)
+    sam, spec, optimizer = run.sam, run.spec, run.optimizer
     params = sum(p.numel() for p in sam.parameters())
     log(
-        f"training {spec.name} on {device}: {params / 1e6:.2f} M parameters "
-        f"({sum(p.numel() for p in trained) / 1e6:.2f} M trained), config {asdict(config)}"
+        f"training {spec.name} on {run.device}: {params / 1e6:.2f} M parameters "
+        f"({sum(p.numel() for p in run.trained) / 1e6:.2f} M trained), config {asdict(config)}"
     )
     history: list[dict[str, float]] = []
     step = 0
@@ -324,9 +365,7 @@ def train(config: TrainConfig, out: Path, log=print) -> Sam:
                 break
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(progress, config, step)
-            with autocast:
-                loss, parts = step_loss(sam, to_model(sam, drawn), rng, config)
-            _optimize(optimizer, trained, loss)
+            loss, parts = train_step(run, drawn, rng, config)
             history.append({"step": step, "loss": loss.item(), **parts})
             if step % 50 == 0:
                 _log_progress(log, step, elapsed, optimizer, history[-50:])
@@ -336,7 +375,7 @@ def train(config: TrainConfig, out: Path, log=print) -> Sam:
     summary = {
         "spec": spec.to_dict(),
         "config": asdict(config),
-        "device": str(device),
+        "device": str(run.device),
         "steps": step,
         "minutes": (time.monotonic() - started) / 60,
         "parameters": params,
@@ -347,12 +386,36 @@ def train(config: TrainConfig, out: Path, log=print) -> Sam:
     return sam
 
 
-def _optimize(optimizer: torch.optim.Optimizer, trained: list, loss: torch.Tensor) -> None:
-    """One AdamW step on ``loss``, gradients clipped at norm 1."""
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(trained, 1.0)
-    optimizer.step()
+def train_step(
+    run: Prepared,
+    drawn: Drawn,
+    rng: np.random.Generator,
+    config: TrainConfig,
+    watch: Stopwatch = OFF,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """One optimizer step on one step's drawn images; returns the loss and its parts.
+
+    The decoder's backward pass stops at a copy of the embeddings, and the encoder's runs
+    from there: the same gradients as one pass, timed apart.
+    """
+    sam, optimizer, autocast = run.sam, run.optimizer, run.autocast
+    with watch.phase("batch"):
+        batch = to_model(sam, drawn)
+    with watch.phase("encoder_forward"), autocast:
+        embeddings = sam.image_encoder(batch.inputs)
+    detached = embeddings.detach().requires_grad_(embeddings.requires_grad)
+    with autocast:
+        loss, parts = step_loss(sam, detached, batch, rng, config, watch)
+    with watch.phase("decoder_backward"):
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+    if detached.grad is not None:
+        with watch.phase("encoder_backward"):
+            embeddings.backward(detached.grad)
+    with watch.phase("optimizer"):
+        torch.nn.utils.clip_grad_norm_(run.trained, 1.0)
+        optimizer.step()
+    return loss, parts
 
 
 def _log_progress(
