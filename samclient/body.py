@@ -29,11 +29,16 @@ def segment_request(
     output: str = "rle",
     everything: dict[str, Any] | None = None,
     best_only: bool = False,
+    page: int | None = None,
+    intensity_range: Sequence[float] | None = None,
 ) -> dict[str, Any]:
     """A JSON request: encoded image bytes (sent as base64) or an ``image_id``, and prompts
     or ``everything`` (segment-everything parameters, ``{}`` for SAM's defaults).
 
-    With neither it is a pre-compute request that only caches the embedding.
+    With neither it is a pre-compute request that only caches the embedding. ``page``
+    (of a multi-page TIFF) and ``intensity_range`` (the [low, high] sample values that
+    become black and white in an image of more than 8 bits per sample) say how the
+    server reads ``image``.
     """
     if (image is None) == (image_id is None):
         raise ValueError("give exactly one of image and image_id")
@@ -44,6 +49,10 @@ def segment_request(
         body["image"] = base64.b64encode(image).decode("ascii")
     else:
         body["image_id"] = image_id
+    if page is not None:
+        body["page"] = page
+    if intensity_range is not None:
+        body["intensity_range"] = list(intensity_range)
     if prompts:
         body["prompts"] = list(prompts)
     if everything is not None:

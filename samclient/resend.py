@@ -31,6 +31,9 @@ logger = logging.getLogger(__name__)
 
 IMAGE_NOT_CACHED = "image_not_cached"
 LOGITS_NOT_CACHED = "logits_not_cached"
+# Fields that say how the server reads an image: its image_id depends on them, so they go
+# with every resent copy of it.
+READING_FIELDS = ("page", "intensity_range")
 
 
 @dataclass(frozen=True)
@@ -60,6 +63,7 @@ class SentImages:
         self.options = options
         self.resends = 0  # requests sent again with their image: each answered image_not_cached
         self._images: OrderedDict[str, str] = OrderedDict()
+        self._readings: dict[str, dict[str, Any]] = {}
         self._attach: dict[str, int] = {}
         self._bytes = 0
         self._lock = threading.Lock()
@@ -72,12 +76,15 @@ class SentImages:
         """Bytes of the base64 images held."""
         return self._bytes
 
-    def remember(self, image_id: Any, image: str | bytes | None) -> None:
+    def remember(
+        self, image_id: Any, image: str | bytes | None, reading: Mapping[str, Any] | None = None
+    ) -> None:
         """Keep ``image`` (base64 text, a data URL, or raw bytes) under ``image_id``.
 
         Arguments:
           image_id: the id the server answered for the image.
           image: what was sent; nothing is kept for None or when it alone passes the bound.
+          reading: the request's ``READING_FIELDS`` it was sent with (page, intensity range).
         """
         if not isinstance(image_id, str) or image is None:
             return
@@ -89,10 +96,13 @@ class SentImages:
                 self._images.move_to_end(image_id)
                 return
             self._images[image_id] = text
+            if reading:
+                self._readings[image_id] = dict(reading)
             self._bytes += len(text)
             while self._bytes > self.options.memory_bytes:
                 old_id, old = self._images.popitem(last=False)
                 self._attach.pop(old_id, None)
+                self._readings.pop(old_id, None)
                 self._bytes -= len(old)
 
     def image(self, image_id: str) -> str | None:
@@ -115,7 +125,12 @@ class SentImages:
                 return body
             self._attach[image_id] = left - 1
             image = self._images.get(image_id)
-        return {**body, "image": image} if image is not None else body
+        return self._with_image(body, image) if image is not None else body
+
+    def _with_image(self, body: Mapping[str, Any], image: str) -> dict[str, Any]:
+        """``body`` (a request by ``image_id``) with ``image`` attached, read as it was
+        when it was sent."""
+        return {**body, "image": image, **self._readings.get(body["image_id"], {})}
 
     def recover(self, body: Mapping[str, Any], error: SamServeError) -> Mapping[str, Any] | None:
         """The request to send after ``body`` was answered ``error``, or None to raise it.
@@ -136,7 +151,7 @@ class SentImages:
             with self._lock:
                 self.resends += 1
                 self._attach[body["image_id"]] = self.options.attach_after_resend
-            return {**body, "image": image}
+            return self._with_image(body, image)
         if error.code == LOGITS_NOT_CACHED and self.options.drop_missing_mask_input:
             prompts = body.get("prompts")
             if not isinstance(prompts, list) or not any("mask_input" in p for p in prompts):
@@ -175,5 +190,6 @@ def predict_resending(
                 raise
             recovered.add(error.code)
             request = retry
-    sent.remember(response.get("image_id"), request.get("image"))
+    reading = {name: request[name] for name in READING_FIELDS if request.get(name) is not None}
+    sent.remember(response.get("image_id"), request.get("image"), reading)
     return response

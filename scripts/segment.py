@@ -3,6 +3,7 @@
 
     python scripts/segment.py demo/example.jpg --point 160,175 --box 330,60,560,200
     python scripts/segment.py photo.jpg --point 50,80 --point 90,20,0 --grpc
+    python scripts/segment.py stack.tif --page 3 --intensity-range 100,4095 --box 10,10,80,90
 
 Each ``--point x,y[,label]`` (label 1 foreground by default, 0 background) and each
 ``--box x0,y0,x1,y1`` is its own prompt; ``--point ... --with-box`` joins them. The server
@@ -16,12 +17,8 @@ import argparse
 import json
 import sys
 from collections.abc import Callable
-from io import BytesIO
 from pathlib import Path
 from typing import Any
-
-import numpy as np
-from PIL import Image, ImageOps
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO), str(REPO / "handler")]
@@ -30,6 +27,7 @@ from samclient.body import segment_request  # noqa: E402
 from samclient.keys import KeySource  # noqa: E402
 from samclient.overlay import draw_overlay  # noqa: E402
 from samclient.server import DEFAULT_CONFIG, Addresses  # noqa: E402
+from samserve.images import DEFAULT_DECODE, DecodeOptions, decode_image  # noqa: E402
 from samserve.masks import decode_segmentation  # noqa: E402
 
 
@@ -54,18 +52,28 @@ def parse_prompts(points: list[str], boxes: list[str], together: bool) -> list[d
 
 
 def segment(
-    predict: Callable[[dict[str, Any]], dict[str, Any]], image: bytes, prompts: list[dict]
+    predict: Callable[[dict[str, Any]], dict[str, Any]],
+    image: bytes,
+    prompts: list[dict],
+    reading: DecodeOptions = DEFAULT_DECODE,
 ) -> dict[str, Any]:
     """All ``prompts`` on ``image``, as SAM advises: three masks (best first) for a
     single click, which is ambiguous, and one mask for boxes and several points. The image
-    goes with the first request; a second, if needed, names it by ``image_id``. Returns
-    the first response with every prompt's result in the order given."""
+    goes with the first request, read as ``reading`` says (page, intensity range); a
+    second, if needed, names it by ``image_id``. Returns the first response with every
+    prompt's result in the order given."""
     ambiguous = [len(p.get("points", [])) == 1 and "box" not in p for p in prompts]
     first_multimask = ambiguous[0] if prompts else True
     first = [i for i, a in enumerate(ambiguous) if a == first_multimask]
     rest = [i for i, a in enumerate(ambiguous) if a != first_multimask]
     response = predict(
-        segment_request(image=image, prompts=[prompts[i] for i in first], multimask=first_multimask)
+        segment_request(
+            image=image,
+            prompts=[prompts[i] for i in first],
+            multimask=first_multimask,
+            page=reading.page or None,
+            intensity_range=reading.intensity_range,
+        )
     )
     results = dict(zip(first, response["results"]))
     if rest:
@@ -92,7 +100,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="the server's")
     parser.add_argument("--workdir", type=Path, help="server directory holding key_file.json")
     parser.add_argument("--out", type=Path, default=REPO / "out" / "overlay.png")
+    parser.add_argument("--page", type=int, default=0, help="page of a multi-page TIFF, from 0")
+    parser.add_argument(
+        "--intensity-range", metavar="LOW,HIGH",
+        help="sample values shown black and white in an image of more than 8 bits per sample "
+        "(default: the image's 1st and 99.8th percentiles)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
+    intensity = args.intensity_range and tuple(float(v) for v in args.intensity_range.split(","))
+    reading = DecodeOptions(args.page, intensity or None)
 
     data = args.image.read_bytes()
     prompts = parse_prompts(args.point, args.box, args.with_box)
@@ -105,7 +121,9 @@ def main(argv: list[str] | None = None) -> int:
         port = args.port or addresses.grpc_inference_port
         management = addresses.management_url
         with GrpcClient(host, port, keys=keys, token_url=management) as client:
-            response = segment(lambda body: client.predict(args.model, body), data, prompts)
+            response = segment(
+                lambda body: client.predict(args.model, body), data, prompts, reading
+            )
     else:
         from samclient.rest_client import RestClient
 
@@ -113,9 +131,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.host or args.port:
             url = f"http://{args.host or '127.0.0.1'}:{args.port or 8080}"
         client = RestClient(url, addresses.management_url, keys=keys)
-        response = segment(lambda body: client.predict(args.model, body), data, prompts)
+        response = segment(lambda body: client.predict(args.model, body), data, prompts, reading)
 
-    image = np.asarray(ImageOps.exif_transpose(Image.open(BytesIO(data))).convert("RGB"))
+    # The picture under the masks is the one the server segmented: same page, same scale.
+    image = decode_image(data, len(data), response["width"] * response["height"], reading)
     best = [decode_segmentation(result["masks"][0]) for result in response["results"]]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     draw_overlay(image, best, prompts).save(args.out)

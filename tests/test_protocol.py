@@ -11,6 +11,7 @@ import pytest
 
 from samserve.errors import MAX_MESSAGE_BYTES, MAX_QUOTE_CHARS, RequestError
 from samserve.everything import EverythingParams
+from samserve.images import DEFAULT_DECODE, DecodeOptions
 from samserve.protocol import (
     EVERYTHING_BOUNDS,
     Limits,
@@ -482,3 +483,46 @@ def test_lone_surrogates_in_a_value_are_escaped_in_the_message():
     error = expect_error({"image_id": "a", "output": "\ud800"}, "invalid_request")
     assert "\\ud800" in error.message
     error.message.encode("utf-8")  # encodable: a JSON encoder takes it
+
+
+# --- how the image is read: page and intensity range --------------------------------------
+
+
+def test_page_and_intensity_range_default_to_the_first_page_and_own_percentiles():
+    assert parse_json({"image": IMAGE_B64}, LIMITS).decode == DEFAULT_DECODE
+
+
+def test_page_and_intensity_range_are_parsed():
+    body = {"image": IMAGE_B64, "page": 3, "intensity_range": [100, 4095.5]}
+    assert parse_json(body, LIMITS).decode == DecodeOptions(3, (100.0, 4095.5))
+    nulls = {"image": IMAGE_B64, "page": None, "intensity_range": None}
+    assert parse_json(nulls, LIMITS).decode == DEFAULT_DECODE
+
+
+@pytest.mark.parametrize(
+    ("fields", "name"),
+    [
+        ({"page": -1}, "page"),
+        ({"page": 1.5}, "page"),
+        ({"page": True}, "page"),
+        ({"page": "2"}, "page"),
+        ({"page": 10**12}, "page"),
+        ({"intensity_range": [5, 5]}, "intensity_range"),
+        ({"intensity_range": [9, 1]}, "intensity_range"),
+        ({"intensity_range": [0]}, "intensity_range"),
+        ({"intensity_range": [0, "x"]}, "intensity_range"),
+        ({"intensity_range": "0,1"}, "intensity_range"),
+    ],
+)
+def test_bad_page_or_intensity_range_is_invalid_request(fields, name):
+    with pytest.raises(RequestError) as info:
+        parse_json({"image": IMAGE_B64, **fields}, LIMITS)
+    assert info.value.status == 400 and info.value.code == "invalid_request"
+    assert info.value.message.startswith(name)
+
+
+@pytest.mark.parametrize("fields", [{"page": 1}, {"intensity_range": [0, 10]}])
+def test_page_or_intensity_range_without_image_is_refused(fields):
+    with pytest.raises(RequestError) as info:
+        parse_json({"image_id": "abc", **fields}, LIMITS)
+    assert info.value.code == "invalid_request" and "image_id" in info.value.message

@@ -101,3 +101,24 @@ def test_a_missing_mask_input_is_dropped_only_when_asked(drop):
     assert predict_resending(send, body, sent)["results"] == [{}]
     assert sent_bodies[-1]["prompts"] == [{"points": [[1, 2]], "labels": [1]}]
     assert "mask_input" in body["prompts"][0]  # the caller's request is left as it was
+
+
+def test_a_resent_image_is_read_as_it_was_sent_page_and_range():
+    sent = SentImages(ResendOptions(attach_after_resend=1))
+    reading = {"page": 2, "intensity_range": [0, 4095]}
+    answers = iter([{"image_id": "p2"}, NOT_CACHED, {"image_id": "p2"}, {"image_id": "p2"}])
+    bodies = []
+
+    def send(body):
+        bodies.append(dict(body))
+        answer = next(answers)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    predict_resending(send, {"image": "TIFF", **reading}, sent)
+    predict_resending(send, {"image_id": "p2", "prompts": []}, sent)
+    predict_resending(send, {"image_id": "p2", "prompts": []}, sent)
+    assert bodies[1] == {"image_id": "p2", "prompts": []}
+    assert bodies[2] == {"image_id": "p2", "prompts": [], "image": "TIFF", **reading}
+    assert bodies[3] == bodies[2]  # carried along once after the resend

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import io
 import json
 import threading
 
@@ -671,3 +672,34 @@ def test_no_reply_is_longer_than_max_response_bytes(micro_sam):
     assert all(len(r.encode()) <= limit for r in replies)
     with pytest.raises(ValueError, match="max_response_bytes"):
         Settings(max_response_bytes=limit - 1)
+
+
+def _stack(pages: list[np.ndarray]) -> bytes:
+    """A multi-page TIFF of HxWx3 uint8 ``pages``."""
+    frames = [Image.fromarray(page) for page in pages]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, format="TIFF", save_all=True, append_images=frames[1:])
+    return buffer.getvalue()
+
+
+def test_each_page_of_a_stack_is_its_own_image(service):
+    pages = [make_image(48, 64, seed=s) for s in range(3)]
+    data = _stack(pages)
+    replies = service.handle([_request(data, page=p) for p in range(3)] + [_request(data)])
+    assert [r.status for r in replies] == [200] * 4, [r.body for r in replies]
+    ids = [r.body["image_id"] for r in replies]
+    assert len(set(ids[:3])) == 3 and ids[3] == ids[0]  # page 0 is the default
+    assert service.engine.encoder_runs == 3
+    # The page's embedding is the one its own pixels give.
+    alone = service.handle([_request(png_bytes(pages[2]))])[0].body["image_id"]
+    assert service.engine.cached_embedding(ids[2]).embedding.equal(
+        service.engine.cached_embedding(alone).embedding
+    )
+
+
+def test_a_page_past_the_last_fails_alone_in_its_batch(service):
+    data = _stack([make_image(48, 64, seed=s) for s in range(2)])
+    bad, good = service.handle([_request(data, page=2), _request(data, page=1)])
+    assert bad.status == 400 and bad.body["error"]["code"] == "page_out_of_range"
+    assert "2 page(s)" in bad.body["error"]["message"]
+    assert good.status == 200

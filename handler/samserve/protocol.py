@@ -25,13 +25,26 @@ import numpy as np
 
 from .errors import RequestError, quote
 from .everything import EverythingParams
+from .images import DEFAULT_DECODE, DecodeOptions
 from .masks import OUTPUT_FORMATS
 
 REQUEST_FIELDS = frozenset(
-    {"image", "image_id", "prompts", "multimask", "best_only", "output", "everything"}
+    {
+        "image",
+        "image_id",
+        "page",
+        "intensity_range",
+        "prompts",
+        "multimask",
+        "best_only",
+        "output",
+        "everything",
+    }
 )
 PROMPT_FIELDS = frozenset({"points", "labels", "box", "mask_input"})
 MAX_ID_LENGTH = 128
+# Past any page count a real stack has; bounds the number a client can make us seek to.
+MAX_PAGE = 1_000_000
 
 
 @dataclass(frozen=True)
@@ -58,10 +71,12 @@ class PromptRequest:
 
 @dataclass(frozen=True)
 class SegmentRequest:
-    """A parsed request: an image (encoded bytes) or the ``image_id`` of a cached one."""
+    """A parsed request: an image (encoded bytes, decoded as ``decode`` says) or the
+    ``image_id`` of a cached one."""
 
     image: bytes | None = None
     image_id: str | None = None
+    decode: DecodeOptions = DEFAULT_DECODE
     prompts: tuple[PromptRequest, ...] = ()
     multimask: bool = True
     best_only: bool = False
@@ -148,6 +163,13 @@ def parse_json(data: Any, limits: Limits) -> SegmentRequest:
         raise _invalid("image_id", f"must be a non-empty string of at most {MAX_ID_LENGTH} chars")
     if image is None and image_id is None:
         raise RequestError(400, "missing_image", "send 'image' (base64) or 'image_id'")
+    decode = _parse_decode(data)
+    if image is None and decode != DEFAULT_DECODE:
+        raise _invalid(
+            "request",
+            "'page' and 'intensity_range' say how to read 'image'; an image_id already "
+            "names one page and range",
+        )
 
     prompts_data = _field(data, "prompts", [])
     if not isinstance(prompts_data, list):
@@ -168,7 +190,26 @@ def parse_json(data: Any, limits: Limits) -> SegmentRequest:
     everything = _parse_everything(_field(data, "everything", None))
     if everything is not None and prompts:
         raise _invalid("request", "send 'prompts' or 'everything', not both")
-    return SegmentRequest(image, image_id, prompts, multimask, best_only, output, everything)
+    return SegmentRequest(
+        image, image_id, decode, prompts, multimask, best_only, output, everything
+    )
+
+
+def _parse_decode(data: dict[str, Any]) -> DecodeOptions:
+    """The request's ``page`` (an integer from 0) and ``intensity_range`` ([low, high],
+    low < high), each absent or null for its default."""
+    page = _field(data, "page", 0)
+    if isinstance(page, bool) or not isinstance(page, int) or not 0 <= page <= MAX_PAGE:
+        raise _invalid("page", f"must be an integer in [0, {MAX_PAGE}], got {quote(page)}")
+    value = _field(data, "intensity_range", None)
+    if value is None:
+        return DecodeOptions(page)
+    low, high = _numbers(value, 2, "intensity_range")
+    if not low < high:
+        raise _invalid(
+            "intensity_range", f"must be [low, high] with low < high, got {quote(value)}"
+        )
+    return DecodeOptions(page, (low, high))
 
 
 def _field(data: dict[str, Any], name: str, default: Any) -> Any:

@@ -182,7 +182,7 @@ class SegmentService:
         job = _Job(request, started)
         if request.image is not None:
             tic = time.perf_counter()
-            job.image_id = image_id_of(request.image)
+            job.image_id = image_id_of(request.image, request.decode)
             if request.image_id is not None and request.image_id != job.image_id:
                 raise RequestError(
                     400,
@@ -193,7 +193,10 @@ class SegmentService:
             job.embedding = self.engine.cached_embedding(job.image_id)
             if job.embedding is None or _needs_image(request):
                 job.image = decode_image(
-                    request.image, self.settings.max_image_bytes, self.settings.max_image_pixels
+                    request.image,
+                    self.settings.max_image_bytes,
+                    self.settings.max_image_pixels,
+                    request.decode,
                 )
                 self._check_encodable(job.image.shape[:2])
             job.timing_ms["decode"] = _ms_since(tic)
