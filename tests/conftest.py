@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -121,6 +123,30 @@ def server(tmp_path_factory, checkpoints):
     finally:
         server.stop()
         assert server.pid() is None
+
+
+@contextmanager
+def micro_server(
+    root: Path,
+    checkpoint: Path,
+    port_delta: int,
+    workers: int = 1,
+    overrides: dict[str, str] | None = None,
+) -> Iterator[TorchServe]:
+    """A TorchServe of its own, besides the session's: its directory ``root``, the
+    session's ports shifted by ``port_delta`` (below the session's worker ports, 920),
+    ``overrides`` of config.properties, and sam_micro (``checkpoint``) registered as
+    ``sam`` with ``workers`` workers."""
+    build_archive(spec_by_name("sam_micro"), checkpoint, root / "store", MODEL)
+    ports = Ports.offset(PORTS.inference - 8080 + port_delta)
+    server = TorchServe(root / "run", root / "store", ports, overrides=overrides)
+    server.start()
+    try:
+        rest = RestClient(server.inference_url, server.management_url, server.key_source())
+        rest.register_model(f"{MODEL}.mar", MODEL, initial_workers=workers)
+        yield server
+    finally:
+        server.stop()
 
 
 @pytest.fixture(scope="session")

@@ -16,15 +16,13 @@ from pathlib import Path
 
 import pytest
 
-from build_mar import build_archive
-from conftest import MODEL, PORTS, make_image, png_bytes
+from conftest import MODEL, make_image, micro_server, png_bytes
 from samclient.body import point_prompt, segment_request
 from samclient.errors import AuthError
 from samclient.grpc_client import GrpcClient
 from samclient.keys import Keys, KeySource, read_keys
 from samclient.rest_client import RestClient
-from samclient.server import Ports, TorchServe
-from samserve.models import spec_by_name
+from samclient.server import TorchServe
 
 EXPIRY_MIN = 0.2  # keys live 12 s
 # TorchServe 0.12's key file, as TokenAuthorization.generateKeyFile writes it (Gson,
@@ -102,20 +100,9 @@ def short_keys(tmp_path_factory, checkpoints):
     """A TorchServe of its own (ports and directory) whose keys expire after EXPIRY_MIN,
     serving sam_micro as ``sam``."""
     root = tmp_path_factory.mktemp("short_keys")
-    build_archive(spec_by_name("sam_micro"), checkpoints["sam_micro"], root / "store", MODEL)
-    server = TorchServe(
-        root / "run",
-        root / "store",
-        Ports.offset(PORTS.inference - 8080 + 880),
-        overrides={"token_expiration_min": str(EXPIRY_MIN)},
-    )
-    server.start()
-    try:
-        rest = RestClient(server.inference_url, server.management_url, server.key_source())
-        rest.register_model("sam.mar", MODEL, initial_workers=1)
+    overrides = {"token_expiration_min": str(EXPIRY_MIN)}
+    with micro_server(root, checkpoints["sam_micro"], 880, overrides=overrides) as server:
         yield server
-    finally:
-        server.stop()
 
 
 def wait_past_expiry(keys: Keys) -> None:

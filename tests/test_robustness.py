@@ -645,24 +645,19 @@ def test_concurrent_clients_get_their_own_correct_answers(server, rest, referenc
         plans.append(plan)
 
     answers: list[list[Any]] = [[None] * REQUESTS_EACH for _ in range(CLIENTS)]
-    start = threading.Barrier(CLIENTS)
+    sessions = [
+        RestClient(server.inference_url, server.management_url, keys=server.keys())
+        for _ in range(CLIENTS)
+    ]
 
     def client(c: int) -> None:
-        session = RestClient(server.inference_url, server.management_url, keys=server.keys())
-        start.wait()
         for j, (body, _) in enumerate(plans[c]):
             try:
-                answers[c][j] = session.predict(MODEL, body)
+                answers[c][j] = sessions[c].predict(MODEL, body)
             except Exception as err:  # counted as lost below
                 answers[c][j] = err
 
-    threads = [threading.Thread(target=client, args=(c,)) for c in range(CLIENTS)]
-    tic = time.monotonic()
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=300)
-    elapsed = time.monotonic() - tic
+    _, elapsed = run_at_once([functools.partial(client, c) for c in range(CLIENTS)])
     lost = [
         (c, j, a)
         for c in range(CLIENTS)
@@ -1053,27 +1048,33 @@ def stream_send(server, grpc_client: GrpcClient, model: str, data: bytes) -> Out
     return "OK", message
 
 
-def in_one_batch(sends: list[Callable[[], Outcome]]) -> list[Outcome]:
-    """Run ``sends`` (BATCH_SIZE of them) at once; their outcomes, checked to have come
-    back well within the batch delay, so from one batch."""
-    assert len(sends) == BATCH_SIZE
-    outcomes: list[Any] = [None] * len(sends)
-    start = threading.Barrier(len(sends))
+def run_at_once(tasks: list[Callable[[], Any]]) -> tuple[list[Any], float]:
+    """Start ``tasks`` together, one thread each, behind a barrier; what each returned or
+    raised, and the seconds from the first start to the last end."""
+    outcomes: list[Any] = [None] * len(tasks)
+    start = threading.Barrier(len(tasks))
 
     def run(i: int) -> None:
         start.wait()
         try:
-            outcomes[i] = sends[i]()
-        except Exception as err:  # reported by the asserts below
+            outcomes[i] = tasks[i]()
+        except Exception as err:  # the caller's asserts report it
             outcomes[i] = err
 
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(sends))]
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(tasks))]
     tic = time.monotonic()
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join(timeout=300)
-    elapsed = time.monotonic() - tic
+    return outcomes, time.monotonic() - tic
+
+
+def in_one_batch(sends: list[Callable[[], Outcome]]) -> list[Outcome]:
+    """Run ``sends`` (BATCH_SIZE of them) at once; their outcomes, checked to have come
+    back well within the batch delay, so from one batch."""
+    assert len(sends) == BATCH_SIZE
+    outcomes, elapsed = run_at_once(sends)
     assert all(isinstance(o, tuple) for o in outcomes), outcomes
     assert elapsed < BATCH_DELAY_MS / 1000 / 2, f"{elapsed:.1f} s: not one batch"
     return outcomes

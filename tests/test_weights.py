@@ -176,35 +176,21 @@ def test_official_checkpoints_are_the_published_ones() -> None:
     # SHA-256s: micro-sam's pooch registry, which fetches these files from
     #   dl.fbaipublicfiles.com and checks them on every download
     #   (computational-cell-analytics/micro-sam, micro_sam/util.py).
-    assert weights.OFFICIAL_CHECKPOINTS == {
-        "vit_b": Checkpoint(
-            "vit_b",
-            "sam_vit_b_01ec64.pth",
-            Expected(
-                size=375042383,
-                md5="01ec64d29a2fca3f0661936605ae66f8",
-                sha256="ec2df62732614e57411cdcf32a23ffdf28910380d03139ee0f4fcbe91eb8c912",
-            ),
-        ),
-        "vit_l": Checkpoint(
-            "vit_l",
-            "sam_vit_l_0b3195.pth",
-            Expected(
-                size=1249524607,
-                md5="0b3195507c641ddb6910d2bb5adee89c",
-                sha256="3adcc4315b642a4d2101128f611684e8734c41232a17c648ed1693702a49a622",
-            ),
-        ),
-        "vit_h": Checkpoint(
-            "vit_h",
-            "sam_vit_h_4b8939.pth",
-            Expected(
-                size=2564550879,
-                md5="4b8939a88964f0f4ff5f5b2642c598a6",
-                sha256="a7bf3b02f3ebf1267aba913ff637d9a2d5c33d3173bb679e46d9f338c26f262e",
-            ),
-        ),
+    published = {
+        # model: (file name, size in bytes, md5, sha256)
+        "vit_b": ("sam_vit_b_01ec64.pth", 375042383, "01ec64d29a2fca3f0661936605ae66f8",
+                  "ec2df62732614e57411cdcf32a23ffdf28910380d03139ee0f4fcbe91eb8c912"),
+        "vit_l": ("sam_vit_l_0b3195.pth", 1249524607, "0b3195507c641ddb6910d2bb5adee89c",
+                  "3adcc4315b642a4d2101128f611684e8734c41232a17c648ed1693702a49a622"),
+        "vit_h": ("sam_vit_h_4b8939.pth", 2564550879, "4b8939a88964f0f4ff5f5b2642c598a6",
+                  "a7bf3b02f3ebf1267aba913ff637d9a2d5c33d3173bb679e46d9f338c26f262e"),
+    }  # fmt: skip
+    table = {
+        name: (c.file_name, c.expected.size, c.expected.md5, c.expected.sha256)
+        for name, c in weights.OFFICIAL_CHECKPOINTS.items()
     }
+    assert table == published
+    assert all(name == c.name for name, c in weights.OFFICIAL_CHECKPOINTS.items())
 
 
 def test_official_file_names_carry_the_start_of_their_md5() -> None:
