@@ -194,3 +194,29 @@ def test_a_client_with_only_the_inference_key_rereads_it(short_keys, tmp_path):
     KeySource(server.key_file).renew("inference", server.management_url)
     assert hand_out() != old
     assert client.ping() == "Healthy"
+
+
+@pytest.mark.integration
+def test_clients_work_on_past_the_default_expiry_step_of_one_minute(tmp_path_factory, checkpoints):
+    """The server as an operator would set it, ``token_expiration_min=1``: one wait past
+    the expiry, then gRPC renews the inference key and REST the management key, and each
+    client takes the other's renewal from the key file."""
+    root = tmp_path_factory.mktemp("one_minute_keys")
+    overrides = {"token_expiration_min": "1"}
+    with micro_server(root, checkpoints["sam_micro"], 640, overrides=overrides) as server:
+        rest = RestClient(server.inference_url, server.management_url, server.key_source())
+        image_id = rest.predict(MODEL, segment_request(png_bytes(make_image(60, 80))))["image_id"]
+        by_id = segment_request(image_id=image_id, prompts=CLICK)
+        first = read_keys(server.key_file)
+        with grpc_client(server, server.key_source()) as grpc:
+            wait_past_expiry(first)
+            with pytest.raises(AuthError):
+                RestClient(server.inference_url, server.management_url, keys=first).ping()
+            assert len(grpc.predict(MODEL, by_id)["results"][0]["masks"]) == 3
+            assert rest.describe_model(MODEL)[0]["modelName"] == MODEL
+            renewed = read_keys(server.key_file)
+            assert renewed.inference != first.inference
+            assert renewed.management != first.management
+            assert len(rest.predict(MODEL, by_id)["results"][0]["masks"]) == 3
+            assert grpc.describe_model(MODEL)[0]["modelName"] == MODEL
+            assert read_keys(server.key_file) == renewed  # nothing renewed twice
