@@ -23,6 +23,7 @@ from segment_anything.modeling import (
     Sam,
     TwoWayTransformer,
 )
+from segment_anything.modeling.common import LayerNorm2d
 from segment_anything.modeling.image_encoder import Attention
 
 from . import matmul
@@ -35,6 +36,9 @@ class SamSpec:
 
     ``image_size`` is the encoder's square input side in pixels; the image embedding is
     ``image_size / patch_size`` per side and the low-res mask logits are 4x that.
+    ``stem_channels`` empty: SAM's patchify (one ``patch_size`` x ``patch_size`` convolution);
+    else a ``ConvStem`` of one stride-2 3x3 convolution per entry, with these widths, down to
+    the same token grid (so ``patch_size`` must be 2 ** len(stem_channels)).
     """
 
     name: str
@@ -53,6 +57,15 @@ class SamSpec:
     mask_in_chans: int = 16
     pixel_mean: tuple[float, float, float] = (123.675, 116.28, 103.53)
     pixel_std: tuple[float, float, float] = (58.395, 57.12, 57.375)
+    stem_channels: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        """Reject a convolutional stem that would not reach the patch grid."""
+        if self.stem_channels and 2 ** len(self.stem_channels) != self.patch_size:
+            raise ValueError(
+                f"a stem of {len(self.stem_channels)} stride-2 convolutions reaches patch "
+                f"{2 ** len(self.stem_channels)}, not patch_size {self.patch_size}"
+            )
 
     @property
     def embedding_size(self) -> int:
@@ -170,10 +183,44 @@ def retype_modules(module: torch.nn.Module, old: type, new: type) -> int:
     return changed
 
 
+class ConvStem(torch.nn.Module):
+    """Pixels to patch tokens by stride-2 3x3 convolutions, in place of SAM's ``PatchEmbed``.
+
+    Each convolution halves the resolution and is followed by a channel layer norm and GELU;
+    a 1x1 convolution then makes the tokens. Early convolutions make small ViTs learn faster
+    than one large-stride patchify (Xiao et al., "Early Convolutions Help Transformers See
+    Better"). Same interface as ``PatchEmbed``: Bx3xHxW in, Bx(H/p)x(W/p)xC out.
+    """
+
+    def __init__(self, channels: tuple[int, ...], embed_dim: int, in_chans: int = 3) -> None:
+        """Arguments:
+        channels (tuple[int, ...]): the width of each stride-2 convolution, in order.
+        embed_dim (int): C, the token width.
+        in_chans (int): the image's channels.
+        """
+        super().__init__()
+        layers: list[torch.nn.Module] = []
+        previous = in_chans
+        for width in channels:
+            layers += [
+                torch.nn.Conv2d(previous, width, 3, stride=2, padding=1, bias=False),
+                LayerNorm2d(width),
+                torch.nn.GELU(),
+            ]
+            previous = width
+        self.convs = torch.nn.Sequential(*layers)
+        self.proj = torch.nn.Conv2d(previous, embed_dim, kernel_size=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Bx3xHxW normalised pixels -> Bx(H/p)x(W/p)xC tokens (p = 2 ** len(channels))."""
+        return self.proj(self.convs(x)).permute(0, 2, 3, 1)
+
+
 def assemble_sam(spec: SamSpec) -> Sam:
-    """A freshly initialised SAM with ``spec``'s sizes, built as ``_build_sam`` does."""
+    """A freshly initialised SAM with ``spec``'s sizes, built as ``_build_sam`` does (and
+    with a ``ConvStem`` in place of the patchify when the spec names one)."""
     embedding_size = spec.embedding_size
-    return Sam(
+    sam = Sam(
         image_encoder=ImageEncoderViT(
             depth=spec.encoder_depth,
             embed_dim=spec.encoder_embed_dim,
@@ -209,6 +256,9 @@ def assemble_sam(spec: SamSpec) -> Sam:
         pixel_mean=list(spec.pixel_mean),
         pixel_std=list(spec.pixel_std),
     )
+    if spec.stem_channels:
+        sam.image_encoder.patch_embed = ConvStem(spec.stem_channels, spec.encoder_embed_dim)
+    return sam
 
 
 def random_checkpoint(spec: SamSpec, path: str | os.PathLike, seed: int = 0) -> None:
