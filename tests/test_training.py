@@ -1,4 +1,5 @@
-"""Training and evaluation code paths, on the tiny sam_micro (quality is tested elsewhere)."""
+"""The training loop on the tiny sam_micro: schedule, resuming, checkpoints, fine-tuning,
+and evaluation code paths (quality is tested elsewhere)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from samserve.models import SamSpec, build_sam, spec_by_name
+from samserve.models import SamSpec, build_sam
+from training import checkpoints as saved
 from training.evaluate import (
     evaluate,
     heldout,
@@ -19,95 +21,149 @@ from training.evaluate import (
     validation,
 )
 from training.prompts import corrective_click, jittered_box, mask_box
-from training.train import (
-    TrainConfig,
-    draw_images,
-    learning_rate,
-    mask_losses,
-    step_draws,
-    to_model,
-    train,
-)
+from training.shards import RenderConfig
+from training.step import StepConfig
+from training.train import TrainConfig, config_from_args, learning_rate, train
 
 
-def test_mask_losses_reward_the_right_mask():
-    target = torch.zeros(2, 16, 16)
-    target[:, 4:12, 4:12] = 1
-    right = (target * 20 - 10)[:, None]
-    wrong = -right
-    loss, ious = mask_losses(torch.cat([right, wrong], dim=1), target, focal_weight=20)
-    assert loss.shape == ious.shape == (2, 2)
-    assert (loss[:, 0] < 0.01).all() and (loss[:, 1] > 1).all()
-    assert torch.equal(ious, torch.tensor([[1.0, 0.0], [1.0, 0.0]]))
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory) -> str:
+    """One folder for the datasets of every test here: each config renders once."""
+    return str(tmp_path_factory.mktemp("tiny-data"))
 
 
-def test_learning_rate_warms_up_then_decays():
-    config = TrainConfig(lr=1e-3, min_lr=1e-5, warmup_steps=10)
-    assert learning_rate(0.0, config, 0) == pytest.approx(1e-4)
-    assert learning_rate(0.1, config, 9) == pytest.approx(1e-3)
-    assert learning_rate(0.5, config, 500) == pytest.approx((1e-3 + 1e-5) / 2)
-    assert learning_rate(1.0, config, 1000) == pytest.approx(1e-5)
+@pytest.fixture
+def tiny(data_root):
+    """``make(folder, **changes)``: sam_micro on 12 rendered 256-px images, 2 images and 3
+    prompts a step, 4 steps, the run's folders in ``folder``; ``changes`` replace fields."""
+
+    def make(folder, **changes) -> TrainConfig:
+        config = TrainConfig(
+            run="tiny",
+            spec="sam_micro",
+            data=RenderConfig(count=12, image_size=256),
+            data_root=data_root,
+            images_per_step=2,
+            step=StepConfig(prompts_per_image=3),
+            total_steps=4,
+            warmup_steps=1,
+            lr=1e-3,
+            log_every=1,
+            committed_root=str(folder / "committed"),
+            local_root=str(folder / "local"),
+        )
+        return dataclasses.replace(config, **changes)
+
+    return make
 
 
-def test_batch_is_in_the_model_frame(micro_sam):
-    config = TrainConfig(images_per_step=3, long_side=(200, 500))
-    drawn = draw_images(np.random.default_rng(0), config, 256, 64)
-    batch = to_model(micro_sam, drawn)
-    assert batch.inputs.shape == (3, 3, 256, 256)
-    for targets, full in zip(batch.masks, batch.full):
-        assert targets.shape[1:] == (64, 64) and targets.min() >= 0 and targets.max() <= 1
-        assert max(full.shape[1:]) == 256 and len(full) == len(targets)
+def quiet(message: str) -> None:
+    """A log that drops every line."""
 
 
-def test_worker_processes_draw_what_the_loop_draws():
-    """Steps drawn ahead in worker processes (for a GPU) are the loop's own, in order,
-    and leave each step's generator where the loop would (it goes on to the prompts)."""
-    config = TrainConfig(images_per_step=2, long_side=(100, 200))
-    runs = {}
-    for workers in (0, 2):
-        with step_draws(dataclasses.replace(config, workers=workers), 256, 64) as draws:
-            runs[workers] = [next(draws) for _ in range(5)]
-    for (inline, inline_rng), (ahead, ahead_rng) in zip(runs[0], runs[2], strict=True):
-        for a, b in zip(inline[0] + inline[1], ahead[0] + ahead[1], strict=True):
-            assert torch.equal(a, b)
-        for a, b in zip(inline[2], ahead[2], strict=True):
-            np.testing.assert_array_equal(a, b)
-        assert inline_rng.bit_generator.state == ahead_rng.bit_generator.state
-    assert not torch.equal(runs[0][0][0][0][0], runs[0][1][0][0][0])  # steps differ
+def test_learning_rate_warms_up_then_decays_over_the_total_steps():
+    config = TrainConfig(lr=1e-3, min_lr=1e-5, warmup_steps=10, total_steps=1010)
+    assert learning_rate(0, config) == pytest.approx(1e-4)
+    assert learning_rate(9, config) == pytest.approx(1e-3)
+    assert learning_rate(510, config) == pytest.approx((1e-3 + 1e-5) / 2)
+    assert learning_rate(1010, config) == pytest.approx(1e-5)
+    assert learning_rate(5000, config) == pytest.approx(1e-5)
 
 
-def test_short_training_run_writes_a_loadable_half_checkpoint(tmp_path):
-    out = tmp_path / "model.pth"
-    config = TrainConfig(spec="sam_micro", steps=3, images_per_step=2, prompts_per_image=3)
-    sam = train(config, out, log=lambda message: None)
-    state = torch.load(out, weights_only=True)
+def test_command_line_reaches_nested_settings():
+    config = config_from_args(
+        ["--image-size", "256", "--stem-channels", "8", "16", "32", "64", "--prompts-per-image",
+         "5", "--augment-enabled", "false", "--data-count", "99", "--autocast", "none"]
+    )  # fmt: skip
+    assert config.data.image_size == 256 and config.data.count == 99
+    assert config.stem_channels == (8, 16, 32, 64) and config.step.prompts_per_image == 5
+    assert not config.augment.enabled and config.autocast == "none"
+    assert TrainConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+
+
+def test_short_run_writes_a_loadable_half_model_and_its_log(tmp_path, tiny):
+    config = tiny(tmp_path, total_steps=3)
+    sam = train(config, log=quiet)
+    folder = tmp_path / "committed" / "tiny"
+    state = torch.load(folder / "model.pth", weights_only=True)
     assert all(v.dtype == torch.float16 for v in state.values() if v.is_floating_point())
-    loaded = build_sam(spec_by_name("sam_micro"), out)
+    loaded = build_sam(SamSpec.from_dict(json.loads((folder / "model.json").read_text())["spec"]),
+                       folder / "model.pth")  # fmt: skip
     torch.testing.assert_close(
         loaded.mask_decoder.iou_token.weight,
         sam.mask_decoder.iou_token.weight,
         atol=1e-3,
         rtol=1e-3,
     )
-    summary = json.loads(out.with_suffix(".json").read_text())
-    assert summary["steps"] == 3 and summary["spec"]["name"] == "sam_micro"
+    summary = json.loads((folder / "model.json").read_text())
+    assert summary["steps"] == 3 and summary["spec"]["image_size"] == 256
+    log = (folder / "log.txt").read_text()
+    assert "step      3" in log and "finished" in log
 
 
-def test_init_from_a_smaller_input_size_keeps_the_weights(tmp_path):
-    small, large = tmp_path / "256.pth", tmp_path / "512.pth"
-    config = TrainConfig(spec="sam_micro", steps=1, images_per_step=1, prompts_per_image=2)
-    before = train(config, small, log=lambda message: None)
-    # one step at learning rate 0: the written model is the resized initialisation
-    config = dataclasses.replace(config, init=str(small), image_size=512, lr=0.0, min_lr=0.0)
-    train(config, large, log=lambda message: None)
+def _weights(sam) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in sam.state_dict().items()}
 
-    summary = json.loads(large.with_suffix(".json").read_text())
-    assert summary["spec"]["image_size"] == 512
-    spec = SamSpec.from_dict(summary["spec"])
-    after = build_sam(spec, large)
+
+def test_a_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(tmp_path, tiny):
+    whole = _weights(train(tiny(tmp_path / "whole"), log=quiet))
+    first = tiny(tmp_path / "parts", session_steps=2)
+    train(first, log=quiet)
+    path = tmp_path / "parts" / "local" / "tiny" / "checkpoint.pth"
+    assert saved.load(path)["step"] == 2
+    # A resumed session takes its settings from the checkpoint: this lr would change them.
+    second = dataclasses.replace(
+        tiny(tmp_path / "parts"), resume=str(path), lr=0.5, session_steps=0
+    )
+    resumed = _weights(train(second, log=quiet))
+    assert whole.keys() == resumed.keys()
+    for key in whole:
+        assert torch.equal(whole[key], resumed[key]), key
+
+
+def test_a_compact_checkpoint_resumes_close_to_the_exact_one(tmp_path, tiny):
+    first = tiny(tmp_path, session_steps=2)
+    train(first, log=quiet)
+    compact = tmp_path / "committed" / "tiny" / "checkpoint.pth"
+    exact = tmp_path / "local" / "tiny" / "checkpoint.pth"
+    assert compact.stat().st_size < exact.stat().st_size / 2
+    loaded = saved.load(compact)
+    assert loaded["format"] == saved.COMPACT and loaded["step"] == 2
+    after = {}
+    for name, path in (("exact", exact), ("compact", compact)):
+        config = dataclasses.replace(tiny(tmp_path / name), resume=str(path), session_steps=0)
+        after[name] = _weights(train(config, log=quiet))
+    for key, value in after["exact"].items():
+        if value.is_floating_point():
+            torch.testing.assert_close(after["compact"][key], value, atol=2e-2, rtol=0)
+
+
+def test_second_moments_survive_their_one_byte_code():
+    values = torch.cat([torch.zeros(3), torch.logspace(-12, -2, 1000)])
+    decoded = saved._decode_log(saved._encode_log(values))
+    assert torch.equal(decoded[:3], torch.zeros(3))
+    assert ((decoded[3:] / values[3:]) - 1).abs().max() < 0.1
+
+
+def test_init_from_a_smaller_input_size_keeps_the_weights(tmp_path, tiny):
+    small = tiny(tmp_path / "small", total_steps=1)
+    before = train(small, log=quiet)
+    # one step at learning rate 0: the model written is the resized initialisation
+    large = tiny(
+        tmp_path / "large",
+        init=str(tmp_path / "small" / "committed" / "tiny" / "model.pth"),
+        data=RenderConfig(count=12, image_size=512),
+        total_steps=1,
+        lr=0.0,
+        min_lr=0.0,
+    )
+    train(large, log=quiet)
+    folder = tmp_path / "large" / "committed" / "tiny"
+    spec = SamSpec.from_dict(json.loads((folder / "model.json").read_text())["spec"])
+    assert spec.image_size == 512
+    after = build_sam(spec, folder / "model.pth")
     assert after.image_encoder.pos_embed.shape == (1, 32, 32, 64)
     assert after.prompt_encoder.mask_input_size == (128, 128)
-    # size-free weights carry over unchanged (fp16 storage aside)
     for name in ("image_encoder.patch_embed.proj.weight", "mask_decoder.iou_token.weight"):
         torch.testing.assert_close(
             after.state_dict()[name], before.state_dict()[name], atol=1e-3, rtol=1e-3
@@ -115,27 +171,35 @@ def test_init_from_a_smaller_input_size_keeps_the_weights(tmp_path):
     # the position embedding is the old one resized: its mean survives bicubic resizing
     old, new = before.image_encoder.pos_embed, after.image_encoder.pos_embed
     torch.testing.assert_close(new.mean(dim=(1, 2)), old.mean(dim=(1, 2)), atol=2e-3, rtol=0)
-    logits, _ = after.mask_decoder(
-        image_embeddings=after.image_encoder(torch.zeros(1, 3, 512, 512)),
-        image_pe=after.prompt_encoder.get_dense_pe(),
-        sparse_prompt_embeddings=torch.zeros(1, 0, 64),
-        dense_prompt_embeddings=after.prompt_encoder.no_mask_embed.weight.reshape(
-            1, -1, 1, 1
-        ).expand(1, -1, 32, 32),
-        multimask_output=True,
+
+
+def test_frozen_encoder_stays_and_the_decoder_trains(tmp_path, tiny):
+    first = tiny(tmp_path / "a", total_steps=1)
+    before = train(first, log=quiet).state_dict()
+    second = tiny(
+        tmp_path / "b",
+        init=str(tmp_path / "a" / "committed" / "tiny" / "model.pth"),
+        total_steps=3,
+        freeze_encoder=True,
+        lr=1e-2,
     )
-    assert logits.shape == (1, 3, 128, 128)
-
-
-def test_frozen_encoder_stays_and_the_decoder_trains(tmp_path):
-    first, second = tmp_path / "a.pth", tmp_path / "b.pth"
-    config = TrainConfig(spec="sam_micro", steps=1, images_per_step=1, prompts_per_image=2)
-    before = train(config, first, log=lambda message: None).state_dict()
-    config = dataclasses.replace(config, init=str(first), steps=3, freeze_encoder=True, lr=1e-2)
-    after = train(config, second, log=lambda message: None).state_dict()
+    after = train(second, log=quiet).state_dict()
     changed = {k for k in before if not torch.equal(before[k].half(), after[k].half())}
     assert changed and all(k.startswith(("mask_decoder.", "prompt_encoder.")) for k in changed)
     assert any(k.startswith("mask_decoder.") for k in changed)
+
+
+def test_a_conv_stem_run_trains_and_serves(tmp_path, tiny):
+    config = tiny(tmp_path, total_steps=2, stem_channels=(8, 16, 32, 64))
+    train(config, log=quiet)
+    folder = tmp_path / "committed" / "tiny"
+    spec = SamSpec.from_dict(json.loads((folder / "model.json").read_text())["spec"])
+    assert spec.stem_channels == (8, 16, 32, 64)
+    sam = build_sam(spec, folder / "model.pth")
+    assert "image_encoder.patch_embed.convs.0.weight" in sam.state_dict()
+    predict = in_process_predictor(None, folder / "checkpoint.pth")
+    metrics = evaluate(predict, heldout(1))
+    assert 0 <= metrics["box"] <= 1
 
 
 def test_iou_andcorrective_click():

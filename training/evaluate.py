@@ -5,6 +5,11 @@ measures a model in-process (``SegmentService``) and a real TorchServe (``RestCl
 every transform and encoding step is inside what is measured.
 
     python scripts/evaluate.py --checkpoint models/sam_small_shapes.pth --spec sam_small
+    python scripts/evaluate.py --checkpoint training/runs/NAME/checkpoint.pth --out-of-family 50
+
+``--out-of-family N`` also measures N images of ``training.shapes.out_of_family``: shape
+families, textures and backgrounds that training never draws (the number that predicts how
+a model does on what it has never seen), prompt metrics and object counts reported apart.
 """
 
 from __future__ import annotations
@@ -24,7 +29,9 @@ from PIL import Image
 from samclient.body import segment_request
 from samserve.masks import decode_segmentation
 
+from .checkpoints import model_state
 from .prompts import corrective_click, mask_box, random_pixel
+from .shapes import OUT_OF_FAMILY_SEED, out_of_family
 from .synthetic import HELDOUT_SEED, VALIDATION_SEED, Sample, dataset
 
 Predict = Callable[[dict[str, Any]], dict[str, Any]]
@@ -197,13 +204,28 @@ def _matches(masks: list[np.ndarray], truths: list[np.ndarray]) -> int:
     return len(used_masks)
 
 
-def in_process_predictor(spec_name: str, checkpoint: Path | None) -> Predict:
-    """A ``Predict`` backed by ``SegmentService`` in this process (no TorchServe)."""
-    from samserve.models import build_sam, spec_by_name
+def in_process_predictor(spec_name: str | None, checkpoint: Path | None) -> Predict:
+    """A ``Predict`` backed by ``SegmentService`` in this process (no TorchServe).
+
+    Arguments:
+      spec_name (str | None): the model's spec; None to take it from a training checkpoint.
+      checkpoint (Path | None): a state dict (``models/*.pth``), a training checkpoint
+        (``training/runs/*/checkpoint.pth``, full or compact) or None for random weights.
+    Returns:
+      (Predict): JSON request -> JSON response.
+    """
+    from samserve.models import SamSpec, build_sam, spec_by_name
     from samserve.service import SegmentService
     from samserve.settings import Settings
 
-    service = SegmentService.for_model(build_sam(spec_by_name(spec_name), checkpoint), Settings())
+    spec_dict, state = model_state(checkpoint) if checkpoint is not None else (None, None)
+    if spec_name is None and spec_dict is None:
+        raise ValueError(f"{checkpoint} names no spec: pass --spec")
+    spec = SamSpec.from_dict(spec_dict) if spec_name is None else spec_by_name(spec_name)
+    sam = build_sam(spec)
+    if state is not None:
+        sam.load_state_dict(state)
+    service = SegmentService.for_model(sam, Settings())
 
     def predict(body: dict[str, Any]) -> dict[str, Any]:
         reply = service.handle([(body, "application/json")])[0]
@@ -215,10 +237,18 @@ def in_process_predictor(spec_name: str, checkpoint: Path | None) -> Predict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Command line: held-out metrics, out-of-family metrics, or counting thresholds."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--checkpoint", type=Path, default=Path("models/sam_small_shapes.pth"))
-    parser.add_argument("--spec", default="sam_small")
-    parser.add_argument("--count", type=int, default=HELDOUT_COUNT)
+    parser.add_argument(
+        "--checkpoint",
+        type=Path,
+        default=Path("models/sam_small_shapes.pth"),
+        help="a state dict, or a training checkpoint (which names its own spec)",
+    )
+    parser.add_argument("--spec", default=None, help="default: sam_small, or the checkpoint's")
+    parser.add_argument(
+        "--count", type=int, default=HELDOUT_COUNT, help="held-out images (0: none)"
+    )
     parser.add_argument("--json", type=Path, help="also write the metrics here")
     parser.add_argument(
         "--count-objects",
@@ -228,6 +258,13 @@ def main(argv: list[str] | None = None) -> int:
         help="also count objects by segment everything on N held-out images",
     )
     parser.add_argument(
+        "--out-of-family",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also prompt metrics and object counts on N out-of-family held-out images",
+    )
+    parser.add_argument(
         "--tune-count",
         type=int,
         default=0,
@@ -235,14 +272,25 @@ def main(argv: list[str] | None = None) -> int:
         help="only choose counting thresholds (COUNT_GRID) on N validation images",
     )
     args = parser.parse_args(argv)
-    predict = in_process_predictor(args.spec, args.checkpoint)
+    spec = args.spec
+    if spec is None and model_state(args.checkpoint)[0] is None:
+        spec = "sam_small"
+    predict = in_process_predictor(spec, args.checkpoint)
     if args.tune_count:
         for result in tune_count(predict, validation(args.tune_count)):
             print(json.dumps(result), flush=True)
         return 0
-    metrics = evaluate(predict, heldout(args.count))
+    metrics: dict[str, Any] = {}
+    if args.count:
+        metrics = evaluate(predict, heldout(args.count))
     if args.count_objects:
         metrics["count_objects"] = count_objects(predict, heldout(args.count_objects))
+    if args.out_of_family:
+        samples = out_of_family(args.out_of_family)
+        metrics["out_of_family"] = {
+            **evaluate(predict, samples, OUT_OF_FAMILY_SEED),
+            "count_objects": count_objects(predict, samples),
+        }
     text = json.dumps(metrics, indent=2)
     print(text)
     if args.json:

@@ -1,10 +1,11 @@
 """Where a training step's time goes: each phase's wall time and the cores it kept busy.
 
-Runs the training loop's own step (``training.train.train_step``) with a stopwatch for a few
-steps after a warm-up and prints a markdown table (docs/model_card.md, *Training step time*):
+Runs the training loop's own step (``training.train.train_step``, on the batches the loop
+reads) with a stopwatch for a few steps after a warm-up and prints a markdown table
+(docs/model_card.md, *Training step time*). Every flag of ``scripts/train.py`` applies:
 
     nice -n 19 python -m training.profile_step --image-size 512 --steps 8
-    nice -n 19 python -m training.profile_step --image-size 256 --long-side 256 640 --ops 20
+    nice -n 19 python -m training.profile_step --image-size 256 --autocast none --ops 20
 
 The minimum over steps is the figure to quote on a shared machine: other processes only
 ever add time. ``--ops N`` also profiles one step with ``torch.profiler`` and lists the N
@@ -15,15 +16,17 @@ operators with the most self time, and how much of the step ran outside any oper
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import statistics
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
+from .augment import batch_for_step, step_indices
+from .shards import ShardDataset, render
 from .stopwatch import Stopwatch
-from .train import TrainConfig, prepare, step_draws, train_step
+from .train import Prepared, TrainConfig, config_from_args, prepare, step_generator, train_step
 
 STEP = "step"
 """The whole step's row in the timings, beside the phases."""
@@ -39,30 +42,43 @@ class ProfileConfig:
     ops: int = 0
 
 
+def _batches(config: TrainConfig, run: Prepared, watch: Stopwatch):
+    """The loop's batches and generators, step by step, each read under phase ``data``."""
+    dataset = ShardDataset(render(config.data, Path(config.data_root)))
+    mean, std = run.sam.pixel_mean.cpu(), run.sam.pixel_std.cpu()
+    step = 0
+    while True:
+        with watch.phase("data"):
+            g = step_generator(config.seed, step)
+            indices = step_indices(step, len(dataset), config.images_per_step, config.seed)
+            batch = batch_for_step(dataset, indices, mean, std, config.augment, g)
+        yield batch, g
+        step += 1
+
+
 def time_steps(config: ProfileConfig) -> dict[str, list[tuple[float, float]]]:
     """Wall and CPU seconds of every phase in each of ``config.steps`` timed steps.
 
     Arguments:
       config (ProfileConfig): the training settings and the number of steps.
     Returns:
-      (dict): phase -> one (wall, cpu) pair per timed step; ``draw`` is drawing the step's
-        images and masks, ``STEP`` the whole step, the rest as ``train_step`` names them.
+      (dict): phase -> one (wall, cpu) pair per timed step; ``data`` is reading and
+        augmenting the step's images, ``STEP`` the whole step, the rest as ``train_step``
+        and ``training.step`` name them.
     """
     run = prepare(config.train)
-    low = run.sam.prompt_encoder.mask_input_size[0]
     watch = Stopwatch()
+    batches = _batches(config.train, run, watch)
     timings: dict[str, list[tuple[float, float]]] = {}
-    with step_draws(config.train, run.spec.image_size, low) as draws:
-        for step in range(config.warmup + config.steps):
-            wall, cpu = time.perf_counter(), time.process_time()
-            with watch.phase("draw"):
-                drawn, rng = next(draws)
-            train_step(run, drawn, rng, config.train, watch)
-            phases = watch.lap()
-            phases[STEP] = (time.perf_counter() - wall, time.process_time() - cpu)
-            if step >= config.warmup:
-                for name, value in phases.items():
-                    timings.setdefault(name, []).append(value)
+    for step in range(config.warmup + config.steps):
+        wall, cpu = time.perf_counter(), time.process_time()
+        batch, g = next(batches)
+        train_step(run, batch, g, config.train, watch)
+        phases = watch.lap()
+        phases[STEP] = (time.perf_counter() - wall, time.process_time() - cpu)
+        if step >= config.warmup:
+            for name, value in phases.items():
+                timings.setdefault(name, []).append(value)
     return timings
 
 
@@ -113,15 +129,14 @@ def operator_table(config: ProfileConfig) -> str:
     from torch.profiler import ProfilerActivity, profile
 
     run = prepare(config.train)
-    low = run.sam.prompt_encoder.mask_input_size[0]
-    with step_draws(config.train, run.spec.image_size, low) as draws:
-        for _ in range(config.warmup):
-            train_step(run, *next(draws), config.train)
-        drawn, rng = next(draws)
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
-            started = time.perf_counter()
-            train_step(run, drawn, rng, config.train)
-            wall = time.perf_counter() - started
+    batches = _batches(config.train, run, Stopwatch(enabled=False))
+    for _ in range(config.warmup):
+        train_step(run, *next(batches), config.train)
+    batch, g = next(batches)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        started = time.perf_counter()
+        train_step(run, batch, g, config.train)
+        wall = time.perf_counter() - started
     events = prof.key_averages()
     in_ops = sum(event.self_cpu_time_total for event in events) / 1e6
     text = events.table(sort_by="self_cpu_time_total", row_limit=config.ops)
@@ -132,26 +147,13 @@ def operator_table(config: ProfileConfig) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Command line: the training options of ``scripts/train.py`` that shape a step."""
-    defaults = TrainConfig(threads=2)
+    """Command line: ``--steps``, ``--warmup``, ``--ops`` and any ``scripts/train.py`` flag."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--image-size", type=int, default=512)
-    parser.add_argument("--long-side", type=int, nargs=2, default=defaults.long_side)
-    parser.add_argument("--images-per-step", type=int, default=defaults.images_per_step)
-    parser.add_argument("--prompts-per-image", type=int, default=defaults.prompts_per_image)
-    parser.add_argument("--threads", type=int, default=defaults.threads)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--ops", type=int, default=0, help="also list the top N operators")
-    args = parser.parse_args(argv)
-    train = dataclasses.replace(
-        defaults,
-        image_size=args.image_size,
-        long_side=tuple(args.long_side),
-        images_per_step=args.images_per_step,
-        prompts_per_image=args.prompts_per_image,
-        threads=args.threads,
-    )
+    args, rest = parser.parse_known_args(argv)
+    train = config_from_args(rest)
     config = ProfileConfig(train, args.steps, args.warmup, args.ops)
     print(f"{train}\nload average before: {os.getloadavg()}", flush=True)
     print(table(time_steps(config)), flush=True)

@@ -1,288 +1,219 @@
-"""Train a small SAM on synthetic shapes, the way SAM itself was trained.
+"""Train a small SAM on synthetic shapes, resumably, across sessions.
 
-Each step embeds a batch of images once (the costly part) and decodes many prompts per
-image against those embeddings (the cheap part): single foreground points (multimask,
-loss on the best of the three masks), jittered boxes and points + boxes (single mask),
-then a refinement round that adds a point from the error region and feeds the previous
-low-res logits back as ``mask_input``. The loss is SAM's: focal + dice on the masks,
-plus MSE between the predicted and the actual IoU. SAM weighs focal 20:1; here the
-objects cover 0.2-5% of the image and that weight held the model in the all-background
-plateau far longer (measured), so the default is 1:1. AdamW with linear warm-up and
-cosine decay.
+A run is defined by its ``TrainConfig`` and its length in steps (``total_steps``): the
+learning rate schedule, the data each step reads and every random draw are functions of
+the step number alone, so a run may stop at any step (``minutes``: this session's share)
+and continue later from its checkpoint (``resume``) with nothing changed. Every
+``checkpoint_minutes`` and at the end of a session it writes, atomically:
 
-    python scripts/train.py --minutes 60 --out models/sam_small_shapes.pth
+* ``build/runs/<run>/checkpoint.pth``: the exact (full) checkpoint, for this machine;
+* ``training/runs/<run>/checkpoint.pth``: the compact one, a few MB, for git;
+* ``training/runs/<run>/log.txt``: the run's log, appended to by every session;
+* ``training/runs/<run>/model.pth`` and ``model.json``: the float16 weights and a summary,
+  when the run reaches ``total_steps``.
+
+Images come from a dataset rendered once (``training.shards``, rendered on first use) and
+are varied by ``training.augment``; a step is ``training.step``'s.
+
+    nice -n 19 python scripts/train.py --run NAME --total-steps 20000 --minutes 60
+    nice -n 19 python scripts/train.py --resume build/runs/NAME/checkpoint.pth --minutes 60
 """
 
 from __future__ import annotations
 
 import argparse
-import collections
 import dataclasses
-import itertools
 import json
 import math
-import multiprocessing
 import sys
 import time
-from collections.abc import Iterator
-from concurrent.futures import Future, ProcessPoolExecutor
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from segment_anything.modeling import Sam
-from segment_anything.utils.transforms import ResizeLongestSide
 
-from samserve.engine import decode_prompts
 from samserve.models import SamSpec, assemble_sam, spec_by_name
 
-from .prompts import corrective_click, jittered_box, random_pixel
+from . import checkpoints
+from .augment import AugmentConfig, batch_for_step, step_indices
+from .shards import DATA_ROOT, RenderConfig, ShardDataset, render
+from .step import Decode, StepConfig, batch_loss, decode_masks
 from .stopwatch import OFF, Stopwatch
-from .synthetic import TRAIN_SEED, make_sample, sample_size
+from .synthetic import TRAIN_SEED
+
+Log = Callable[[str], None]
+
+SESSION_FIELDS = (
+    "minutes",
+    "session_steps",
+    "checkpoint_minutes",
+    "threads",
+    "device",
+    "compile",
+    "log_every",
+    "resume",
+    "total_steps",
+    "data_root",
+    "committed_root",
+    "local_root",
+)
+"""Settings a resumed run may change: how this session runs, not what the run computes
+(``total_steps`` too, which then stretches the schedule from that step on)."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainConfig:
-    """Everything that determines a training run (saved next to the checkpoint)."""
+    """Everything that determines a training run (saved in its checkpoints).
 
+    Model: ``spec`` by name, with the data's image size and ``stem_channels`` (non-empty)
+    replacing the spec's; ``init``, a state dict to start from (resized to this input size);
+    ``freeze_encoder`` trains the prompt encoder and mask decoder only.
+    Data: ``data`` (the rendered dataset; its image size is the model's), ``augment``,
+    ``images_per_step``. Step: ``step`` (prompts and losses). Schedule: AdamW with ``lr``
+    warmed up linearly over ``warmup_steps``, then cosine to ``min_lr`` at ``total_steps``.
+    Speed: ``threads``; ``autocast`` "none", "encoder" (bf16 image encoder) or "all";
+    ``compile`` the encoder and decoder with ``torch.compile``. Session: ``minutes`` of
+    training before checkpointing and stopping (0: until ``total_steps``), or
+    ``session_steps`` steps (0: no limit), ``checkpoint_minutes`` between checkpoints,
+    ``run`` names the run's folders under ``committed_root`` and ``local_root``.
+    """
+
+    run: str = "default"
     spec: str = "sam_small"
-    steps: int = 3000
-    minutes: float = 0.0  # > 0: stop at this wall time (the schedule then follows time)
+    stem_channels: tuple[int, ...] = ()
+    init: str = ""
+    freeze_encoder: bool = False
+    data: RenderConfig = field(default_factory=RenderConfig)
+    data_root: str = str(DATA_ROOT)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
     images_per_step: int = 4
-    prompts_per_image: int = 8  # of one kind per image and step
-    long_side: tuple[int, int] = (300, 900)
-    max_objects: int = 6
+    step: StepConfig = field(default_factory=StepConfig)
+    total_steps: int = 20_000
     lr: float = 3e-4
     min_lr: float = 1e-5
     warmup_steps: int = 200
     weight_decay: float = 0.05
-    focal_weight: float = 1.0
-    focal_alpha: float = 0.25  # weight of foreground pixels in the focal loss; < 0: none
-    iou_weight: float = 1.0  # weight of the IoU-prediction MSE (SAM: 1)
-    refine: bool = True
     seed: int = TRAIN_SEED
-    threads: int = 0
-    init: str = ""  # a checkpoint to start from (fine-tuning); "": fresh weights
-    image_size: int = 0  # > 0: the spec's encoder input size replaced by this one
-    freeze_encoder: bool = False  # train the prompt encoder and mask decoder only
-    device: str = ""  # "": CUDA when there is a GPU, else the CPU
-    bf16: bool = True  # bf16 autocast on CUDA (the CPU always runs float32)
-    workers: int = 0  # > 0: processes that draw the next steps' images ahead (for a GPU)
+    threads: int = 2
+    device: str = ""
+    autocast: str = "encoder"
+    compile: bool = False
+    minutes: float = 0.0
+    session_steps: int = 0
+    checkpoint_minutes: float = 5.0
+    log_every: int = 50
+    resume: str = ""
+    committed_root: str = "training/runs"
+    local_root: str = "build/runs"
+
+    def model_spec(self) -> SamSpec:
+        """The architecture trained: ``spec`` with this run's input size and stem."""
+        spec = spec_by_name(self.spec)
+        changes: dict[str, Any] = {"image_size": self.data.image_size}
+        if self.stem_channels:
+            changes["stem_channels"] = tuple(self.stem_channels)
+        return dataclasses.replace(spec, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready settings; ``from_dict`` reads them back."""
+        return json.loads(json.dumps(asdict(self)))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        """The config ``to_dict`` wrote (nested configs and tuples restored)."""
+        return _from_dict(cls, data)
+
+
+def _from_dict(cls: type, data: dict[str, Any]) -> Any:
+    """A (possibly nested) frozen dataclass of type ``cls`` from its ``asdict`` JSON."""
+    values = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in data:
+            continue
+        value = data[f.name]
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if dataclasses.is_dataclass(default):
+            value = _from_dict(type(default), value)
+        elif isinstance(default, tuple):
+            value = tuple(value)
+        values[f.name] = value
+    return cls(**values)
 
 
 @dataclass
-class Batch:
-    """Images in the model's input frame and their instance masks, for one step.
+class Prepared:
+    """A model ready to train: the model on its device, what is trained and how."""
 
-    ``inputs`` is Bx3xSxS normalised and padded (S = encoder input size); per image,
-    ``masks`` is NxS'xS' float targets on the low-res logits grid (S' = S / 4 x ...),
-    ``full`` is Nxhxw bool in the resized (unpadded) input frame, for sampling prompts.
+    sam: Sam
+    spec: SamSpec
+    device: torch.device
+    trained: list[torch.nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    encode: Callable[[torch.Tensor], torch.Tensor]
+    decode: Decode
+    encoder_autocast: bool
+    decoder_autocast: bool
+
+
+def prepare(config: TrainConfig) -> Prepared:
+    """Threads, seed, model (from ``init`` if given), optimizer and the fast paths.
+
+    Arguments:
+      config (TrainConfig): the run's settings.
+    Returns:
+      (Prepared): the model in training mode on its device, with its AdamW optimizer.
     """
-
-    inputs: torch.Tensor
-    masks: list[torch.Tensor]
-    full: list[np.ndarray]
-
-
-Drawn = tuple[list[torch.Tensor], list[torch.Tensor], list[np.ndarray]]
-"""One step's images, mask targets and full masks as ``draw_images`` makes them."""
-
-
-def draw_images(rng: np.random.Generator, config: TrainConfig, size: int, low: int) -> Drawn:
-    """One step's images, on the CPU and without the model: ``images_per_step`` 3xhxw uint8
-    images resized so the long side is ``size``, their Nxlowxlow float mask targets (the
-    padded ``size`` square pooled to the low-res grid) and Nxhxw bool masks."""
-    transform = ResizeLongestSide(size)
-    images, targets, fulls = [], [], []
-    for _ in range(config.images_per_step):
-        height, width = sample_size(rng, config.long_side)
-        sample = make_sample(rng, height, width, config.max_objects)
-        image = transform.apply_image(sample.image)
-        images.append(torch.as_tensor(image).permute(2, 0, 1).contiguous())
-        h, w = image.shape[:2]
-        masks = torch.as_tensor(sample.masks, dtype=torch.float32)[:, None]
-        resized = F.interpolate(masks, (h, w), mode="bilinear", align_corners=False)
-        padded = F.pad(resized, (0, size - w, 0, size - h))
-        targets.append(F.adaptive_avg_pool2d(padded, (low, low))[:, 0])
-        fulls.append(resized[:, 0].numpy() > 0.5)
-    return images, targets, fulls
-
-
-def to_model(sam: Sam, drawn: Drawn) -> Batch:
-    """``draw_images``'s output on the model's device, images normalised and padded."""
-    images, targets, fulls = drawn
-    device = sam.device
-    inputs = [sam.preprocess(image.to(device)[None].float())[0] for image in images]
-    return Batch(torch.stack(inputs), [t.to(device) for t in targets], fulls)
-
-
-def _draw_step(
-    config: TrainConfig, step: int, size: int, low: int
-) -> tuple[Drawn, np.random.Generator]:
-    """Step ``step``'s images and the step's generator after drawing them (it goes on to
-    draw the prompts), as the training loop would make them: for worker processes."""
-    rng = np.random.default_rng([config.seed, step])
-    return draw_images(rng, config, size, low), rng
-
-
-def _one_thread() -> None:
-    torch.set_num_threads(1)
-
-
-@contextmanager
-def step_draws(
-    config: TrainConfig, size: int, low: int
-) -> Iterator[Iterator[tuple[Drawn, np.random.Generator]]]:
-    """The steps' images and generators, in step order: drawn in the loop, or with
-    ``workers`` processes up to two steps per worker ahead of it. Either way step ``s``
-    gets exactly what ``np.random.default_rng([seed, s])`` draws."""
-    if config.workers <= 0:
-        yield (_draw_step(config, step, size, low) for step in itertools.count())
-        return
-    context = multiprocessing.get_context("spawn")  # no fork of a process holding CUDA
-    with ProcessPoolExecutor(config.workers, mp_context=context, initializer=_one_thread) as pool:
-        ahead: collections.deque[Future] = collections.deque()
-
-        def draws() -> Iterator[tuple[Drawn, np.random.Generator]]:
-            step = 0
-            while True:
-                while len(ahead) < 2 * config.workers:
-                    ahead.append(pool.submit(_draw_step, config, step + len(ahead), size, low))
-                yield ahead.popleft().result()
-                step += 1
-
-        try:
-            yield draws()
-        finally:
-            for future in ahead:
-                future.cancel()
-
-
-def mask_losses(
-    logits: torch.Tensor, target: torch.Tensor, focal_weight: float, focal_alpha: float = 0.25
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-mask loss (focal x weight + dice) and actual IoU, for KxCxhxw logits vs Kxhxw
-    (float32 whatever the logits' type: bf16 sums over a mask's pixels are too coarse)."""
-    logits = logits.float()
-    target = target[:, None].expand_as(logits)
-    prob = logits.sigmoid()
-    bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
-    p_t = prob * target + (1 - prob) * (1 - target)
-    focal = bce * (1 - p_t) ** 2
-    if focal_alpha >= 0:
-        focal = focal * (focal_alpha * target + (1 - focal_alpha) * (1 - target))
-    focal = focal.mean(dim=(-2, -1))
-    inter = (prob * target).sum(dim=(-2, -1))
-    dice = 1 - (2 * inter + 1) / (prob.sum(dim=(-2, -1)) + target.sum(dim=(-2, -1)) + 1)
-    with torch.no_grad():
-        pred = logits > 0
-        hard = target > 0.5
-        union = (pred | hard).sum(dim=(-2, -1)).float()
-        iou = torch.where(union > 0, (pred & hard).sum(dim=(-2, -1)) / union.clamp(min=1), 1.0)
-    return focal_weight * focal + dice, iou
-
-
-def _iou_loss(predicted: torch.Tensor, actual: torch.Tensor) -> torch.Tensor:
-    """MSE between the IoU head's predictions and the masks' actual IoUs, in float32."""
-    return F.mse_loss(predicted.float(), actual)
-
-
-PROMPT_KINDS = ("point", "box", "point_box")
-
-
-def step_loss(
-    sam: Sam,
-    embeddings: torch.Tensor,
-    batch: Batch,
-    rng: np.random.Generator,
-    config: TrainConfig,
-    watch: Stopwatch = OFF,
-) -> tuple[torch.Tensor, dict[str, float]]:
-    """The loss of one step over every image and prompt of the batch, and its parts.
-
-    ``embeddings`` are the batch's image embeddings (BxCxhxw), made by the caller so that
-    it can run the encoder's backward pass apart from the decoder's.
-
-    Each image gets ``prompts_per_image`` prompts of one kind drawn at random (a single
-    foreground point, a jittered box, or both), decoded in one call; a refinement round
-    then adds a corrective click and feeds the first answer's logits back as mask_input.
-    Decoder calls, not prompts, set the cost of a step, so one kind per image keeps steps
-    cheap and lets the run take more optimizer steps in the same time.
-    """
-    device = batch.inputs.device
-    total = embeddings.new_zeros((), dtype=torch.float32)
-    parts: dict[str, list[float]] = {k: [] for k in (*PROMPT_KINDS, "refine")}
-    for b, (targets, full) in enumerate(zip(batch.masks, batch.full)):
-        with watch.phase("prompts"):
-            chosen = rng.integers(len(targets), size=config.prompts_per_image)
-            chosen = np.array([i for i in chosen if full[i].any()], dtype=np.int64)
-            if len(chosen) == 0:
-                continue
-            kind = PROMPT_KINDS[rng.integers(len(PROMPT_KINDS))]
-            target = targets[torch.as_tensor(chosen, device=device)]
-            rows = torch.arange(len(chosen), device=device)
-            coords = torch.tensor(
-                [[random_pixel(full[i], rng)] for i in chosen], dtype=torch.float, device=device
-            )
-            labels = torch.ones(len(chosen), 1, dtype=torch.int, device=device)
-            points = None if kind == "box" else (coords, labels)
-            boxes = None
-            if kind != "point":
-                boxes = torch.tensor(
-                    [jittered_box(full[i], rng) for i in chosen], dtype=torch.float, device=device
-                )
-        # A single point is ambiguous: three masks, and only the best one's loss counts.
-        multimask = kind == "point"
-        embedding = embeddings[b : b + 1]
-        with watch.phase("decoder_forward"):
-            logits, iou_pred, _ = decode_prompts(sam, embedding, points, boxes, None, multimask)
-        with watch.phase("loss"):
-            loss, iou = mask_losses(logits, target, config.focal_weight, config.focal_alpha)
-            best = loss.argmin(dim=1)
-            total = total + loss[rows, best].mean() + config.iou_weight * _iou_loss(iou_pred, iou)
-            parts[kind].append(float(iou[rows, best].mean()))
-
-        if config.refine:
-            with watch.phase("prompts"):
-                previous = logits[rows, best].detach()
-                extra, extra_labels = _error_points(previous, target, rng)
-                coords2 = torch.cat([coords, extra.to(device)[:, None]], dim=1)
-                labels2 = torch.cat([labels, extra_labels.to(device)[:, None]], dim=1)
-            with watch.phase("decoder_forward"):
-                logits_r, iou_pred_r, _ = decode_prompts(
-                    sam, embedding, (coords2, labels2), boxes, previous[:, None], False
-                )
-            with watch.phase("loss"):
-                loss_r, iou_r = mask_losses(
-                    logits_r, target, config.focal_weight, config.focal_alpha
-                )
-                total = total + loss_r.mean() + config.iou_weight * _iou_loss(iou_pred_r, iou_r)
-                parts["refine"].append(float(iou_r.mean()))
-    return total / len(batch.masks), {k: float(np.mean(v)) for k, v in parts.items() if v}
-
-
-def _error_points(
-    logits: torch.Tensor, target: torch.Tensor, rng: np.random.Generator
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """A corrective click per prompt from Kxhxw low-res ``logits`` vs ``target``, in the
-    input frame (low-res cells are 4 input pixels wide)."""
-    pred, truth = (logits > 0).cpu().numpy(), (target > 0.5).cpu().numpy()
-    clicks = [corrective_click(p, t, rng) for p, t in zip(pred, truth)]
-    points = torch.tensor([point for point, _ in clicks], dtype=torch.float) * 4
-    return points, torch.tensor([label for _, label in clicks], dtype=torch.int)
+    torch.set_num_threads(config.threads or torch.get_num_threads())
+    torch.manual_seed(config.seed)
+    device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    spec = config.model_spec()
+    sam = assemble_sam(spec)
+    if config.init:
+        state = torch.load(config.init, map_location="cpu", weights_only=True)
+        sam.load_state_dict(resized_state(state, sam))
+    sam.to(device).train()
+    # A frozen encoder builds no autograd graph: its forward is all a step pays for it.
+    sam.image_encoder.requires_grad_(not config.freeze_encoder)
+    trained = [p for p in sam.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trained, lr=config.lr, weight_decay=config.weight_decay)
+    encode: Callable[[torch.Tensor], torch.Tensor] = sam.image_encoder
+    decode: Decode = decode_masks
+    if config.compile:
+        encode = torch.compile(sam.image_encoder, dynamic=False)
+        decode = torch.compile(decode_masks, dynamic=False)
+    if config.autocast not in ("none", "encoder", "all"):
+        raise ValueError(f"autocast must be none, encoder or all, not {config.autocast!r}")
+    return Prepared(
+        sam,
+        spec,
+        device,
+        trained,
+        optimizer,
+        encode,
+        decode,
+        config.autocast != "none",
+        config.autocast == "all",
+    )
 
 
 def resized_state(state: dict[str, torch.Tensor], sam: Sam) -> dict[str, torch.Tensor]:
-    """``state`` (float32) fitted to ``sam``, whose encoder may take a larger input.
+    """``state`` (any float type) fitted to ``sam``, whose encoder may take another input size.
 
     Only the encoder's position terms depend on its input size: the absolute position
     embedding (1xHxWxC, bicubic) and the relative position tables of the global-attention
     blocks ((2H-1)xC, linear) are resized to ``sam``'s token grid; every other weight is
-    size-free and kept. A model trained at 256 and resized to 512 keeps what it learned
-    and sees objects on a token grid twice as fine (docs/model_card.md, stage 3).
+    size-free and kept (docs/model_card.md, stage 3).
+
+    Arguments:
+      state (dict): a state dict of the same architecture at another input size.
+      sam (Sam): the model it is for.
+    Returns:
+      (dict): float32 weights that ``sam.load_state_dict`` accepts.
     """
     target = sam.state_dict()
     fitted = {}
@@ -298,114 +229,53 @@ def resized_state(state: dict[str, torch.Tensor], sam: Sam) -> dict[str, torch.T
     return fitted
 
 
-def learning_rate(progress: float, config: TrainConfig, step: int) -> float:
-    """Linear warm-up over ``warmup_steps``, then cosine from ``lr`` to ``min_lr``."""
+def learning_rate(step: int, config: TrainConfig) -> float:
+    """Linear warm-up over ``warmup_steps``, then cosine from ``lr`` to ``min_lr`` at
+    ``total_steps``: a function of the step alone, so resuming keeps the schedule."""
     if step < config.warmup_steps:
         return config.lr * (step + 1) / config.warmup_steps
-    cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-    return config.min_lr + (config.lr - config.min_lr) * cosine
+    span = max(1, config.total_steps - config.warmup_steps)
+    progress = min(1.0, (step - config.warmup_steps) / span)
+    return config.min_lr + (config.lr - config.min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-@dataclass
-class Prepared:
-    """A model ready to train: the model on its device, what is trained and how."""
-
-    sam: Sam
-    spec: SamSpec
-    device: torch.device
-    trained: list[torch.nn.Parameter]
-    optimizer: torch.optim.Optimizer
-    autocast: torch.autocast
-
-
-def prepare(config: TrainConfig) -> Prepared:
-    """Threads, seed, model (from ``init`` if given), optimizer and autocast for ``config``.
-
-    Arguments:
-      config (TrainConfig): the run's settings.
-    Returns:
-      (Prepared): the model in training mode on its device, with its AdamW optimizer.
-    """
-    torch.set_num_threads(config.threads or torch.get_num_threads())
-    torch.manual_seed(config.seed)
-    device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    spec = spec_by_name(config.spec)
-    if config.image_size:
-        spec = dataclasses.replace(spec, image_size=config.image_size)
-    sam = assemble_sam(spec)
-    if config.init:
-        sam.load_state_dict(resized_state(torch.load(config.init, weights_only=True), sam))
-    sam.to(device).train()
-    autocast = torch.autocast("cuda", torch.bfloat16, enabled=config.bf16 and device.type == "cuda")
-    # A frozen encoder builds no autograd graph: its forward is all a step pays for it.
-    sam.image_encoder.requires_grad_(not config.freeze_encoder)
-    trained = [p for p in sam.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trained, lr=config.lr, weight_decay=config.weight_decay)
-    return Prepared(sam, spec, device, trained, optimizer, autocast)
-
-
-def train(config: TrainConfig, out: Path, log=print) -> Sam:
-    """Run training and write ``out`` (fp16 state dict) and ``out.with_suffix('.json')``."""
-    run = prepare(config)
-    sam, spec, optimizer = run.sam, run.spec, run.optimizer
-    params = sum(p.numel() for p in sam.parameters())
-    log(
-        f"training {spec.name} on {run.device}: {params / 1e6:.2f} M parameters "
-        f"({sum(p.numel() for p in run.trained) / 1e6:.2f} M trained), config {asdict(config)}"
-    )
-    history: list[dict[str, float]] = []
-    step = 0
-    low = sam.prompt_encoder.mask_input_size[0]
-    with step_draws(config, spec.image_size, low) as draws:
-        started = time.monotonic()
-        for drawn, rng in draws:
-            elapsed = time.monotonic() - started
-            progress = elapsed / (60 * config.minutes) if config.minutes else step / config.steps
-            if progress >= 1:
-                break
-            for group in optimizer.param_groups:
-                group["lr"] = learning_rate(progress, config, step)
-            loss, parts = train_step(run, drawn, rng, config)
-            history.append({"step": step, "loss": loss.item(), **parts})
-            if step % 50 == 0:
-                _log_progress(log, step, elapsed, optimizer, history[-50:])
-            step += 1
-    sam.eval()
-    save_checkpoint(sam, out)
-    summary = {
-        "spec": spec.to_dict(),
-        "config": asdict(config),
-        "device": str(run.device),
-        "steps": step,
-        "minutes": (time.monotonic() - started) / 60,
-        "parameters": params,
-        "final": history[-1] if history else {},
-    }
-    out.with_suffix(".json").write_text(json.dumps(summary, indent=2))
-    log(f"wrote {out} after {step} steps")
-    return sam
+def step_generator(seed: int, step: int) -> torch.Generator:
+    """The generator of every random draw of step ``step`` (augmentation, prompts, clicks)."""
+    state = np.random.SeedSequence([seed, step]).generate_state(2, np.uint64)
+    return torch.Generator().manual_seed(int(state[0] >> np.uint64(1)))
 
 
 def train_step(
     run: Prepared,
-    drawn: Drawn,
-    rng: np.random.Generator,
+    batch_inputs: Any,
+    g: torch.Generator,
     config: TrainConfig,
     watch: Stopwatch = OFF,
-) -> tuple[torch.Tensor, dict[str, float]]:
-    """One optimizer step on one step's drawn images; returns the loss and its parts.
+) -> tuple[torch.Tensor, dict[str, list[float]]]:
+    """One optimizer step on one step's batch; returns the loss and its parts.
 
-    The decoder's backward pass stops at a copy of the embeddings, and the encoder's runs
+    The decoder's backward pass stops at a copy of the embeddings and the encoder's runs
     from there: the same gradients as one pass, timed apart.
+
+    Arguments:
+      run (Prepared): model, optimizer and fast paths.
+      batch_inputs (Batch): the step's images (``training.augment.Batch``).
+      g (torch.Generator): the step's generator.
+      config (TrainConfig): the run's settings.
+      watch (Stopwatch): times the phases.
+    Returns:
+      (tuple): the loss and, per prompt kind and ``refine``, each image's IoU.
     """
-    sam, optimizer, autocast = run.sam, run.optimizer, run.autocast
-    with watch.phase("batch"):
-        batch = to_model(sam, drawn)
-    with watch.phase("encoder_forward"), autocast:
-        embeddings = sam.image_encoder(batch.inputs)
+    sam, optimizer = run.sam, run.optimizer
+    inputs = batch_inputs.inputs.to(run.device)
+    device_type = run.device.type
+    with watch.phase("encoder_forward"):
+        with torch.autocast(device_type, torch.bfloat16, enabled=run.encoder_autocast):
+            embeddings = run.encode(inputs)
+        embeddings = embeddings.float()
     detached = embeddings.detach().requires_grad_(embeddings.requires_grad)
-    with autocast:
-        loss, parts = step_loss(sam, detached, batch, rng, config, watch)
+    with torch.autocast(device_type, torch.bfloat16, enabled=run.decoder_autocast):
+        loss, parts = batch_loss(sam, run.decode, detached, batch_inputs, config.step, g, watch)
     with watch.phase("decoder_backward"):
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -418,46 +288,200 @@ def train_step(
     return loss, parts
 
 
-def _log_progress(
-    log, step: int, elapsed: float, optimizer: torch.optim.Optimizer, recent: list[dict]
+def run_folders(config: TrainConfig) -> tuple[Path, Path]:
+    """(the run's committed folder, by default ``training/runs/<run>``, and its
+    machine-local one, ``build/runs/<run>``), relative to the working directory."""
+    return Path(config.committed_root) / config.run, Path(config.local_root) / config.run
+
+
+def _session_config(config: TrainConfig) -> tuple[TrainConfig, dict[str, Any] | None]:
+    """The config to run and the checkpoint to resume from: a resumed run keeps its saved
+    config but for ``SESSION_FIELDS``, which this session's ``config`` sets."""
+    if not config.resume:
+        return config, None
+    checkpoint = checkpoints.load(Path(config.resume))
+    saved = TrainConfig.from_dict(checkpoint["config"])
+    session = {name: getattr(config, name) for name in SESSION_FIELDS}
+    return dataclasses.replace(saved, **session), checkpoint
+
+
+def train(config: TrainConfig, log: Log = print) -> Sam:
+    """Train (or continue) a run for this session; see the module docstring.
+
+    Arguments:
+      config (TrainConfig): the run's settings (with ``resume``: this session's only).
+      log (Log): where progress lines go (they are also appended to the run's log.txt).
+    Returns:
+      (Sam): the model as trained so far, in eval mode.
+    """
+    config, checkpoint = _session_config(config)
+    committed, local = run_folders(config)
+    committed.mkdir(parents=True, exist_ok=True)
+
+    def say(message: str) -> None:
+        log(message)
+        with open(committed / "log.txt", "a") as handle:
+            handle.write(message + "\n")
+
+    run = prepare(config)
+    step, trained_seconds, history = 0, 0.0, []
+    if checkpoint is not None:
+        checkpoints.restore(checkpoint, run.sam, run.optimizer)
+        step, trained_seconds = checkpoint["step"], checkpoint["trained_seconds"]
+        history = checkpoint.get("history", [])
+        say(f"resumed {config.resume} ({checkpoint['format']}) at step {step}")
+    dataset = ShardDataset(render(config.data, Path(config.data_root)))
+    params = sum(p.numel() for p in run.sam.parameters())
+    say(
+        f"session of run {config.run} on {run.device}: {params / 1e6:.2f} M parameters, "
+        f"steps {step}..{config.total_steps}, config {json.dumps(config.to_dict())}"
+    )
+    mean, std = run.sam.pixel_mean.cpu(), run.sam.pixel_std.cpu()
+
+    def save(reason: str) -> None:
+        record = {
+            "step": step,
+            "trained_seconds": trained_seconds,
+            "config": config.to_dict(),
+            "spec": run.spec.to_dict(),
+            "history": history[-200:],
+        }
+        full = checkpoints.full_checkpoint(run.sam, run.optimizer, record)
+        checkpoints.atomic_save(full, local / "checkpoint.pth")
+        checkpoints.atomic_save(checkpoints.compact_checkpoint(full), committed / "checkpoint.pth")
+        say(f"checkpoint at step {step} ({reason}), {trained_seconds / 3600:.2f} h trained")
+
+    started = last_save = time.monotonic()
+    stop = config.total_steps
+    if config.session_steps:
+        stop = min(stop, step + config.session_steps)
+    while step < stop:
+        now = time.monotonic()
+        if config.minutes and now - started >= 60 * config.minutes:
+            break
+        if now - last_save >= 60 * config.checkpoint_minutes:
+            save("periodic")
+            last_save = now
+        begun = time.monotonic()
+        for group in run.optimizer.param_groups:
+            group["lr"] = learning_rate(step, config)
+        g = step_generator(config.seed, step)
+        indices = step_indices(step, len(dataset), config.images_per_step, config.seed)
+        batch = batch_for_step(dataset, indices, mean, std, config.augment, g)
+        loss, parts = train_step(run, batch, g, config)
+        history.append(
+            {"step": step, "loss": loss.item(), **{k: float(np.mean(v)) for k, v in parts.items()}}
+        )
+        step += 1
+        trained_seconds += time.monotonic() - begun
+        if step % config.log_every == 0 or step == config.total_steps:
+            say(_progress(step, trained_seconds, learning_rate(step - 1, config), history))
+    save("end of session" if step < config.total_steps else "finished")
+    if step >= config.total_steps:
+        _write_model(run, config, committed, step, trained_seconds, history, params)
+    run.sam.eval()
+    return run.sam
+
+
+def _write_model(
+    run: Prepared,
+    config: TrainConfig,
+    folder: Path,
+    step: int,
+    trained_seconds: float,
+    history: list[dict[str, float]],
+    params: int,
 ) -> None:
-    """One line: the step, time, learning rate and the recent steps' mean loss and IoUs."""
-    keys = {k for h in recent for k in h}
-    means = {k: np.mean([h[k] for h in recent if k in h]) for k in keys}
-    log(
-        f"step {step:5d}  {elapsed / 60:5.1f} min  lr {optimizer.param_groups[0]['lr']:.2e}"
-        f"  loss {means['loss']:.3f}  train IoU point {means.get('point', 0):.3f}"
-        f"  box {means.get('box', 0):.3f}  point+box {means.get('point_box', 0):.3f}"
-        f"  refine {means.get('refine', 0):.3f}"
+    """The finished run's float16 weights (``model.pth``) and summary (``model.json``)."""
+    state = {
+        k: v.detach().cpu().half() if v.is_floating_point() else v.cpu()
+        for k, v in run.sam.state_dict().items()
+    }
+    checkpoints.atomic_save(state, folder / "model.pth")
+    summary = {
+        "spec": run.spec.to_dict(),
+        "config": config.to_dict(),
+        "steps": step,
+        "trained_hours": trained_seconds / 3600,
+        "parameters": params,
+        "final": history[-1] if history else {},
+    }
+    (folder / "model.json").write_text(json.dumps(summary, indent=2) + "\n")
+
+
+def _progress(step: int, seconds: float, lr: float, history: list[dict[str, float]]) -> str:
+    """One log line: step, hours trained, learning rate, recent mean loss and IoUs."""
+    recent = history[-50:]
+    keys = ("loss", "point", "box", "point_box", "refine")
+    means = {k: np.mean([h[k] for h in recent if k in h] or [0.0]) for k in keys}
+    return (
+        f"step {step:6d}  {seconds / 3600:6.3f} h  {step / max(seconds, 1e-9):5.2f} steps/s  "
+        f"lr {lr:.2e}  loss {means['loss']:.3f}  train IoU point {means['point']:.3f}  "
+        f"box {means['box']:.3f}  point+box {means['point_box']:.3f}  "
+        f"refine {means['refine']:.3f}"
     )
 
 
-def save_checkpoint(sam: Sam, path: Path) -> None:
-    """An fp16 state dict: half the bytes; ``build_sam`` loads it back as float32."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    state = {
-        k: v.detach().cpu().half() if v.is_floating_point() else v.cpu()
-        for k, v in sam.state_dict().items()
-    }
-    torch.save(state, path)
+PREFIXES = {"data": "data-", "augment": "augment-", "step": ""}
+"""Flag prefixes of the nested configs' fields (``--data-count``, ``--prompts-per-image``);
+``--image-size`` sets the data's (and so the model's) input size."""
+
+
+def _flags() -> dict[str, tuple[str, ...]]:
+    """Every command-line flag and the config path it sets (field names, outer first)."""
+    flags: dict[str, tuple[str, ...]] = {}
+    for f in dataclasses.fields(TrainConfig):
+        if f.name in PREFIXES:
+            for inner in dataclasses.fields(f.default_factory()):
+                if inner.name == "scenes":
+                    continue
+                name = "image-size" if inner.name == "image_size" else PREFIXES[f.name] + inner.name
+                flags[name.replace("_", "-")] = (f.name, inner.name)
+        else:
+            flags[f.name.replace("_", "-")] = (f.name,)
+    return flags
+
+
+def _default(path: tuple[str, ...]) -> Any:
+    """The default value at ``path`` in TrainConfig."""
+    value: Any = TrainConfig()
+    for name in path:
+        value = getattr(value, name)
+    return value
+
+
+def config_from_args(argv: list[str] | None = None) -> TrainConfig:
+    """The TrainConfig the command line describes (flags in ``_flags``, underscores as
+    hyphens; booleans as true/false; tuples as several values)."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    flags = _flags()
+    for flag, path in flags.items():
+        default = _default(path)
+        if isinstance(default, bool):
+            parser.add_argument(f"--{flag}", type=lambda s: s == "true", default=default)
+        elif isinstance(default, tuple):
+            kind = type(default[0]) if default else int
+            parser.add_argument(f"--{flag}", type=kind, nargs="*", default=list(default))
+        else:
+            parser.add_argument(f"--{flag}", type=type(default), default=default)
+    args = vars(parser.parse_args(argv))
+    nested: dict[str, dict[str, Any]] = {name: {} for name in PREFIXES}
+    top: dict[str, Any] = {}
+    for flag, path in flags.items():
+        value = args[flag.replace("-", "_")]
+        value = tuple(value) if isinstance(value, list) else value
+        if len(path) == 2:
+            nested[path[0]][path[1]] = value
+        else:
+            top[path[0]] = value
+    for name, values in nested.items():
+        top[name] = dataclasses.replace(_default((name,)), **values)
+    return TrainConfig(**top)
 
 
 def main(argv: list[str] | None = None) -> int:
-    defaults = TrainConfig()
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=Path("models/sam_small_shapes.pth"))
-    for name, value in asdict(defaults).items():
-        if isinstance(value, tuple):
-            parser.add_argument(f"--{name.replace('_', '-')}", type=int, nargs=2, default=value)
-        elif isinstance(value, bool):
-            parser.add_argument(f"--{name.replace('_', '-')}", type=lambda s: s == "true",
-                                default=value)  # fmt: skip
-        else:
-            parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
-    args = vars(parser.parse_args(argv))
-    out = args.pop("out")
-    args["long_side"] = tuple(args["long_side"])
-    train(TrainConfig(**args), out, log=lambda m: print(m, flush=True))
+    """Command line: see the module docstring."""
+    train(config_from_args(argv), log=lambda m: print(m, flush=True))
     return 0
 
 
