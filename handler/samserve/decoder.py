@@ -11,9 +11,9 @@ rounding), less work:
   projection is linear, so it moves onto the token side: image-to-token attention scores
   are ``image @ (W_q^T k^T)`` and its output is ``softmax @ (v W_o^T)``; token-to-image
   scores are ``(q W_k) @ image^T`` and its output is ``(softmax @ image) W_v^T``. The
-  NxC by Cx(C/2) projections (``q_proj``/``k_proj``/``v_proj``/``out_proj`` on the image,
-  about 0.27 GFLOP each per prompt on official SAM) become NxC by Cx(heads x T) products,
-  about 4x cheaper, and the per-head splits and merges of NxC tensors disappear.
+  NxC by Cx(C/2) projections (``q_proj``/``k_proj``/``v_proj``/``out_proj`` on the image)
+  become NxC by Cx(heads x T) products, narrower for a prompt of a few points, and the
+  per-head splits and merges of NxC tensors disappear.
 * Except in the first block, where the image tokens are still the same for every prompt
   without a mask input: there SAM's own image-side projections are cheapest, and they
   depend on the image alone, so ``project_image`` makes them once per image and every
@@ -22,8 +22,8 @@ rounding), less work:
   token alone, so it runs on token rows in cache-sized chunks (``upscaled_masks``).
 
 Attention residuals are added inside the matmul that makes them. Per-prompt image tokens
-get the positional encoding added once per layer, as SAM does: a BxNxC add costs about a
-quarter of the product with the encoding that would replace it (measured on 2 cores).
+get the positional encoding added once per layer, as SAM does: the add is cheaper than
+the product with the encoding that would replace it (docs/performance.md).
 
 Shapes follow ``segment_anything.modeling.transformer``: C channels, N image tokens,
 T prompt tokens, B prompts; image-side tensors are 1xNxC while shared, BxNxC after.
@@ -56,17 +56,28 @@ def predict_masks(
 ) -> tuple[Tensor, Tensor, list[PaddingLogits] | None]:
     """``MaskDecoder.predict_masks`` for B prompts on one image.
 
-    ``embedding`` and ``image_pe`` are 1xCxhxw; ``sparse`` is BxTxC prompt tokens;
-    ``dense`` is 1xCxhxw (no mask input: shared) or BxCxhxw. ``choose`` maps the Bx(1+M)
-    IoU predictions to BxK indices of the mask tokens whose logits are wanted; the
-    others' are never made (the IoU head runs before the upscaling). ``projections``,
-    ``project_image`` of this same embedding, 1xCxhxw ``dense`` and encoding, spare the
-    first block its image-side work. Returns BxKxh'xw' low-res logits (h' = 4h), their
-    BxK IoU predictions (without ``choose``, all 1+M mask tokens', as SAM returns them)
-    and None; or, with ``inside`` (rows, columns) on a CPU, the logits over the first
-    rows x columns image tokens only (those a full-size mask reads,
-    ``upscale.tokens_read``), zeros elsewhere, and per prompt the ``PaddingLogits`` that
-    make the rest on demand (None if ``inside`` is the whole grid).
+    Arguments:
+      decoder (MaskDecoder): SAM's mask decoder, whose modules and weights are used.
+      embedding (Tensor): the image's 1xCxhxw embedding.
+      image_pe (Tensor): the 1xCxhxw positional encoding (``get_dense_pe``).
+      sparse (Tensor): BxTxC prompt tokens (the prompt encoder's sparse embeddings).
+      dense (Tensor): 1xCxhxw (no mask input: shared by every prompt) or BxCxhxw dense
+        embeddings.
+      choose (callable or None): maps the Bx(1+M) IoU predictions to BxK indices of the
+        mask tokens whose logits are wanted; the others' are never made (the IoU head
+        runs before the upscaling). None: all 1+M.
+      projections (ImageProjections or None): ``project_image`` of this same embedding,
+        1xCxhxw ``dense`` and encoding; they spare the first block its image-side work.
+      inside (tuple(int, int) or None): on a CPU, make the logits over the first (rows,
+        columns) image tokens only (those a full-size mask reads,
+        ``upscale.tokens_read``) and leave zeros elsewhere.
+
+    Returns:
+      (Tensor): BxKx(4h)x(4w) low-res logits.
+      (Tensor): their BxK IoU predictions (without ``choose``, all 1+M mask tokens', as
+        SAM returns them).
+      (list(PaddingLogits) or None): with ``inside``, per prompt, what makes the rest of
+        its logits on demand; None without it, or where ``inside`` is the whole grid.
     """
     batch = sparse.shape[0]
     output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)
@@ -107,8 +118,8 @@ class ImageProjections:
     ``keys_t`` (heads x d x N) and ``values`` (heads x N x d) are token-to-image keys
     (transposed) and values, ``queries_t`` (heads x d x N) image-to-token queries
     (transposed): SAM's ``k_proj``, ``v_proj`` and ``q_proj`` of the image tokens (with
-    the positional encoding where SAM adds it). Together 1.5 times the embedding's size
-    (6 MiB beside vit_b's 4).
+    the positional encoding where SAM adds it). Together 3 x (heads x d) x N values, 1.5
+    times the embedding's size (SAM's cross attentions have heads x d = C/2).
     """
 
     keys_t: Tensor
@@ -140,10 +151,10 @@ def project_image(
 
 
 UPSCALE_CHUNK = 1024
-"""Image tokens upscaled per step on a CPU: 1024 tokens' activations (16K x 64 and 16K x 32
-sub-pixel features, 4 + 2 MiB) stay in cache between the steps that use them, where a
-whole 64x64 image's (24 MiB per prompt) spill to memory; measured on 2 cores, the time
-per prompt is then the same for 1 or 64 prompts. GPUs take all prompts in one step."""
+"""Image tokens upscaled per step on a CPU: their sub-pixel features (4 x 1024 rows of
+C/4 channels, then 16 x 1024 rows of C/8) stay in cache between the steps that use them,
+where a whole 64x64 grid's spill to memory, so a prompt's upscaling costs the same
+however many prompts a call holds. GPUs take all prompts in one step."""
 
 Block = tuple[int, int, int, int]
 """Image tokens in rows [top, bottom) and columns [left, right) of the token grid."""
@@ -175,7 +186,7 @@ class PaddingLogits:
     order), ``hyper_in`` its M x (C/8) mask-token weights, ``chosen`` the K mask tokens
     of the logits returned; ``fill`` makes them as ``upscaled_masks`` would have, in the
     same blocks (the same bits). The tokens are a quarter of a prompt's image tokens for
-    a 4:3 image (1 of 4 MiB at SAM's sizes), 0.4 for 16:9."""
+    a 4:3 image, 7/16 for 16:9."""
 
     upscaling: torch.nn.Sequential
     tokens: Tensor
@@ -213,15 +224,23 @@ def upscaled_masks(
 ) -> tuple[Tensor, list[PaddingLogits] | None]:
     """SAM's ``output_upscaling`` then its hypernetwork product, token by token.
 
-    ``src`` is BxNxC image tokens (N = h x w for ``size`` (h, w)), ``hyper_in`` BxMx(C/8)
-    mask-token weights. Returns BxMx4hx4w low-res logits: ``hyper_in @ upscaling(src)``,
-    or with ``chosen`` (BxK indices into M) only those K masks of each prompt; a mask's
-    logits are the same bits whichever others are kept. About ``chunk`` image tokens of
-    one prompt go per step, as whole rows of a block of tokens (at least one); None:
-    everything in one step. With ``inside`` (and a ``chunk``), only the first rows x
-    columns tokens' logits are made, the rest are zeros, and the second value is per
-    prompt the ``PaddingLogits`` that make them; else (or where ``inside`` is the whole
-    grid) it is None.
+    Arguments:
+      upscaling (torch.nn.Sequential): SAM's ``output_upscaling``.
+      src (Tensor): BxNxC image tokens, N = h x w.
+      hyper_in (Tensor): BxMx(C/8) mask-token weights.
+      size (tuple(int, int)): (h, w) of the token grid.
+      chunk (int or None): about how many image tokens of one prompt go per step, as
+        whole rows of a block of tokens (at least one); None: everything in one step.
+      chosen (Tensor or None): BxK indices into M of the masks to make; None: all M. A
+        mask's logits are the same bits whichever others are kept.
+      inside (tuple(int, int) or None): with a ``chunk``, make only the logits over the
+        first (rows, columns) tokens and leave zeros over the rest.
+
+    Returns:
+      (Tensor): BxKx(4h)x(4w) low-res logits, ``hyper_in @ upscaling(src)`` (K = M
+        without ``chosen``).
+      (list(PaddingLogits) or None): with ``inside``, per prompt, what makes the logits
+        left out; None without it, or where ``inside`` is the whole grid.
 
     Both transposed convolutions have kernel 2 and stride 2, so the 4x4 pixels above an
     image token depend on that token alone: each convolution is a matmul on token rows
@@ -305,8 +324,8 @@ def _copy_to_pixels(logits: Tensor, width: int, out: Tensor) -> None:
 
     The two logits of each (dy2, dx2 = 0, 1) pair are neighbours in both orders, so they
     move as one integer twice their width: the copy then moves half as many elements,
-    and none alone (9x faster on a CPU, measured: a strided copy of single floats runs
-    element by element). The same bits either way; autograd records the float copy.
+    and none alone (a strided copy of single floats runs element by element on a CPU).
+    The same bits either way; autograd records the float copy.
     """
     pair = _PAIRS.get(logits.element_size())
     paired = pair is not None and logits.is_contiguous() and not torch.is_grad_enabled()
@@ -334,8 +353,8 @@ def _row_upscaler(upscaling: torch.nn.Sequential) -> Callable[[Tensor], Tensor]:
     b1, b2 = conv1.bias.repeat(4), conv2.bias.repeat(4)
 
     # GELU in place (aten's gelu_; F.gelu has no such flag) on the fresh outputs of the
-    # layer norm and matmul: the same bits, one fewer pass through memory (6 % of this
-    # function, measured) where gradients are not needed.
+    # layer norm and matmul: the same bits, one fewer pass through memory where gradients
+    # are not needed.
     gelu = F.gelu if torch.is_grad_enabled() else torch.ops.aten.gelu_
 
     def upscale_rows(rows: Tensor) -> Tensor:
@@ -479,7 +498,7 @@ def _image_to_tokens(
 ) -> Tensor:
     """``residual + attn(q=q, k=k, v=v)`` for 1|BxNxC image tokens ``q`` and ``residual``
     and BxTxC tokens ``k``, ``v``; with ``in_place``, added into a BxNxC ``residual``
-    (which saves copying 4 MiB per prompt at SAM's sizes).
+    (which saves copying it).
 
     Scores ``(q W_q^T + b_q)_h k'_h^T`` are ``q (W_q,h^T k'_h^T) + b_q,h k'_h^T`` with
     ``k' = k W_k^T + b_k``; the output ``softmax_h v'_h`` projected by ``W_o`` is

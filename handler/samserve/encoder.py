@@ -1,13 +1,11 @@
 """SAM's image encoder with its global attention computed a slice of the map at a time.
 
 The official encoders attend globally in four blocks, over all 64x64 = 4096 image tokens:
-each head's 4096x4096 map (805 MB for vit_b's 12 heads) goes to memory and back for its
-scores, both relative-position adds and the softmax. On 2 CPU cores that was 71 % of a
-vit_b encoder run (12 of 17 s, measured op by op). ``SlicedAttention`` runs the same ops
-on a few query rows of a few heads at a time (at least two: ``head_groups``), so each
-slice of the map stays in cache: the same bits as ``segment_anything``'s ``Attention``
-(tested). A vit_b encoder run on 2 cores of an AMD EPYC took 19.3 s before, 11.4 s
-sliced, 6.2 s sliced with oneDNN's products (``samserve.matmul``). Windowed blocks (14x14
+each head's 4096x4096 map, far larger than any cache, goes to memory and back for its
+scores, both relative-position adds and the softmax, and on a CPU those passes take most
+of an encoder run. ``SlicedAttention`` runs the same ops on a few query rows of a few
+heads at a time (at least two: ``head_groups``), so each slice of the map stays in cache:
+the same bits as ``segment_anything``'s ``Attention`` (tested). Windowed blocks (14x14
 windows) keep SAM's own forward.
 """
 
@@ -20,8 +18,8 @@ from torch import Tensor
 from .matmul import bmm
 
 SLICE_ELEMENTS = 1 << 20
-"""Attention-map elements per slice (4 MiB of float32: 2 query rows of two vit_b heads);
-measured on 2 cores, 1-4 MiB slices ran fastest, 16 MiB 1.4-2.8x slower."""
+"""Attention-map elements per slice (two query-token rows of two heads on a 64x64 grid):
+small enough for a core's cache, large enough that each product stays efficient."""
 
 SLICED_FROM_TOKENS = 1024
 """Attention over fewer tokens (SAM's 14x14 windows) runs as SAM runs it."""
@@ -54,10 +52,20 @@ def sliced_attention(
     rel_pos_w: Tensor,
     elements: int = SLICE_ELEMENTS,
 ) -> Tensor:
-    """``softmax(q k^T scale + rel_h + rel_w) v`` for Gx(HW)xd ``q``, ``k``, ``v`` (G heads
-    times images) on an HxW grid (``size``) with SAM's decomposed relative positions
-    (``add_decomposed_rel_pos``), its ops on whole query rows of a few heads at a time
-    (about ``elements`` map entries); returns Gx(HW)xd."""
+    """``softmax(q k^T scale + rel_h + rel_w) v`` with SAM's decomposed relative positions
+    (``add_decomposed_rel_pos``), its ops on whole query rows of a few heads at a time.
+
+    Arguments:
+      q, k, v (Tensor): Gx(HW)xd queries, keys and values (G: heads times images).
+      scale (float): the scores' scale (d ** -0.5).
+      size (tuple(int, int)): (H, W) of the token grid.
+      rel_pos_h, rel_pos_w (Tensor): SAM's relative-position tables, (2H - 1)xd and
+        (2W - 1)xd.
+      elements (int): about how many map entries one slice holds.
+
+    Returns:
+      (Tensor): Gx(HW)xd, as SAM's attention makes it before its output projection.
+    """
     height, width = size
     groups, tokens, channels = q.shape
     # Both relative-position terms (Gx HxWxH and HxWxW, small beside the map) for all
@@ -88,8 +96,8 @@ def sliced_attention(
 def head_groups(groups: int, size: int) -> list[slice]:
     """``range(groups)`` in consecutive slices of ``size`` heads (the last one more where
     one head would be left alone): SAM multiplies all heads in one batched product, and
-    MKL's product of a batch of one head gave other bits than the same rows in a batch of
-    several (on a Xeon with AVX-512, measured; batches of 2 and more agreed)."""
+    MKL's product of a batch of one head can give other bits than the same rows in a
+    batch of several (it does on a Xeon with AVX-512; batches of two and more agree)."""
     starts = list(range(0, groups, size))
     if len(starts) > 1 and groups - starts[-1] == 1:
         starts.pop()  # the last head joins the group before it

@@ -44,18 +44,17 @@ _MMAP_THRESHOLD_MAX = 32 * MIB  # glibc's ceiling on 64-bit
 
 
 def keep_freed_memory() -> None:
-    """Let glibc's heap keep freed blocks of up to 32 MiB for reuse (``mallopt``), in one
-    arena for all threads. Call it before the process starts threads.
+    """Let glibc's heap keep freed blocks for reuse, up to its ceiling for the ``mmap``
+    threshold (``mallopt``), in one arena for all threads. Call it before the process
+    starts threads.
 
-    The decoder makes one or more MiB-sized tensors per op; by default glibc serves
-    many of them with fresh ``mmap`` s and unmaps them on free, so every op page-faults
-    its output in again (measured: a 4 MiB add took 3 ms instead of 0.2, and a vit_b
-    click 60 ms instead of 40). Threads other than the main one get arenas of their own,
-    whose heaps glibc unmaps whenever they fall empty, whatever the trim threshold: a
-    worker page-faulted 7,000-18,000 times (4 KiB each) per 16-click vit_b request,
-    decoded and masked on the mask threads; with the one arena 900-1,200 times.
-    ``release_freed_memory`` hands the heap back after encoder runs, so the RSS still
-    follows what the caches hold.
+    Every decoder op makes tensors the size of a prompt's image tokens (NxC); by default
+    glibc serves many of them with fresh ``mmap`` s and unmaps them on free, so every op
+    would page-fault its output in again. Threads other than the main one get arenas of
+    their own, whose heaps glibc unmaps whenever they fall empty, whatever the trim
+    threshold, and the mask threads decode and make masks: one arena keeps those pages
+    too. ``release_freed_memory`` hands the heap back after encoder runs, so the RSS
+    still follows what the caches hold.
     """
     if _LIBC is not None:
         _LIBC.mallopt(_M_ARENA_MAX, 1)
@@ -69,8 +68,8 @@ def openmp_spin_warning(environ: Mapping[str, str]) -> str | None:
 
     libgomp reads ``GOMP_SPINCOUNT`` and ``OMP_WAIT_POLICY`` once, when torch loads, so
     the process that starts TorchServe must set them. By default torch's idle OpenMP
-    threads spin for 300,000 pauses after each op (~15 ms on recent Xeons), on the cores
-    the mask threads make and encode masks on.
+    threads spin for 300,000 pauses after each op, on the cores the mask threads make
+    and encode masks on.
     """
     if {"GOMP_SPINCOUNT", "OMP_WAIT_POLICY"} & set(environ):
         return None
@@ -84,10 +83,10 @@ def openmp_spin_warning(environ: Mapping[str, str]) -> str | None:
 def release_freed_memory() -> None:
     """Give the heap's free pages back to the OS (glibc's ``malloc_trim``; elsewhere a no-op).
 
-    An encoder run frees tens of MiB of activations and the cache evicts whole embeddings;
-    the heap keeps them (see ``keep_freed_memory``), so the worker's RSS would drift above
-    what the caches hold. Costs a few ms, so it runs after encoder runs, not after clicks
-    (whose first op after it page-faults its memory back in once).
+    An encoder run frees its activations and the cache evicts whole embeddings; the heap
+    keeps them (see ``keep_freed_memory``), so the worker's RSS would drift above what the
+    caches hold. Trimming walks the heap and the next op faults its pages back in, so it
+    runs after encoder runs (which free the most), not after clicks.
     """
     if _LIBC is not None and hasattr(_LIBC, "malloc_trim"):
         _LIBC.malloc_trim(0)
@@ -227,18 +226,35 @@ def decode_prompts(
     projections: ImageProjections | None = None,
     inside: tuple[int, int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, list[PaddingLogits] | None]:
-    """Prompt encoder + mask decoder for B prompts on one 1xCxhxw embedding.
+    """Prompt encoder + mask decoder for B prompts on one embedding, as
+    ``SamPredictor.predict_torch`` calls them (with ``samserve.decoder``'s equivalent of
+    ``Sam.mask_decoder``). Gradients flow: training uses it.
 
-    Inputs are in the model's input frame, as ``SamPredictor.predict_torch`` takes them:
-    ``points`` (BxNx2 coords, BxN labels), ``boxes`` Bx4, ``mask_input`` Bx1xhxw. Returns
-    BxCxh'xw' low-res logits and BxC predicted IoUs, as ``Sam.mask_decoder`` does (with
-    ``samserve.decoder``'s equivalent); ``best_only`` keeps, of those C, the one with the
-    highest predicted IoU (the first of equal scores), and the others are never made.
-    ``image_pe`` is ``model.prompt_encoder.get_dense_pe()``, computed when not given (a
-    fixed function of the model: callers that decode often compute it once);
-    ``projections`` are the embedding's (``ImageEmbedding.projections``). With
-    ``inside``, logits over the padding are made only on demand: the third value, as
-    ``samserve.decoder.predict_masks`` returns it. Gradients flow (training uses it).
+    Arguments:
+      model (Sam): the model.
+      embedding (torch.Tensor): the image's 1xCxhxw embedding.
+      points (tuple(torch.Tensor, torch.Tensor) or None): BxNx2 point coordinates in the
+        model's input frame and their BxN labels (1 foreground, 0 background).
+      boxes (torch.Tensor or None): Bx4 boxes (X0, Y0, X1, Y1) in the model's input frame.
+      mask_input (torch.Tensor or None): Bx1x(4h)x(4w) low-res logits of earlier
+        predictions, in the padded input frame.
+      multimask (bool): SAM's three masks per prompt, else its single-mask token.
+      best_only (bool): keep, of each prompt's masks, the one with the highest predicted
+        IoU (the first of equal scores); the others are never made.
+      image_pe (torch.Tensor or None): ``model.prompt_encoder.get_dense_pe()``, 1xCxhxw;
+        computed when not given (a fixed function of the model: callers that decode
+        often compute it once).
+      projections (ImageProjections or None): the embedding's first-block projections
+        (``ImageEmbedding.projections``).
+      inside (tuple(int, int) or None): the (rows, columns) of image tokens a full-size
+        mask reads; with it, the logits over the rest (the padding) are made on demand.
+
+    Returns:
+      (torch.Tensor): BxKx(4h)x(4w) low-res logits, K = 3 with ``multimask``, else 1
+        (1 with ``best_only``).
+      (torch.Tensor): their BxK predicted IoUs.
+      (list(PaddingLogits) or None): with ``inside``, per prompt, what makes its logits
+        over the padding (see ``samserve.decoder.predict_masks``); else None.
     """
     sparse, dense = model.prompt_encoder(points=points, boxes=boxes, masks=mask_input)
     if mask_input is None:
@@ -297,8 +313,7 @@ class SamEngine:
             self.no_mask_dense = model.prompt_encoder(points=None, boxes=None, masks=None)[1]
         compile_mask_pass()
         # Loading the model's checkpoint freed a copy of its weights into the heap, which
-        # keeps freed blocks: a worker would hold that copy (vit_b: 360 MiB) until its
-        # first encoder run.
+        # keeps freed blocks: a worker would hold that copy until its first encoder run.
         release_freed_memory()
 
     @property
@@ -410,23 +425,36 @@ class SamEngine:
         defer_padding: bool = False,
         rle: bool = True,
     ) -> list[Prediction]:
-        """Decode ``prompts`` on one embedded image; one prediction per prompt, in order.
-
-        ``best_only`` keeps only the highest-scoring of the decoder's masks for each prompt
-        (the one a click UI shows): the others are never upscaled. ``timing_ms``, if given,
-        accumulates the milliseconds spent in the prompt encoder and mask decoder
-        (``decoder``) and in making full-size masks and their RLE (``upscale``), which
-        ``map_fn`` makes (see ``upscale_masks``). With ``defer_padding``, the low-res logits
-        over the padding, which no mask pixel reads, are made only when asked for
-        (``Prediction.padding``): a quarter of the decoder's upscaling for a 4:3 image.
-        Without ``rle``, masks carry their box and area only (``MaskRuns``): no COCO RLE,
-        no pixels.
+        """Decode ``prompts`` on one embedded image, as ``SamPredictor.predict`` does for
+        each; one prediction per prompt, in order.
 
         Prompts of equal shape (same number of points, box or not, mask_input or not) go
         through the prompt encoder and mask decoder together, ``decoder_batch_size`` per
-        call: the decoder's image-side tensors grow by 4 MiB per prompt at ``vit_b``
-        sizes, and past 32 MiB glibc maps each one afresh (see ``keep_freed_memory``), so
-        larger calls get slower per prompt (measured).
+        call: each prompt adds NxC image-side tensors to a call, and once a tensor passes
+        glibc's ``mmap`` threshold (see ``keep_freed_memory``) it is mapped afresh on every
+        op, so larger calls get slower per prompt.
+
+        Arguments:
+          embedding (ImageEmbedding): the image's cached embedding.
+          prompts (Sequence(Prompt)): the prompts, in the original image frame.
+          multimask (bool): SAM's three masks per prompt, else one.
+          timing_ms (dict(str, float) or None): if given, accumulates the milliseconds
+            spent in the prompt encoder and mask decoder (``decoder``) and in making
+            full-size masks and their RLE (``upscale``).
+          best_only (bool): keep only the highest-scoring of each prompt's masks (the one
+            a click UI shows); the others are never made full size.
+          map_fn (Mapper): makes the full-size masks, one per item (``map``, or a thread
+            pool's; see ``upscale_masks``).
+          defer_padding (bool): make the low-res logits over the padding, which no mask
+            pixel reads, only when asked for (``Prediction.padding``): for a 4:3 image, a
+            quarter of the image tokens are left out of the decoder's upscaling.
+          rle (bool): masks carry their COCO RLE; else their box and area only
+            (``MaskRuns``): no RLE, no pixels.
+
+        Returns:
+          (list(Prediction)): per prompt, C masks of HxW in the original frame (C = 3
+            with ``multimask``, 1 without it or with ``best_only``), their C predicted
+            IoUs and their Cx(4h)x(4w) low-res logits in the padded input frame.
         """
         predictions: list[Prediction | None] = [None] * len(prompts)
         groups: dict[tuple[int, bool, bool], list[int]] = {}

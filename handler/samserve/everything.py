@@ -9,8 +9,7 @@ region removal), run by that class itself. Three changes, none to the method:
   new images to the encoder, as in SAM).
 * Its batch step (``_EngineGenerator``) decodes the points with the engine's mask decoder
   (``samserve.decoder``: SAM's logits to float rounding, a few prompts per call), where
-  SAM's repeats the embedding for every point of a batch of 64 (on a CPU, a ``vit_b``
-  sized decoder then took 144 instead of about 20 ms per point).
+  SAM's repeats the embedding for every point of a batch of 64, and decodes every copy.
 * It drops the masks the predicted-IoU filter drops before making their full-size
   logits, not after.
 
@@ -284,8 +283,8 @@ class _EngineGenerator(SamAutomaticMaskGenerator):
     that pass the predicted-IoU filter, ``UPSCALE_BATCH`` at a time.
 
     SAM's ``_process_batch`` upsamples all 3 x ``points_per_batch`` masks to the image's
-    size before that filter, which reads only the decoder's scores: 2.3 GB of float
-    logits per batch of 64 points on a 1500x2000 image, most of them dropped. Here the
+    size before that filter, which reads only the decoder's scores: 3 x
+    ``points_per_batch`` float logit maps of the crop's size, most of them dropped. Here the
     filter runs on the low-res logits; the upsampling (SAM's) treats each mask alone, and
     every later step is SAM's, in SAM's order.
     """
@@ -379,8 +378,8 @@ class _EngineGenerator(SamAutomaticMaskGenerator):
 
 
 UPSCALE_BATCH = 8
-"""Masks whose full-size logits ``_EngineGenerator`` makes at a time (1500x2000: 96 MB of
-float logits)."""
+"""Masks whose full-size logits ``_EngineGenerator`` makes at a time: eight float maps
+of the crop's size, whatever the batch of points."""
 
 
 @dataclass(frozen=True)
@@ -403,13 +402,22 @@ def segment_everything(
     image: np.ndarray | None = None,
     limits: EverythingLimits | None = None,
 ) -> EverythingResult:
-    """Every instance in the image of ``embedding`` (HxW original size), decoded by
-    ``engine``.
+    """Every instance in the image of ``embedding``, by SAM's automatic mask generator
+    with the engine's decoder.
 
-    ``image`` (HxWx3 uint8 RGB) is only needed with crop layers, whose crops are encoded
-    anew; without crops the cached embedding is all the generator uses. ``params`` are
-    checked first (``plan_everything``); with ``limits`` the work is bounded up front and
-    while it runs.
+    Arguments:
+      engine (SamEngine): the engine that decodes (and encodes crops).
+      embedding (ImageEmbedding): the whole image's embedding, HxW original size.
+      params (EverythingParams): the generator's parameters, checked first
+        (``plan_everything``).
+      image (np.ndarray or None): the HxWx3 uint8 RGB image; needed only with crop
+        layers, whose crops are encoded anew (without crops the cached embedding is all
+        the generator uses).
+      limits (EverythingLimits or None): bounds on the work, checked up front and while
+        it runs.
+
+    Returns:
+      (EverythingResult): SAM's records, in the original image frame, and what ran.
 
     Raises:
       RequestError: as ``plan_everything``; 413 ``time_budget_exceeded`` and 400

@@ -155,12 +155,19 @@ Mapper = Callable[[Callable[[Any], Any], Iterable[Any]], Iterator[Any]]
 def encode_masks(
     masks: Sequence[Mask] | np.ndarray, scores: np.ndarray, output: str = "rle"
 ) -> list[dict[str, Any]]:
-    """Mask records for C masks (each a ``Mask``, or a CxHxW bool array) with C ``scores``.
+    """Mask records, as the protocol sends them, for one prompt's masks.
 
-    Records come best score first. Each has ``score`` (predicted IoU), ``area`` (pixels)
-    and ``bbox`` ([x, y, w, h], integer pixels), plus ``segmentation`` (COCO RLE with
-    string counts, as pycocotools writes it) for ``rle``, or ``png`` (base64 1-bit PNG)
-    for ``png``; ``none`` carries no mask data.
+    Arguments:
+      masks (Sequence(Mask) or np.ndarray): C masks of HxW, each a ``Mask``, or a
+        CxHxW bool array.
+      scores (np.ndarray): their C predicted IoUs.
+      output (str): ``rle``, ``png`` or ``none``.
+
+    Returns:
+      (list(dict)): C records, best score first. Each has ``score`` (predicted IoU),
+        ``area`` (pixels) and ``bbox`` ([x, y, w, h], integer pixels), plus
+        ``segmentation`` (COCO RLE with string counts, as pycocotools writes it) for
+        ``rle``, or ``png`` (base64 1-bit PNG) for ``png``; ``none`` carries no mask data.
     """
     return encode_mask_groups([(masks, scores)], output)[0]
 

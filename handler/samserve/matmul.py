@@ -1,11 +1,10 @@
 """float32 matrix products on a CPU through oneDNN where torch's default BLAS is slow.
 
 torch multiplies float32 matrices on a CPU with MKL's sgemm. On AMD CPUs MKL runs its
-AVX2 code: on an EPYC (Zen 5) core, 88 GFLOP/s for a 2048x2048 product, where oneDNN's
-kernels (which torch ships for its inductor and reduced-precision paths) reach 206-222 on
-the same core, still in float32 (no bf16, no tf32). The mask decoder's products run
-1.7-2.4x faster through it there (measured, shapes as the decoder makes them). On Intel
-CPUs MKL has AVX-512 kernels of its own, so ``auto`` keeps torch's default there.
+AVX2 code, at a fraction of the rate of oneDNN's kernels (which torch ships for its
+inductor and reduced-precision paths) on the same core, still in float32 (no bf16, no
+tf32); docs/performance.md has the rates. On Intel CPUs MKL has AVX-512 kernels of its
+own, so ``auto`` keeps torch's default there.
 
 The choice is one process-wide backend, set once from the handler settings
 (``cpu_matmul``): the same products then always round the same way in one worker.
@@ -85,7 +84,7 @@ def _on_onednn(x: Tensor) -> bool:
 def _plain(weight: Tensor) -> bool:
     """Whether a 2-D ``weight`` is contiguous or the transpose of a contiguous matrix:
     oneDNN runs other layouts (rows strided past their length) with a reference kernel,
-    1000x slower (measured: 7 s for a 4096x256 by 256x256 product)."""
+    orders of magnitude slower than its optimised ones."""
     return weight.is_contiguous() or weight.t().is_contiguous()
 
 

@@ -2,8 +2,8 @@
 
 ``pycocotools.mask.encode`` runs its C encoder (``rleEncode`` and ``rleToString`` of the
 COCO API's ``maskApi.c``) while holding the GIL, so masks encoded in several threads take
-turns: a 1500x2000 mask of fine structure costs about 3 ms, and one click's three masks
-use one core of many. The same two functions are exported by pycocotools' extension
+turns, and one click's three masks use one core of many. The same two functions are
+exported by pycocotools' extension
 module; called through ``ctypes`` (which releases the GIL for the call) they give the
 same bytes, and masks can be encoded side by side. Masks made as run lengths
 (``samserve.upscale``) go to ``rleToString`` the same way. Where the

@@ -42,11 +42,9 @@ logger = logging.getLogger(__name__)
 # the number of prompts (each mask a call returns may be as large as the image).
 MASK_PIXELS_PER_CALL = 1 << 27
 
-# The smallest prompt_work whose decoder calls run side by side. Below it a call is
-# mostly Python between short ops, held under the GIL, and two threads take turns at it:
-# a one-prompt sam_small call on one thread took 3.2 ms alone and 7.9 beside a second
-# (at SAM's sizes 21.2 and 21.9 ms per click, 4-prompt calls), so its batch of four
-# clicks on four images took 22 ms side by side and 16 in turn, on all threads.
+# The smallest prompt_work whose decoder calls run side by side, between sam_small's
+# and SAM's. Below it a call is mostly Python between short ops, held under the GIL, and
+# two threads only take turns at it: such calls run in turn, each on all threads.
 SIDE_BY_SIDE_WORK = 1 << 26
 
 
@@ -60,8 +58,8 @@ class Reply:
 
     def encode(self) -> bytes:
         """The body as compact UTF-8 JSON, as sent (computed once). orjson: the same bytes
-        as ``json.dumps`` with compact separators, in a fifth of the time on 8 MB of RLE
-        (3.3 vs 15.7 ms, measured), and NaN as null (valid JSON)."""
+        as ``json.dumps`` with compact separators, much faster on MBs of RLE, and NaN as
+        null (valid JSON)."""
         if self._encoded is None:
             self._encoded = orjson.dumps(self.body)
         return self._encoded
@@ -308,12 +306,18 @@ class SegmentService:
         Where the batch holds several parts (of one request or of several), they run side
         by side on the mask pool's threads, each on one torch thread with its masks made
         one by one: one part's decoder runs while another's masks are made, and no op
-        waits for an OpenMP team (16 vit_b clicks on 2 cores, 30 interleaved in-process
-        runs: 7-9 % less time per click than each part's decoder on both threads and its
-        masks in the pool after it; a batch of four vit_b clicks on four images, 95 -> 78
-        ms). A single part, and every part of a small model's (``parts_side_by_side``),
-        runs here on all torch threads, its masks in the pool. A job that fails cancels
-        its own parts not yet started.
+        waits for an OpenMP team. A single part, and every part of a small model's
+        (``parts_side_by_side``), runs here on all torch threads, its masks in the pool.
+        A job that fails cancels its own parts not yet started.
+
+        Arguments:
+          planned (dict(int, tuple(_Job, list(list(Prompt))))): by request index in the
+            batch, the job and its prompts in parts of one decoder call (``_parts``).
+
+        Returns:
+          (Iterator(tuple(int, Iterator(_Part)))): per job, in the order of ``planned``,
+            its index and its parts' results in order; closing a job's iterator early
+            cancels its parts not yet started.
         """
         total = sum(len(parts) for _, parts in planned.values())
         if parts_side_by_side(total, self.mask_threads, self.prompt_work) == 1:
@@ -464,8 +468,7 @@ def parts_side_by_side(parts: int, mask_threads: int, work: int) -> int:
 
 def _one_torch_thread() -> None:
     """Run this (pool) thread's torch ops on one intra-op thread: the pool is the
-    parallelism, and an OpenMP team of all cores per pool thread would oversubscribe them
-    (measured on 2 cores, 16 vit_b masks: 13 ms per prompt with the teams, 9 without).
+    parallelism, and an OpenMP team of all cores per pool thread would oversubscribe them.
 
     ``torch.set_num_threads`` sets the calling thread's OpenMP and MKL thread counts; it
     also becomes the count of threads that run their first torch op later, which is why

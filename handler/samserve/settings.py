@@ -28,7 +28,7 @@ class Settings:
     # pixels): 256 prompts x 3 masks on a 12-megapixel photo fit; the same on a 64 MP
     # image would keep the worker busy past TorchServe's response timeout.
     max_mask_pixels: int = 10_000_000_000
-    # Largest JSON response; keep it below TorchServe's max_response_size (64 MiB in
+    # Largest JSON response; keep it below TorchServe's max_response_size (set in
     # config.properties): a bigger response makes the frontend drop the worker.
     max_response_bytes: int = 63 * 1024 * 1024
     # Segment everything: point prompts decoded over all crops (a 64x64 grid, or a 32x32

@@ -16,9 +16,8 @@ size.
 
 A mask never exists as pixels: one compiled pass (numba) makes its values a column at a
 time and keeps only where they cross the threshold, as COCO RLE's run lengths, which
-pycocotools compresses at once (``MaskRuns``). Found in the pixels instead, the runs cost
-more than making the values: a 1500x2000 noise mask of 190,000 runs took 2.7 ms in
-pycocotools' encoder after 2 ms of upscaling, and 1.1 ms here for both.
+pycocotools compresses at once (``MaskRuns``). Found in the pixels instead, the runs
+cost more than making the values.
 """
 
 from __future__ import annotations
@@ -85,9 +84,20 @@ def tokens_read(
     original_size: tuple[int, int],
     padded_size: int,
 ) -> tuple[int, int]:
-    """The first (rows, columns) of an hxw image-token ``grid`` whose low-res cells (4x4
-    per token) some full-size pixel reads (see ``upscale_masks``; the other cells lie
-    under the padding, with weight 0 in every pixel)."""
+    """The image tokens whose low-res cells (4x4 per token) some full-size pixel reads
+    (see ``upscale_masks``); the other cells lie under the padding, with weight 0 in
+    every pixel.
+
+    Arguments:
+      grid (tuple(int, int)): (h, w) of the image-token grid.
+      input_size (tuple(int, int)): (H', W') of the resized image inside the padded
+        square, before padding.
+      original_size (tuple(int, int)): (H, W) of the image as decoded.
+      padded_size (int): the side of the model's square input.
+
+    Returns:
+      (tuple(int, int)): the first (rows, columns) of the grid that are read.
+    """
     return tuple(  # type: ignore[return-value]
         -(-(int(axis_map(4 * side, padded_size, cropped, length).last.max()) + 1) // 4)
         for side, cropped, length in zip(grid, input_size, original_size)
@@ -105,14 +115,24 @@ def upscale_masks(
 ) -> list[MaskRuns]:
     """Threshold ``Sam.postprocess_masks(low_res) > threshold`` without the full-size pass.
 
-    ``low_res`` is Cxhxw logits in the padded input frame (h = w = 4 x the embedding
-    side), one prompt's or several prompts' masks; ``input_size`` is (H', W') of the
-    resized image inside the ``padded_size`` square and ``original_size`` is (H, W).
-    Returns C masks of HxW as their runs, each with its COCO RLE made as soon as its
-    runs are found (while they are in cache), or without it (``rle`` False: box and area
-    only). ``map_fn`` (``map``, or a thread pool's) makes them, one mask per item: the
-    pass and pycocotools' compression run without the GIL, so many masks go side by side
-    in a pool (``samserve.service``).
+    The pass and pycocotools' compression run without the GIL, so a thread pool's
+    ``map_fn`` makes many masks side by side (``samserve.service``).
+
+    Arguments:
+      low_res (torch.Tensor): Cxhxw logits in the padded input frame (h = w = 4 x the
+        embedding side), one prompt's or several prompts' masks.
+      input_size (tuple(int, int)): (H', W') of the resized image inside the padded
+        square, before padding.
+      original_size (tuple(int, int)): (H, W) of the image as decoded.
+      padded_size (int): the side of the model's square input (``img_size``).
+      threshold (float): SAM's ``mask_threshold``.
+      map_fn (Mapper): ``map``, or a thread pool's; makes one mask per item.
+      rle (bool): make each mask's COCO RLE as soon as its runs are found (while they
+        are in cache); else box and area only.
+
+    Returns:
+      (list(MaskRuns)): C masks of HxW in the original frame, in the order of
+        ``low_res``.
     """
     low_res = low_res.float().cpu().numpy()
     rows = axis_map(low_res.shape[-2], padded_size, input_size[0], original_size[0])
@@ -126,8 +146,8 @@ def upscale_masks(
 
 
 def compile_mask_pass() -> None:
-    """Compile the mask pass now (or load it from numba's cache beside this module), not at
-    the first request: compiling takes about a second."""
+    """Compile the mask pass now (or load it from numba's cache beside this module), so
+    that the first request does not wait for the compiler."""
     upscale_masks(torch.ones(1, 4, 4), (4, 4), (4, 4), 4)
 
 
@@ -175,16 +195,15 @@ _buffers = threading.local()
 def _buffer(name: str, shape: tuple[int, ...], dtype: type) -> np.ndarray:
     """This thread's C-contiguous ``shape`` array ``name`` (uninitialised), kept for its
     next mask: the pass's row sums (``lines``) and a mask's runs (``runs``), which go
-    from there straight into their RLE, are written and read in memory still in cache.
-    With fresh arrays, the runs copied out and kept until the call's masks were encoded,
-    a 1500x2000 noise mask (160,000-220,000 runs) took 2.2 ms for its runs and RLE, 1.7
-    with these (measured, one thread). Pages are touched only as far as a mask reaches."""
+    from there straight into their RLE, are written and read in memory still in cache,
+    where a fresh array per mask would be new memory each time. Pages are touched only
+    as far as a mask reaches."""
     size = math.prod(shape)
     buffer = getattr(_buffers, name, None)
     if buffer is None or buffer.size < size:
         # A mapping of its own, so that only the pages a mask reaches become resident: a
         # heap block brings the pages that freed tensors left resident (the runs' buffer
-        # is sized for the worst case: 12 MiB per thread at 1500x2000).
+        # is sized for the worst case, about one count per pixel of the mask's window).
         memory = mmap.mmap(-1, size * np.dtype(dtype).itemsize)
         buffer = np.frombuffer(memory, dtype=dtype)
         setattr(_buffers, name, buffer)
