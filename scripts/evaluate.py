@@ -4,8 +4,10 @@
 import sys
 from pathlib import Path
 
+# The lent GPU machine runs this from a bare checkout (scripts/device_train.sh), where the
+# project is not installed: its packages are found in the checkout.
 REPO = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(REPO), str(REPO / "handler")]
+sys.path[:0] = [str(REPO), str(REPO / "handler"), str(REPO / "clients" / "python")]
 
 from training.evaluate import main  # noqa: E402
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Make the environment if it is missing: Java for TorchServe's frontend, and .venv with
-# the pinned dependencies (torch 2.14.1 + torchvision 0.29.1 come from the local disk).
+# the server, the client (clients/python) and the development tools, both projects
+# editable (torch 2.14.1 + torchvision 0.29.1 come from the local disk).
 #
 #   bash scripts/setup.sh              # what serving needs (scripts/run.sh)
 #   bash scripts/setup.sh --browser    # also Debian's chromium, for the web demo's test
@@ -38,11 +39,13 @@ if [ ! -x .venv/bin/python ]; then
     echo "setup: creating .venv" >&2
     "$PYTHON" -m venv .venv
 fi
-# Reinstall only when pyproject.toml changed since the last install.
+# Both distributions, editable: the client (clients/python, which the server's requires) and
+# the server with the development tools. Reinstall only when either pyproject.toml changed.
+projects=(pyproject.toml clients/python/pyproject.toml)
 stamp=.venv/.samserve-installed
-if [ ! -f "$stamp" ] || ! cmp -s pyproject.toml "$stamp"; then
+if [ ! -f "$stamp" ] || ! cat "${projects[@]}" | cmp -s - "$stamp"; then
     echo "setup: installing dependencies into .venv (about a minute)" >&2
     .venv/bin/python -m pip install -q --upgrade pip >/dev/null
-    .venv/bin/python -m pip install -q -e '.[dev]'
-    cp pyproject.toml "$stamp"
+    .venv/bin/python -m pip install -q -e ./clients/python -e '.[dev]'
+    cat "${projects[@]}" > "$stamp"
 fi

@@ -1,35 +1,95 @@
-"""Fast checks that gRPC stubs generate from the installed TorchServe jar (no server needed)."""
+"""The client's gRPC modules: compiled from TorchServe's protos, which it ships and which
+must still be those of the installed server (no server needed)."""
 
 from __future__ import annotations
 
 import importlib.util
-import json
+import re
 from pathlib import Path
 
+import grpc_tools
+import tomllib
+from google import rpc
+from google.protobuf import descriptor_pb2
+from grpc_tools import protoc
+from packaging.requirements import Requirement
+
 from samclient import protos
+from torchserve_protos import PROTO_FOLDER, PROTO_NAMES, jar_protos, torchserve_jar
 
-GENERATED = (
-    "inference_pb2.py",
-    "inference_pb2_grpc.py",
-    "management_pb2.py",
-    "management_pb2_grpc.py",
-)
+REPO = Path(__file__).resolve().parent.parent
+CLIENT = REPO / "clients" / "python"
+SHIPPED = CLIENT / PROTO_FOLDER
 
 
-def _mtimes(directory: Path) -> dict[str, int]:
-    return {name: (directory / name).stat().st_mtime_ns for name in GENERATED}
+class RecordingChannel:
+    """A stand-in for ``grpc.Channel`` that records the method paths a stub asks for."""
+
+    def __init__(self) -> None:
+        self.paths: list[str] = []
+
+    def unary_unary(self, path: str, **_: object) -> None:
+        self.paths.append(path)
+
+    unary_stream = stream_unary = stream_stream = unary_unary
 
 
-def test_generate_stubs_writes_importable_modules(tmp_path: Path) -> None:
-    out = protos.generate_stubs(tmp_path)
-    assert out == tmp_path
-    for name in GENERATED:
-        assert (tmp_path / name).is_file(), name
-    assert (tmp_path / protos.STAMP_NAME).is_file()
+def compiled_from_jar(tmp_path: Path) -> list[descriptor_pb2.FileDescriptorProto]:
+    """The installed jar's protos compiled by grpcio-tools, laid out as the client's and
+    without the JSON field names, which Python's generated modules leave out."""
+    folder = tmp_path / PROTO_FOLDER
+    folder.mkdir(parents=True)
+    for name, data in jar_protos().items():
+        (folder / name).write_bytes(data)
+    out = tmp_path / "descriptors.pb"
+    arguments = [
+        "protoc", f"-I{tmp_path}", f"-I{Path(grpc_tools.__file__).parent / '_proto'}",
+        f"-I{Path(next(iter(rpc.__path__))).parent.parent}", f"--descriptor_set_out={out}",
+        *(str(PROTO_FOLDER / name) for name in PROTO_NAMES),
+    ]  # fmt: skip
+    assert protoc.main(arguments) == 0
+    files = list(descriptor_pb2.FileDescriptorSet.FromString(out.read_bytes()).file)
+    messages = [message for file in files for message in file.message_type]
+    while messages:
+        message = messages.pop()
+        for field in message.field:
+            field.ClearField("json_name")
+        messages += message.nested_type
+    return files
 
-    stubs = protos.load_stubs(tmp_path)
+
+def test_the_shipped_protos_are_the_installed_servers() -> None:
+    assert {name: (SHIPPED / name).read_bytes() for name in PROTO_NAMES} == jar_protos()
+    assert "Apache License" in (SHIPPED / "LICENSE").read_text()
+
+
+def test_the_compiled_modules_describe_the_installed_servers_protos(tmp_path: Path) -> None:
+    """What the client imports is what the jar's protos compile to: messages, services,
+    and the method each stub calls."""
+    compiled = compiled_from_jar(tmp_path)
+    stubs = protos.load_stubs()
+    imported = [
+        descriptor_pb2.FileDescriptorProto.FromString(module.DESCRIPTOR.serialized_pb)
+        for module in (stubs.inference_pb2, stubs.management_pb2)
+    ]
+    assert compiled == imported
+
+    expected = {
+        f"/{file.package}.{service.name}/{method.name}"
+        for file in compiled
+        for service in file.service
+        for method in service.method
+    }
+    channel = RecordingChannel()
+    stubs.inference_pb2_grpc.InferenceAPIsServiceStub(channel)
+    stubs.management_pb2_grpc.ManagementAPIsServiceStub(channel)
+    assert set(channel.paths) == expected
+
+
+def test_the_stubs_offer_what_the_client_calls() -> None:
+    stubs = protos.load_stubs()
     inference_grpc, management_grpc = stubs.inference_pb2_grpc, stubs.management_pb2_grpc
-    assert Path(stubs.inference_pb2.__file__).parent == tmp_path.resolve()
+    assert Path(stubs.inference_pb2.__file__).parent == Path(protos.__file__).parent
 
     # Services and their methods (the servicer base class lists every rpc).
     for method in ("Predictions", "Ping", "StreamPredictions"):
@@ -62,48 +122,30 @@ def test_generate_stubs_writes_importable_modules(tmp_path: Path) -> None:
     assert mgmt.ManagementResponse(msg="done").msg == "done"
 
 
-def test_second_call_does_not_regenerate(tmp_path: Path) -> None:
-    protos.generate_stubs(tmp_path)
-    before = _mtimes(tmp_path)
-    assert protos.stubs_are_current(tmp_path)
-    protos.generate_stubs(tmp_path)
-    assert _mtimes(tmp_path) == before
+def test_the_clients_requirements_are_its_compiled_modules_floors() -> None:
+    """The client asks for the protobuf and grpcio its compiled modules check for at import,
+    and is built by the grpcio-tools the project develops with."""
+    client = tomllib.loads((CLIENT / "pyproject.toml").read_text())
+    server = tomllib.loads((REPO / "pyproject.toml").read_text())
+    requires = {r.name: r for r in map(Requirement, client["project"]["dependencies"])}
+    stubs = protos.load_stubs()
+    header = Path(stubs.inference_pb2.__file__).read_text()
+    gencode = re.search(r"^# Protobuf Python Version: (\S+)$", header, re.MULTILINE).group(1)
+    assert f">={gencode}" in str(requires["protobuf"].specifier).split(",")
+    grpc_floor = stubs.inference_pb2_grpc.GRPC_GENERATED_VERSION
+    assert f">={grpc_floor}" in str(requires["grpcio"].specifier).split(",")
+
+    def tools(requirements: list[str]) -> str:
+        return next(str(r) for r in map(Requirement, requirements) if r.name == "grpcio-tools")
+
+    build = tools(client["build-system"]["requires"])
+    assert build == tools(server["project"]["optional-dependencies"]["dev"])
+    assert build == f"grpcio-tools=={grpc_floor}"
 
 
-def test_changed_jar_or_missing_file_regenerates(tmp_path: Path) -> None:
-    protos.generate_stubs(tmp_path)
-    (tmp_path / "management_pb2_grpc.py").unlink()
-    assert not protos.stubs_are_current(tmp_path)
-    protos.generate_stubs(tmp_path)
-    assert (tmp_path / "management_pb2_grpc.py").is_file()
-
-    # A different jar: size/mtime no longer match the stamp and neither does the sha256.
-    stamp_path = tmp_path / protos.STAMP_NAME
-    stamp = json.loads(stamp_path.read_text())
-    stamp.update(jar_size=stamp["jar_size"] + 1, jar_sha256="0" * 64)
-    stamp_path.write_text(json.dumps(stamp))
-    assert not protos.stubs_are_current(tmp_path)
-    before = _mtimes(tmp_path)
-    protos.generate_stubs(tmp_path)
-    assert protos.stubs_are_current(tmp_path)
-    assert _mtimes(tmp_path) != before
-
-
-def test_jar_is_the_installed_one() -> None:
+def test_the_jar_is_the_installed_ones() -> None:
     spec = importlib.util.find_spec("ts")
     assert spec is not None and spec.origin is not None
-    jar = protos.torchserve_jar()
+    jar = torchserve_jar()
     assert jar == Path(spec.origin).parent / "frontend" / "model-server.jar"
     assert jar.is_file()
-
-
-def test_touched_jar_with_same_content_is_still_current(tmp_path: Path) -> None:
-    protos.generate_stubs(tmp_path)
-    stamp_path = tmp_path / protos.STAMP_NAME
-    stamp = json.loads(stamp_path.read_text())
-    stamp["jar_mtime_ns"] -= 1  # as if the jar had been touched: hash it, same sha256
-    stamp_path.write_text(json.dumps(stamp))
-    before = _mtimes(tmp_path)
-    assert protos.stubs_are_current(tmp_path)
-    assert json.loads(stamp_path.read_text())["jar_mtime_ns"] == stamp["jar_mtime_ns"] + 1
-    assert _mtimes(tmp_path) == before

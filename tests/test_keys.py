@@ -20,7 +20,7 @@ from conftest import MODEL, make_image, micro_server, png_bytes
 from samclient.body import point_prompt, segment_request
 from samclient.errors import AuthError
 from samclient.grpc_client import GrpcClient
-from samclient.keys import Keys, KeySource, read_keys
+from samclient.keys import KEY_FILE_ENV, Keys, KeySource, find_key_file, read_keys
 from samclient.rest_client import RestClient
 from samclient.server import TorchServe
 
@@ -90,6 +90,26 @@ def test_only_the_inference_key_and_it_expired_says_so_and_how_to_get_another(tm
 def test_fixed_keys_cannot_be_renewed(tmp_path):
     with pytest.raises(AuthError, match="expired .* no key file"):
         KeySource(keys=Keys("old", "old")).refresh("management", "old", "http://127.0.0.1:1")
+
+
+def test_the_key_file_is_searched_for_in_the_documented_order(tmp_path, monkeypatch):
+    """$SAMSERVE_KEY_FILE, the server directory given, ./run, then the current directory;
+    never a path beside the installed package."""
+    here, server, elsewhere = tmp_path / "here", tmp_path / "server", tmp_path / "elsewhere"
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv(KEY_FILE_ENV, raising=False)
+    assert find_key_file(server) is None
+    for folder in (here, here / "run", server, elsewhere):
+        folder.mkdir(parents=True, exist_ok=True)
+        write_json(folder / "key_file.json", KEY_FILE)
+    monkeypatch.chdir(here)
+    assert find_key_file() == here / "run" / "key_file.json"
+    (here / "run" / "key_file.json").unlink()
+    assert find_key_file() == here / "key_file.json"
+    assert find_key_file(server) == server / "key_file.json"
+    monkeypatch.setenv(KEY_FILE_ENV, str(elsewhere / "key_file.json"))
+    assert find_key_file(server) == elsewhere / "key_file.json"
+    assert KeySource(server / "key_file.json").path == server / "key_file.json"
 
 
 # --- a real TorchServe whose keys expire --------------------------------------------------

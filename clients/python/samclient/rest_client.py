@@ -87,6 +87,10 @@ class RestClient:
             raise _http_error(response.status_code, body)
         return decode_response(body, f"{method} {path}")
 
+    def close(self) -> None:
+        """Close the connections the client keeps for later calls."""
+        self.session.close()
+
     def ping(self) -> str:
         """The server's health status ("Healthy")."""
         return self._call("inference", "GET", "/ping")["status"]

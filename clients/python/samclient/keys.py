@@ -77,15 +77,31 @@ class Keys:
 
 
 def find_key_file(workdir: str | os.PathLike | None = None) -> Path | None:
-    """Locate key_file.json: $SAMSERVE_KEY_FILE, then ``workdir``, then ./run, then cwd."""
+    """The server's key file, looked for in this order (the first that exists wins):
+
+    1. ``$SAMSERVE_KEY_FILE``, a deployment's choice for all of its clients;
+    2. ``workdir/key_file.json``, in the server directory a program was given;
+    3. ``run/key_file.json`` in the current directory, where ``samserve-serve`` (and
+       ``scripts/serve.py``) run TorchServe from;
+    4. ``key_file.json`` in the current directory, where a TorchServe started there
+       writes it.
+
+    A client given a key file's path (:class:`KeySource` ``path``) reads that file and
+    searches nothing.
+
+    Arguments:
+      workdir: the server's working directory, when known.
+
+    Returns:
+      The first candidate that is a file, or None (token authorization may be off).
+    """
     candidates: list[Path] = []
     if os.environ.get(KEY_FILE_ENV):
         candidates.append(Path(os.environ[KEY_FILE_ENV]))
     if workdir is not None:
         candidates.append(Path(workdir) / KEY_FILE_NAME)
-    repo_run_dir = Path(__file__).resolve().parent.parent / "run"
-    candidates += [repo_run_dir / KEY_FILE_NAME, Path.cwd() / KEY_FILE_NAME]
-    return next((path for path in candidates if path.is_file()), None)
+    candidates += [Path("run") / KEY_FILE_NAME, Path(KEY_FILE_NAME)]
+    return next((path.resolve() for path in candidates if path.is_file()), None)
 
 
 def read_keys(path: str | os.PathLike) -> Keys:
@@ -259,7 +275,7 @@ class KeySource:
             f"token_expiration_min minutes after they are issued, 60 by default) or it is "
             f"wrong. No new key: {reason} (key source: {self.describe()}). Get the current "
             f"key from the server's key_file.json, or have the server's operator renew it "
-            f"(`python scripts/serve.py renew-key --api {api}`, or `GET /token?type={api}` "
+            f"(`samserve-serve renew-key --api {api}`, or `GET /token?type={api}` "
             f"on the management API with the API key), and give it to this client."
         )
         status = error.status if error is not None else None

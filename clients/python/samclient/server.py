@@ -24,8 +24,9 @@ import requests
 
 from .keys import KEY_FILE_NAME, Keys, KeySource, load_keys
 
-REPO = Path(__file__).resolve().parent.parent
-DEFAULT_CONFIG = REPO / "config.properties"
+# The server's settings in the current directory, as ``torchserve --ts-config`` is given
+# them where it runs (the project's checkout, for scripts/serve.py and samserve-serve).
+DEFAULT_CONFIG = Path("config.properties")
 
 WORKER_SPIN_COUNT = "20000"
 """``GOMP_SPINCOUNT`` for the workers, unless the environment sets one: how long torch's
@@ -98,6 +99,23 @@ class Addresses:
     def from_config(cls, config: str | os.PathLike = DEFAULT_CONFIG) -> Addresses:
         """The addresses of a server started with the config.properties at ``config``."""
         return cls.from_properties(read_properties(config))
+
+    @classmethod
+    def find(
+        cls, config: str | os.PathLike | None = None, default: str | os.PathLike = DEFAULT_CONFIG
+    ) -> Addresses:
+        """The addresses of a server as a client finds them.
+
+        Arguments:
+          config: the server's config.properties, which must exist.
+          default: without ``config``, the config.properties to read if it exists.
+
+        Returns:
+          The addresses the config gives, or TorchServe's defaults without one.
+        """
+        if config is not None:
+            return cls.from_config(config)
+        return cls.from_config(default) if Path(default).is_file() else cls()
 
     @classmethod
     def on_ports(cls, ports: Ports, host: str = "127.0.0.1") -> Addresses:

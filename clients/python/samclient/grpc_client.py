@@ -1,6 +1,6 @@
 """gRPC client for the samserve TorchServe (inference API on 7070, management API on 7071).
 
-Stubs come from :mod:`samclient.protos` (generated from the installed server's own protos).
+Stubs come from :mod:`samclient.protos` (compiled from TorchServe's own protos, which it ships).
 Token authorization is on by default in TorchServe 0.12: the inference and management APIs
 take *different* keys, sent as ``authorization: Bearer <key>`` metadata; they are read from
 the server's ``key_file.json`` by :class:`samclient.keys.KeySource`, which also replaces an
@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Mapping
-from pathlib import Path
 from types import TracebackType
 from typing import Any
 
@@ -153,7 +152,6 @@ class GrpcClient:
         management_port: int = 7071,
         keys: Keys | KeySource | None = None,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-        stubs_dir: Path | None = None,
         token_url: str | None = None,
         resend: ResendOptions | None = None,
     ) -> None:
@@ -162,7 +160,6 @@ class GrpcClient:
           host, inference_port, management_port: the server's gRPC APIs.
           keys: a key source, fixed keys, or None to find the server's key_file.json.
           max_message_bytes: largest message either way.
-          stubs_dir: where the generated stubs live (default: build/grpc).
           token_url: the server's REST management API, whose token API renews expired
             keys (default: port 8081 on ``host``).
           resend: how requests that reached a worker without their image are recovered.
@@ -172,7 +169,7 @@ class GrpcClient:
         self.management_port = management_port
         self.key_source = KeySource.of(keys)
         self.max_message_bytes = max_message_bytes
-        self.stubs: Stubs = load_stubs(stubs_dir)
+        self.stubs: Stubs = load_stubs()
         target_host = f"[{host}]" if ":" in host and not host.startswith("[") else host
         self.token_url = token_url or f"http://{target_host}:8081"
         self.sent_images = SentImages(resend or ResendOptions())

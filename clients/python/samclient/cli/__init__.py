@@ -1,0 +1,1 @@
+"""The client's command-line programs (``samserve-segment``)."""
