@@ -41,26 +41,23 @@ from PIL import Image
 from segment_anything import SamAutomaticMaskGenerator, SamPredictor
 from segment_anything.modeling import Sam
 
-REPO = Path(__file__).resolve().parent.parent
-for _path in (REPO / "handler", REPO / "scripts", REPO):
-    if str(_path) not in sys.path:
-        sys.path.insert(0, str(_path))
+from bench_report import OUTPUT_FORMATS, checks, derived, plot, render_markdown
+from build_mar import HANDLER, build_archive
+from samclient.body import point_prompt, segment_request
+from samclient.errors import SamServeError
+from samclient.grpc_client import GrpcClient
+from samclient.rest_client import RestClient
+from samclient.server import Ports, TorchServe
+from samserve import matmul
+from samserve.engine import SamEngine
+from samserve.images import decode_image
+from samserve.models import SamSpec, build_sam, random_checkpoint, spec_by_name
+from samserve.service import part_size, parts_side_by_side, prompt_work
+from samserve.settings import Settings
+from training.prompts import random_pixel
+from training.synthetic import make_sample
 
-from bench_report import OUTPUT_FORMATS, checks, derived, plot, render_markdown  # noqa: E402
-from build_mar import HANDLER, build_archive  # noqa: E402
-from samclient.body import point_prompt, segment_request  # noqa: E402
-from samclient.errors import SamServeError  # noqa: E402
-from samclient.grpc_client import GrpcClient  # noqa: E402
-from samclient.rest_client import RestClient  # noqa: E402
-from samclient.server import Ports, TorchServe  # noqa: E402
-from samserve import matmul  # noqa: E402
-from samserve.engine import SamEngine  # noqa: E402
-from samserve.images import decode_image  # noqa: E402
-from samserve.models import SamSpec, build_sam, random_checkpoint, spec_by_name  # noqa: E402
-from samserve.service import part_size, parts_side_by_side, prompt_work  # noqa: E402
-from samserve.settings import Settings  # noqa: E402
-from training.prompts import random_pixel  # noqa: E402
-from training.synthetic import make_sample  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
 
 TRAINED = {"sam_small": REPO / "models" / "sam_small_shapes.pth"}
 NAIVE_HANDLER = REPO / "scripts" / "naive_handler.py"

@@ -24,11 +24,10 @@ from typing import Any
 
 import yaml
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "handler"))
+from samserve.models import SamSpec, random_checkpoint, spec_by_name
+from samserve.settings import Settings
 
-from samserve.models import SamSpec, random_checkpoint, spec_by_name  # noqa: E402
-from samserve.settings import Settings  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
 
 HANDLER = REPO / "handler" / "sam_handler.py"
 PACKAGE = REPO / "handler" / "samserve"

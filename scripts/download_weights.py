@@ -21,9 +21,7 @@ import os
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "handler"))
-
-from samserve.weights import (  # noqa: E402
+from samserve.weights import (
     DEFAULT_BASE_URL,
     OFFICIAL_CHECKPOINTS,
     DownloadError,

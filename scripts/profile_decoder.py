@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -33,15 +32,12 @@ from typing import Any
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-REPO = Path(__file__).resolve().parent.parent
-for _path in (REPO / "handler", REPO / "scripts", REPO):
-    if str(_path) not in sys.path:
-        sys.path.insert(0, str(_path))
+from bench import checkpoint_for, flop_counter, matmul_gflops
+from samserve import matmul
+from samserve.engine import ImageEmbedding, SamEngine
+from samserve.models import build_sam
 
-from bench import checkpoint_for, flop_counter, matmul_gflops  # noqa: E402
-from samserve import matmul  # noqa: E402
-from samserve.engine import ImageEmbedding, SamEngine  # noqa: E402
-from samserve.models import build_sam  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
 
 MATMUL_OPS = frozenset(
     {"mm", "addmm", "bmm", "baddbmm", "baddbmm_", "matmul", "linear", "einsum", "mv",

@@ -9,10 +9,11 @@ bash scripts/setup.sh
 export PATH="$PWD/.venv/bin:$PATH"
 
 python scripts/build_mar.py --spec sam_small --checkpoint models/sam_small_shapes.pth
-python scripts/serve.py restart --register sam.mar
-python scripts/segment.py demo/example.jpg --point 160,175 --box 330,60,560,200 \
-    --out out/overlay.png
+# The installed commands, run here: their defaults are this folder's config.properties,
+# run/ (TorchServe's directory and key file), model_store/ and out/.
+samserve-serve restart --register sam.mar
+samserve-segment demo/example.jpg --point 160,175 --box 330,60,560,200 --out out/overlay.png
 echo
-echo "TorchServe keeps running (run/logs). Stop it with: .venv/bin/python scripts/serve.py stop"
-echo "Interactive web demo (click objects, segment everything): .venv/bin/python scripts/demo.py"
+echo "TorchServe keeps running (run/logs). Stop it with: .venv/bin/samserve-serve stop"
+echo "Interactive web demo (click objects, segment everything): .venv/bin/samserve-demo"
 echo "  then open the URL it prints in a browser."

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import os
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -14,17 +13,18 @@ import pytest
 import torch
 from PIL import Image
 
-REPO = Path(__file__).resolve().parent.parent
-for path in (REPO / "handler", REPO / "scripts"):
-    if str(path) not in sys.path:
-        sys.path.insert(0, str(path))
+# build_mar is a script: pytest finds scripts/ through pyproject.toml's ``pythonpath``.
+from build_mar import build_archive
+from samclient.grpc_client import GrpcClient
+from samclient.rest_client import RestClient
+from samclient.server import Ports, TorchServe
+from samserve import matmul
+from samserve.models import build_sam, random_checkpoint, spec_by_name
 
-from build_mar import build_archive  # noqa: E402
-from samclient.grpc_client import GrpcClient  # noqa: E402
-from samclient.rest_client import RestClient  # noqa: E402
-from samclient.server import Ports, TorchServe  # noqa: E402
-from samserve import matmul  # noqa: E402
-from samserve.models import build_sam, random_checkpoint, spec_by_name  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
+# The project's server settings, wherever pytest runs from (clients read the current
+# directory's by default).
+CONFIG = REPO / "config.properties"
 
 torch.set_num_threads(2)
 
@@ -113,7 +113,7 @@ def server(tmp_path_factory, checkpoints):
         "sam_small_cache",
         settings={"embedding_cache_mb": SMALL_CACHE_MB, "cpu_matmul": OTHER_CPU_MATMUL},
     )
-    server = TorchServe(root / "run", store, PORTS)
+    server = TorchServe(root / "run", store, PORTS, config=CONFIG)
     server.start()
     try:
         rest = RestClient(server.inference_url, server.management_url, keys=server.keys())
@@ -139,7 +139,7 @@ def micro_server(
     ``sam`` with ``workers`` workers."""
     build_archive(spec_by_name("sam_micro"), checkpoint, root / "store", MODEL)
     ports = Ports.offset(PORTS.inference - 8080 + port_delta)
-    server = TorchServe(root / "run", root / "store", ports, overrides=overrides)
+    server = TorchServe(root / "run", root / "store", ports, CONFIG, overrides)
     server.start()
     try:
         rest = RestClient(server.inference_url, server.management_url, server.key_source())

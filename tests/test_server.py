@@ -1,15 +1,15 @@
-"""samclient.server and scripts/serve.py: a server listens where its config.properties
-says, and serve.py renews keys."""
+"""samclient.server and samserve-serve (samserve_cli.serve): a server listens where its
+config.properties says, and samserve-serve renews keys."""
 
 from __future__ import annotations
 
 import pytest
 import requests
 
-import serve
-from conftest import PORTS
+from conftest import CONFIG, PORTS
 from samclient.keys import read_keys
-from samclient.server import DEFAULT_CONFIG, Addresses, Ports, TorchServe
+from samclient.server import Addresses, Ports, TorchServe
+from samserve_cli import serve
 
 
 def test_addresses_follow_the_config_and_reach_wildcard_binds_through_loopback():
@@ -28,10 +28,20 @@ def test_addresses_follow_the_config_and_reach_wildcard_binds_through_loopback()
     assert addresses.grpc_management_port == 7071
 
 
+def test_a_client_finds_the_config_it_is_given_else_the_default_if_any(tmp_path):
+    config = tmp_path / "config.properties"
+    config.write_text("inference_address=http://127.0.0.1:9080\n")
+    assert Addresses.find(config).inference_url == "http://127.0.0.1:9080"
+    assert Addresses.find(None, config).inference_url == "http://127.0.0.1:9080"
+    assert Addresses.find(None, tmp_path / "missing.properties") == Addresses()
+    with pytest.raises(FileNotFoundError):
+        Addresses.find(tmp_path / "missing.properties")
+
+
 def test_without_ports_of_its_own_an_instance_keeps_the_configs_addresses(tmp_path):
     config = tmp_path / "config.properties"
     config.write_text(
-        DEFAULT_CONFIG.read_text().replace(
+        CONFIG.read_text().replace(
             "inference_address=http://127.0.0.1:8080", "inference_address=http://10.0.0.5:8080"
         )
     )
@@ -48,7 +58,7 @@ def test_serve_script_listens_where_the_config_says_and_renews_keys(tmp_path):
     ports = Ports.offset(PORTS.inference - 8080 + 820)
     config = tmp_path / "config.properties"
     config.write_text(
-        DEFAULT_CONFIG.read_text()
+        CONFIG.read_text()
         .replace(":8080", f":{ports.inference}")
         .replace(":8081", f":{ports.management}")
         .replace(":8082", f":{ports.metrics}")

@@ -1,0 +1,1 @@
+"""The server side's command-line programs: ``samserve-serve`` and ``samserve-demo``."""
