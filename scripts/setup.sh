@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Make the environment if it is missing: Java for TorchServe's frontend, and .venv with
-# the server, the client (clients/python) and the development tools, both projects
+# the server, the client (samclient/) and the development tools, both projects
 # editable (torch 2.14.1 + torchvision 0.29.1 come from the local disk).
 #
 #   bash scripts/setup.sh              # what serving needs (scripts/run.sh)
@@ -39,13 +39,13 @@ if [ ! -x .venv/bin/python ]; then
     echo "setup: creating .venv" >&2
     "$PYTHON" -m venv .venv
 fi
-# Both distributions, editable: the client (clients/python, which the server's requires) and
+# Both distributions, editable: the client (samclient/, which the server's requires) and
 # the server with the development tools. Reinstall only when either pyproject.toml changed.
-projects=(pyproject.toml clients/python/pyproject.toml)
+projects=(pyproject.toml samclient/pyproject.toml)
 stamp=.venv/.samserve-installed
 if [ ! -f "$stamp" ] || ! cat "${projects[@]}" | cmp -s - "$stamp"; then
     echo "setup: installing dependencies into .venv (about a minute)" >&2
     .venv/bin/python -m pip install -q --upgrade pip >/dev/null
-    .venv/bin/python -m pip install -q -e ./clients/python -e '.[dev]'
+    .venv/bin/python -m pip install -q -e ./samclient -e '.[dev]'
     cat "${projects[@]}" > "$stamp"
 fi

@@ -5,7 +5,7 @@
 
 TorchServe keeps its ``.proto`` files inside ``ts/frontend/model-server.jar``, under
 ``proto/``. The client ships ``inference.proto`` and ``management.proto`` from there, with
-TorchServe's license, in ``clients/python/samclient/protos/``, and compiles them when it is
+TorchServe's license, in ``samclient/protos/``, and compiles them when it is
 installed. This copies them again from the installed server and reinstalls the client
 (editable) so that its compiled modules follow. tests/test_grpc_stubs.py fails while the
 shipped protos differ from the installed server's.
@@ -21,7 +21,9 @@ import zipfile
 from importlib import metadata
 from pathlib import Path
 
-CLIENT_ROOT = Path(__file__).resolve().parent.parent / "clients" / "python"
+CLIENT_ROOT = Path(__file__).resolve().parent.parent / "samclient"
+# Where the protos sit below a folder on the import path: the generated modules import
+# each other by this path.
 PROTO_FOLDER = Path("samclient") / "protos"
 PROTO_NAMES = ("inference.proto", "management.proto")
 JAR_PROTO_DIR = "proto"
@@ -65,12 +67,12 @@ def copy_protos(root: Path = CLIENT_ROOT) -> Path:
     """Write the installed TorchServe's protos and its license where the client keeps them.
 
     Arguments:
-      root: the client's project folder.
+      root: the client's project folder, the ``samclient`` package itself.
 
     Returns:
-      The folder written to, ``root/samclient/protos``.
+      The folder written to, ``root/protos``.
     """
-    folder = root / PROTO_FOLDER
+    folder = root / PROTO_FOLDER.name
     for name, data in jar_protos().items():
         (folder / name).write_bytes(data)
     torchserve_license = metadata.distribution("torchserve").read_text(LICENSE_NAME)

@@ -18,8 +18,8 @@ from samclient import protos
 from torchserve_protos import PROTO_FOLDER, PROTO_NAMES, jar_protos, torchserve_jar
 
 REPO = Path(__file__).resolve().parent.parent
-CLIENT = REPO / "clients" / "python"
-SHIPPED = CLIENT / PROTO_FOLDER
+CLIENT = REPO / "samclient"
+SHIPPED = CLIENT / PROTO_FOLDER.name
 
 
 class RecordingChannel:

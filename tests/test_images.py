@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from samclient.overlay import picture
 from samserve.errors import RequestError
 from samserve.images import DecodeOptions, decode_image, image_id_of, stretch_to_8_bits
 
@@ -543,3 +544,22 @@ def test_image_id_of_another_page_or_range_is_another_key():
     assert len(keys) == 5
     assert all(len(key) == 64 for key in keys)
     assert image_id_of(data, DecodeOptions(page=1)) == image_id_of(data, DecodeOptions(page=1))
+
+
+@pytest.mark.parametrize(
+    ("samples", "page"),
+    [
+        (TWELVE_BIT, 0),
+        ((TWELVE_BIT.astype(np.int32) - 2000).astype(np.int16), 0),
+        (TWELVE_BIT.astype(np.float32) / 4095, 0),
+        (np.full((4, 4), 7, dtype=np.uint16), 0),
+        (TWELVE_BIT, 1),
+    ],
+)
+def test_the_clients_picture_is_the_image_the_server_segments(samples, page):
+    """samclient draws its overlays on its own reading of the image (the client does not
+    install the server): it must be the server's, or masks land on another picture."""
+    pages = [Image.fromarray(samples), Image.fromarray(samples[::-1].copy())]
+    data = encode(pages[0], "TIFF", save_all=True, append_images=pages[1:])
+    served = decode_image(data, BIG, BIG, DecodeOptions(page=page))
+    np.testing.assert_array_equal(picture(data, page=page), served)

@@ -81,6 +81,8 @@ def _to_8_bits(samples: np.ndarray, intensity_range: tuple[float, float] | None)
         finite = samples[np.isfinite(samples)]
         percentiles = [LOW_PERCENTILE, HIGH_PERCENTILE]
         intensity_range = tuple(np.percentile(finite, percentiles)) if finite.size else (0, 0)
+        if finite.size and intensity_range[1] <= intensity_range[0]:  # mostly one value
+            intensity_range = (finite.min(), finite.max())
     low, high = intensity_range
     samples = np.nan_to_num(samples, nan=low)
     if not high > low:

@@ -44,6 +44,6 @@ def load_stubs() -> Stubs:
             raise
         raise ImportError(
             f"{err.name} is missing: it is compiled when the client is installed "
-            "(pip install clients/python, or -e for a source tree)"
+            "(pip install ./samclient, or -e for a source tree)"
         ) from err
     return Stubs(**modules)
