@@ -22,9 +22,9 @@ from build_mar import build_archive
 from conftest import PORTS, micro_server, png_bytes
 from demo import KEY_HEADER, PageKeys, Upstream, demo_url, serve
 from samclient.keys import read_keys
+from samclient.masks import decode_segmentation
 from samclient.rest_client import RestClient
 from samclient.server import Ports, TorchServe
-from samserve.masks import decode_segmentation
 from samserve.models import spec_by_name
 from training.evaluate import iou
 from training.prompts import random_pixel

@@ -21,11 +21,11 @@ from samclient.body import point_prompt, segment_request
 from samclient.errors import AuthError, SamServeError
 from samclient.grpc_client import GrpcClient
 from samclient.keys import Keys
+from samclient.masks import decode_segmentation
 from samclient.resend import ResendOptions
 from samclient.rest_client import RestClient
 from samclient.server import WORKER_SPIN_COUNT
 from samserve import matmul
-from samserve.masks import decode_segmentation
 
 pytestmark = pytest.mark.integration
 

@@ -13,11 +13,11 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from conftest import column_runs
+from samclient.masks import decode_segmentation
 from samserve.masks import (
     OUTPUT_FORMATS,
     MaskRuns,
     MaskWindow,
-    decode_segmentation,
     encode_mask_groups,
     encode_masks,
     mask_to_png,

@@ -20,7 +20,7 @@ from PIL import Image
 from build_mar import build_archive
 from samclient.body import segment_request
 from samclient.errors import SamServeError
-from samserve.masks import decode_segmentation
+from samclient.masks import decode_segmentation
 from samserve.models import spec_by_name
 from training.evaluate import iou
 from training.prompts import mask_box

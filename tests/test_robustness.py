@@ -39,9 +39,9 @@ from samclient.body import point_prompt, segment_request
 from samclient.errors import AuthError, SamServeError
 from samclient.grpc_client import GrpcClient
 from samclient.keys import Keys
+from samclient.masks import decode_segmentation
 from samclient.rest_client import RestClient
 from samserve.engine import MIB
-from samserve.masks import decode_segmentation
 from samserve.models import random_checkpoint, spec_by_name
 from samserve.service import SegmentService
 from samserve.settings import MIN_RESPONSE_BYTES, Settings

@@ -14,9 +14,9 @@ from PIL import Image
 from segment_anything import SamPredictor
 
 from conftest import make_image, png_bytes
+from samclient.masks import decode_segmentation
 from samserve import service as service_module
 from samserve.engine import SamEngine
-from samserve.masks import decode_segmentation
 from samserve.service import SegmentService
 from samserve.settings import MIN_RESPONSE_BYTES, Settings
 
