@@ -254,3 +254,13 @@ def test_boxes_from_masks():
     empty = np.zeros((4, 4), bool)
     (x, y), label = corrective_click(empty, empty, np.random.default_rng(0))
     assert label == 1 and 0 <= x <= 4 and 0 <= y <= 4
+
+
+def test_profile_table_splits_a_step_into_its_phases(tmp_path, tiny):
+    from training.profile_step import STEP, ProfileConfig, table, time_steps
+
+    timings = time_steps(ProfileConfig(tiny(tmp_path), steps=2, warmup=1))
+    assert {"data", "encoder_forward", "decoder_backward", "optimizer", STEP} <= set(timings)
+    assert all(len(values) == 2 for values in timings.values())
+    text = table(timings)
+    assert "| encoder_backward |" in text and "| other |" in text and "steps/s" in text

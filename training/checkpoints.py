@@ -65,7 +65,7 @@ def _encode_log(values: torch.Tensor) -> dict[str, Any]:
     """Non-negative float ``values`` as uint8 codes of log2 spread over the tensor's range
     (0 for exact zeros), and the range; ``_decode_log`` inverts it to within a few percent."""
     positive = values > 0
-    logs = torch.log2(values[positive].double()) if positive.any() else torch.zeros(1).double()
+    logs = torch.log2(values[positive].float()) if positive.any() else torch.zeros(1)
     low, high = float(logs.min()), float(logs.max())
     span = max(high - low, 1e-12)
     codes = torch.zeros(values.shape, dtype=torch.uint8)
@@ -77,7 +77,7 @@ def _decode_log(encoded: dict[str, Any]) -> torch.Tensor:
     """The float32 tensor ``_encode_log`` encoded."""
     codes = encoded["codes"]
     span = encoded["high"] - encoded["low"]
-    values = torch.pow(2.0, encoded["low"] + (codes.double() - 1) / 254 * span).float()
+    values = torch.exp2(encoded["low"] + (codes.float() - 1) / 254 * span)
     return torch.where(codes > 0, values, torch.zeros_like(values))
 
 

@@ -27,7 +27,7 @@ import numpy as np
 from PIL import Image
 
 from samclient.body import segment_request
-from samserve.masks import decode_segmentation
+from samclient.masks import decode_segmentation
 
 from .checkpoints import model_state
 from .prompts import corrective_click, mask_box, random_pixel
@@ -225,7 +225,8 @@ def in_process_predictor(spec_name: str | None, checkpoint: Path | None) -> Pred
     sam = build_sam(spec)
     if state is not None:
         sam.load_state_dict(state)
-    service = SegmentService.for_model(sam, Settings())
+    # Measuring must not fail on a busy machine: segment everything gets all the time it needs.
+    service = SegmentService.for_model(sam, Settings(max_everything_seconds=3600.0))
 
     def predict(body: dict[str, Any]) -> dict[str, Any]:
         reply = service.handle([(body, "application/json")])[0]
