@@ -40,7 +40,7 @@ from segment_anything.modeling import Sam
 from samserve.models import SamSpec, assemble_sam, spec_by_name
 
 from . import checkpoints
-from .augment import AugmentConfig, batch_for_step, step_indices
+from .augment import AugmentConfig, Batch, batch_for_step, step_indices
 from .shards import DATA_ROOT, RenderConfig, ShardDataset, render
 from .step import Decode, StepConfig, batch_loss, decode_masks
 from .stopwatch import OFF, Stopwatch
@@ -247,7 +247,7 @@ def step_generator(seed: int, step: int) -> torch.Generator:
 
 def train_step(
     run: Prepared,
-    batch_inputs: Any,
+    batch_inputs: Batch,
     g: torch.Generator,
     config: TrainConfig,
     watch: Stopwatch = OFF,
@@ -259,7 +259,7 @@ def train_step(
 
     Arguments:
       run (Prepared): model, optimizer and fast paths.
-      batch_inputs (Batch): the step's images (``training.augment.Batch``).
+      batch_inputs (Batch): the step's images and labels.
       g (torch.Generator): the step's generator.
       config (TrainConfig): the run's settings.
       watch (Stopwatch): times the phases.
