@@ -213,15 +213,3 @@ def mask_to_png(mask: np.ndarray) -> str:
     buffer = io.BytesIO()
     Image.fromarray(np.ascontiguousarray(mask, dtype=bool)).save(buffer, format="PNG")
     return base64.b64encode(buffer.getvalue()).decode("ascii")
-
-
-def decode_segmentation(record: dict[str, Any]) -> np.ndarray:
-    """HxW bool mask from a record's ``segmentation`` (RLE) or ``png``: the client side."""
-    if "segmentation" in record:
-        rle = dict(record["segmentation"])
-        rle["counts"] = rle["counts"].encode("ascii")
-        return mask_utils.decode(rle).astype(bool)
-    if "png" in record:
-        image = Image.open(io.BytesIO(base64.b64decode(record["png"])))
-        return np.asarray(image.convert("L")) > 0
-    raise ValueError("record carries no mask (output was 'none')")
