@@ -352,24 +352,19 @@ def _classic(rng: np.random.Generator, kind: str, radius: float) -> np.ndarray:
 
 
 def _texture(
-    rng: np.random.Generator,
-    texture: str,
-    colour: np.ndarray,
-    dy: np.ndarray,
-    dx: np.ndarray,
-    radius: float,
+    rng: np.random.Generator, texture: str, colour: np.ndarray, pixels: synthetic.Pixels
 ) -> np.ndarray:
-    """The fill of n pixels at offsets (dy, dx) (each (n,) float32) from the object's centre.
+    """The fill of an object's n ``pixels`` (offsets from its centre).
 
     Arguments:
       texture (str): one of ``TRAIN_TEXTURES`` (``synthetic``'s fills) or ``HELDOUT_TEXTURES``.
       colour (np.ndarray): (3,) base RGB colour.
-      radius (float): the object's radius in pixels (sets the pattern's scale).
     Returns:
       (np.ndarray): (n, 3) uint8 RGB.
     """
+    dy, dx, radius = pixels.dy, pixels.dx, pixels.radius
     if texture in TRAIN_TEXTURES:
-        return synthetic._fill(rng, texture, colour, dy, dx, radius)
+        return synthetic._fill(rng, texture, colour, pixels)
     base = np.round(colour).astype(np.float32)
     other = np.clip(base + synthetic._random_direction(rng, rng.uniform(50.0, 110.0)), 0, 255)
     angle = rng.uniform(0.0, 2.0 * math.pi)
@@ -509,9 +504,7 @@ def make_scene(
     image = BACKGROUNDS[background](rng, height, width)
     cluster = "cell" in scenes.families and rng.random() < scenes.p_cluster
     target = int(rng.integers(3 if cluster else 1, scenes.max_objects + 1))
-    labels = np.zeros((height, width), np.uint8)
-    smallest = min_area(height, width)
-    areas = np.zeros(0, np.int64)
+    instances = synthetic.Instances(height, width, min_area(height, width))
     centres: list[tuple[float, float, float]] = []  # (cy, cx, radius) of each instance
     kinds: list[str] = []
     short = min(height, width)
@@ -532,34 +525,24 @@ def make_scene(
         else:
             cy, cx = rng.uniform(0.0, height), rng.uniform(0.0, width)
         placed = _paste(crop, cy, cx, height, width)
-        if placed is None:
+        window = instances.window(placed)
+        if window is None:
             continue
         y0, x0, mask = placed
-        area = int(np.count_nonzero(mask))
-        if area < smallest:
-            continue
-        window = (slice(y0, y0 + mask.shape[0]), slice(x0, x0 + mask.shape[1]))
-        label_crop, image_crop = labels[window], image[window]
-        lost = np.bincount(label_crop[mask], minlength=len(kinds) + 1)[1:]
-        if np.any(areas - lost < smallest):
-            continue
+        image_crop = image[window]
         colour = synthetic._choose_colour(rng, image_crop[::3, ::3].reshape(-1, 3).mean(axis=0))
         if family == "cell":
             image_crop[mask] = _cell_fill(rng, colour, mask, radius)
         else:
             texture = scenes.textures[int(rng.integers(len(scenes.textures)))]
-            ys, xs = np.nonzero(mask)
-            dy = ys.astype(np.float32) + np.float32(y0 - cy)
-            dx = xs.astype(np.float32) + np.float32(x0 - cx)
-            image_crop[mask] = _texture(rng, texture, colour, dy, dx, radius)
-        label_crop[mask] = len(kinds) + 1
-        areas = np.append(areas - lost, area)
+            pixels = synthetic.Pixels.of(mask, y0 - cy, x0 - cx, radius)
+            image_crop[mask] = _texture(rng, texture, colour, pixels)
+        instances.add(window, mask)
         centres.append((cy, cx, radius))
         kinds.append(family)
     if not kinds:
         raise RuntimeError(f"could not place any object in {height}x{width}")
-    ids = np.arange(1, len(kinds) + 1, dtype=np.uint8)
-    return Sample(image=image, masks=labels[None] == ids[:, None, None], kinds=tuple(kinds))
+    return Sample(image=image, masks=instances.masks(), kinds=tuple(kinds))
 
 
 def scenes_dataset(

@@ -337,19 +337,35 @@ def _choose_colour(rng: np.random.Generator, beneath: np.ndarray) -> np.ndarray:
     return candidates[int(np.argmax(distances))]
 
 
-def _fill(
-    rng: np.random.Generator,
-    texture: str,
-    colour: np.ndarray,
-    dy: np.ndarray,
-    dx: np.ndarray,
-    radius: float,
-) -> np.ndarray:
-    """The fill of n pixels at offsets (dy, dx) (n,) from the object's centre: (n, 3) uint8.
+@dataclass(frozen=True)
+class Pixels:
+    """An object's n pixels as offsets from its centre, which textures are drawn around.
+
+    Arguments:
+      dy, dx (np.ndarray): (n,) float32 offsets, down and right.
+      radius (float): the object's radius in pixels (sets a pattern's scale).
+    """
+
+    dy: np.ndarray
+    dx: np.ndarray
+    radius: float
+
+    @classmethod
+    def of(cls, mask: np.ndarray, top: float, left: float, radius: float) -> Pixels:
+        """The True pixels of an hxw bool ``mask`` whose top-left pixel lies ``top`` below
+        and ``left`` right of the object's centre (both negative inside it)."""
+        ys, xs = np.nonzero(mask)
+        dy = ys.astype(np.float32) + np.float32(top)
+        return cls(dy, xs.astype(np.float32) + np.float32(left), radius)
+
+
+def _fill(rng: np.random.Generator, texture: str, colour: np.ndarray, pixels: Pixels) -> np.ndarray:
+    """The fill of an object's n ``pixels``: (n, 3) uint8.
 
     flat: exactly `colour` (rounded); gradient: a linear ramp through `colour`; stripes: two
     alternating colours; noise: `colour` plus Gaussian noise.
     """
+    dy, dx, radius = pixels.dy, pixels.dx, pixels.radius
     base = np.round(colour).astype(np.float32)
     if texture == "flat":
         return np.broadcast_to(base.astype(np.uint8), (dy.size, 3))
@@ -376,6 +392,54 @@ def min_area(height: int, width: int) -> int:
     return max(MIN_AREA_PIXELS, math.ceil(MIN_AREA_FRACTION * height * width))
 
 
+class Instances:
+    """The label map of a scene being drawn, and each instance's visible area.
+
+    Arguments:
+      height, width (int): the scene's size.
+      smallest (int): the fewest visible pixels an instance may have.
+    """
+
+    def __init__(self, height: int, width: int, smallest: int) -> None:
+        self.labels = np.zeros((height, width), dtype=np.uint8)  # 0 background, k instance k - 1
+        self.areas = np.zeros(0, dtype=np.int64)
+        self.smallest = smallest
+
+    def __len__(self) -> int:
+        return len(self.areas)
+
+    def window(self, placed: tuple[int, int, np.ndarray] | None) -> tuple[slice, slice] | None:
+        """Where ``placed``, an hxw bool mask with its top-left at (y0, x0) as
+        ``(y0, x0, mask)``, would go; None for no placement, or when the mask is smaller than
+        ``smallest`` or would leave an instance already drawn fewer visible pixels than that
+        (it is then proposed elsewhere, never dropped later).
+        """
+        if placed is None:
+            return None
+        y0, x0, mask = placed
+        if int(np.count_nonzero(mask)) < self.smallest:
+            return None
+        window = (slice(y0, y0 + mask.shape[0]), slice(x0, x0 + mask.shape[1]))
+        if np.any(self.areas - self._covered(window, mask) < self.smallest):
+            return None
+        return window
+
+    def add(self, window: tuple[slice, slice], mask: np.ndarray) -> None:
+        """Label ``mask`` at ``window`` (from :meth:`window`) as the next instance."""
+        covered = self._covered(window, mask)
+        self.labels[window][mask] = len(self.areas) + 1
+        self.areas = np.append(self.areas - covered, int(np.count_nonzero(mask)))
+
+    def masks(self) -> np.ndarray:
+        """NxHxW bool, one mask per instance, in the order drawn."""
+        ids = np.arange(1, len(self.areas) + 1, dtype=np.uint8)
+        return self.labels[None, :, :] == ids[:, None, None]
+
+    def _covered(self, window: tuple[slice, slice], mask: np.ndarray) -> np.ndarray:
+        """Pixels of each instance so far that ``mask`` at ``window`` would cover."""
+        return np.bincount(self.labels[window][mask], minlength=len(self.areas) + 1)[1:]
+
+
 def _generate(
     rng: np.random.Generator, height: int, width: int, max_objects: int
 ) -> tuple[Sample, tuple[_Placed, ...]]:
@@ -392,9 +456,7 @@ def _generate(
         raise ValueError(f"max_objects must be in 1..255, got {max_objects}")
     target = int(rng.integers(1, max_objects + 1))
     image = _background(rng, height, width)
-    labels = np.zeros((height, width), dtype=np.uint8)  # 0 background, k instance k - 1
-    smallest = min_area(height, width)
-    areas = np.zeros(0, dtype=np.int64)
+    instances = Instances(height, width, min_area(height, width))
     placed: list[_Placed] = []
     for attempt in range(_MAX_ATTEMPTS):
         if len(placed) == target or (placed and attempt >= 8 * target + 20):
@@ -402,34 +464,23 @@ def _generate(
         kind = KINDS[int(rng.integers(len(KINDS)))]
         geometry = _propose_geometry(rng, kind, height, width, [p.geometry for p in placed])
         raster = _rasterise(geometry, height, width)
-        if raster is None:
+        window = instances.window(raster)
+        if window is None:
             continue
         y0, x0, mask = raster
-        area = int(np.count_nonzero(mask))
-        if area < smallest:
-            continue
-        crop = (slice(y0, y0 + mask.shape[0]), slice(x0, x0 + mask.shape[1]))
-        label_crop, image_crop = labels[crop], image[crop]
-        lost = np.bincount(label_crop[mask], minlength=len(placed) + 1)[1:]
-        if np.any(areas - lost < smallest):
-            continue
+        image_crop = image[window]
         beneath = image_crop[::3, ::3].reshape(-1, 3).mean(axis=0)
         colour = _choose_colour(rng, beneath)
         texture = TEXTURES[int(rng.choice(len(TEXTURES), p=[0.4, 0.25, 0.15, 0.2]))]
-        ys, xs = np.nonzero(mask)
-        dy = ys.astype(np.float32) + np.float32(y0 - geometry.cy)
-        dx = xs.astype(np.float32) + np.float32(x0 - geometry.cx)
-        image_crop[mask] = _fill(rng, texture, colour, dy, dx, geometry.radius)
-        label_crop[mask] = len(placed) + 1
-        areas = np.append(areas - lost, area)
+        pixels = Pixels.of(mask, y0 - geometry.cy, x0 - geometry.cx, geometry.radius)
+        image_crop[mask] = _fill(rng, texture, colour, pixels)
+        instances.add(window, mask)
         rgb = tuple(int(c) for c in np.round(colour))
         placed.append(_Placed(geometry, texture, (rgb[0], rgb[1], rgb[2])))
     if not placed:
         raise RuntimeError(f"could not place any object in {height}x{width}")
-    ids = np.arange(1, len(placed) + 1, dtype=np.uint8)
-    masks = labels[None, :, :] == ids[:, None, None]
     kinds = tuple(p.geometry.kind for p in placed)
-    return Sample(image=image, masks=masks, kinds=kinds), tuple(placed)
+    return Sample(image=image, masks=instances.masks(), kinds=kinds), tuple(placed)
 
 
 def make_sample(rng: np.random.Generator, height: int, width: int, max_objects: int = 6) -> Sample:
