@@ -48,9 +48,9 @@ run)
     checkpoint=training/runs/$RUN/checkpoint.pth
     if [ -f "$checkpoint" ]; then
         "$PYTHON" scripts/train.py --resume "$checkpoint" --minutes "${MINUTES:-7}" \
-            --device cuda --compile false "$@" 2>&1 | tee "$OUT/train.log"
+            --device "${DEVICE:-cuda}" --compile false "$@" 2>&1 | tee "$OUT/train.log"
     else
-        "$PYTHON" scripts/train.py --run "$RUN" --minutes "${MINUTES:-7}" --device cuda \
+        "$PYTHON" scripts/train.py --run "$RUN" --minutes "${MINUTES:-7}" --device "${DEVICE:-cuda}" \
             --images-per-step 32 --prompts-per-image 16 --total-steps "${TOTAL_STEPS:-6000}" \
             --autocast all "$@" 2>&1 | tee "$OUT/train.log"
     fi
