@@ -149,12 +149,12 @@ class SegmentService:
         for index, job in jobs.items():
             with _replying(replies, index):
                 if job.request.everything is not None:
-                    replies[index] = self._reply(self._segment_everything(job))
+                    replies[index] = Reply(200, self._segment_everything(job))
                 else:
                     planned[index] = (job, self._parts(job))
         for index, done in self._decode_batch(planned):
             with _replying(replies, index), closing(done):
-                replies[index] = self._reply(self._results(planned[index][0], done))
+                replies[index] = Reply(200, self._results(planned[index][0], done))
         if self.engine.encoder_runs != encoder_runs:
             release_freed_memory()
         return [self._bounded(reply, index) for index, reply in enumerate(replies)]
@@ -251,12 +251,6 @@ class SegmentService:
             if not _needs_image(job.request):
                 job.image = None
         return failures
-
-    def _reply(self, body: dict[str, Any]) -> Reply:
-        """A 200 reply of ``body``, checked against ``max_response_bytes``."""
-        reply = Reply(200, body)
-        self._check_response_size(len(reply.encode()))
-        return reply
 
     def _parts(self, job: _Job) -> list[list[Prompt]]:
         """The job's prompts, checked against its image, in parts of one decoder call."""
