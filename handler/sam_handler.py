@@ -16,8 +16,8 @@ import torch
 from ts.torch_handler.base_handler import BaseHandler
 
 from samserve import matmul
-from samserve.engine import keep_freed_memory, openmp_spin_warning
 from samserve.models import SamSpec, build_sam
+from samserve.process import keep_freed_memory, openmp_spin_warning, release_freed_memory
 from samserve.service import Reply, SegmentService
 from samserve.settings import Settings
 
@@ -54,6 +54,9 @@ class SamHandler(BaseHandler):
         checkpoint = manifest["model"].get("serializedFile")
         sam = build_sam(spec, model_dir / checkpoint if checkpoint else None).to(self.device)
         self.service = SegmentService.for_model(sam, settings)
+        # Loading the checkpoint freed a copy of its weights into the heap, which keeps
+        # freed blocks: the worker would hold that copy until its first encoder run.
+        release_freed_memory()
         self.model = sam
         self.manifest = manifest
         self.initialized = True

@@ -247,7 +247,7 @@ from concurrent.futures import ThreadPoolExecutor
 torch.set_num_threads(1)
 from segment_anything.modeling import MaskDecoder, TwoWayTransformer
 from samserve.decoder import predict_masks
-from samserve.engine import keep_freed_memory
+from samserve.process import keep_freed_memory
 if sys.argv[1] == "keep":
     keep_freed_memory()
 transformer = TwoWayTransformer(depth=2, embedding_dim=256, mlp_dim=2048, num_heads=8)
@@ -294,7 +294,8 @@ def test_warm_decoder_calls_reuse_freed_memory_instead_of_faulting_it_in(where):
 
 _CHECKPOINT_HELD = """
 import sys
-from samserve.engine import SamEngine, keep_freed_memory
+from samserve.engine import SamEngine
+from samserve.process import keep_freed_memory, release_freed_memory
 keep_freed_memory()  # as the handler does, before it builds the model
 from samserve.models import build_sam, spec_by_name
 from samserve.upscale import compile_mask_pass
@@ -307,6 +308,7 @@ def anonymous_kib():  # the heap's resident pages; code pages of torch fault in 
 model = build_sam(spec_by_name("sam_small"), sys.argv[1])
 loaded = anonymous_kib()
 SamEngine(model)
+release_freed_memory()  # as the handler does, once the service is built
 print(loaded - anonymous_kib())
 """
 
@@ -316,7 +318,7 @@ def test_engine_gives_back_the_checkpoint_the_model_was_loaded_from(tmp_path):
     """The checkpoint's tensors are freed once the model holds its weights, but the heap
     keeps freed blocks (keep_freed_memory): without handing them back, a worker holds a
     second copy of its weights until its first encoder run (measured: 1,400 instead of
-    1,040 MiB RSS for vit_b). Building the engine hands them back."""
+    1,040 MiB RSS for vit_b). The handler hands them back once its service is built."""
     from samserve.models import random_checkpoint, spec_by_name
 
     checkpoint = tmp_path / "sam_small.pth"
@@ -329,7 +331,7 @@ def test_engine_gives_back_the_checkpoint_the_model_was_loaded_from(tmp_path):
 
 
 def test_openmp_spin_warning_only_without_a_wait_policy():
-    from samserve.engine import openmp_spin_warning
+    from samserve.process import openmp_spin_warning
 
     warning = openmp_spin_warning({"PATH": "/usr/bin"})
     assert warning and "GOMP_SPINCOUNT=20000" in warning

@@ -20,18 +20,12 @@ import torch
 from segment_anything.modeling import Sam
 
 from . import matmul
-from .engine import (
-    MIB,
-    ImageEmbedding,
-    Prompt,
-    SamEngine,
-    StoredLogits,
-    release_freed_memory,
-)
+from .engine import ImageEmbedding, Prompt, SamEngine, StoredLogits
 from .errors import RequestError, quote
 from .everything import EverythingLimits, plan_everything, segment_everything
 from .images import decode_image, image_id_of
 from .masks import Mapper, encode_mask_groups
+from .process import MIB, release_freed_memory
 from .protocol import Limits, PromptRequest, SegmentRequest, parse_request
 from .settings import Settings
 
