@@ -5,6 +5,8 @@ run ``SamPredictor.set_image`` (the ViT image encoder), then ``predict`` each pr
 Nothing is cached, so every click pays for the encoder. It speaks the samserve request
 format (``image`` + ``prompts``; ``image_id`` alone is not supported) and answers with
 the same mask records, so ``scripts/bench.py`` can time both servers with one client.
+Its masks are dense, as ``predict`` returns them, and pycocotools encodes them as most
+handlers do (``mask_records``); the server makes its masks as runs instead.
 
 Built into an archive by ``build_mar.build_archive(..., handler=NAIVE_HANDLER)``; it
 reads ``spec`` and ``torch_threads`` from the archive's ``model-config.yaml``.
@@ -18,13 +20,15 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from pycocotools import mask as mask_utils
 from segment_anything import SamPredictor
 from ts.torch_handler.base_handler import BaseHandler
 
 from samserve.errors import RequestError
 from samserve.images import decode_image
-from samserve.masks import encode_masks
+from samserve.masks import mask_to_png
 from samserve.models import SamSpec, build_sam
 from samserve.protocol import Limits, SegmentRequest, parse_request
 from samserve.settings import Settings
@@ -94,7 +98,7 @@ class NaiveSamHandler(BaseHandler):
             )  # CxHxW bool masks in the original frame, C scores
             timing["decoder"] += _ms_since(tic)
             tic = time.perf_counter()
-            results.append({"masks": encode_masks(masks, scores, request.output)})
+            results.append({"masks": mask_records(masks, scores, request.output)})
             timing["encode_masks"] += _ms_since(tic)
         timing["total"] = _ms_since(started)
         height, width = image.shape[:2]
@@ -105,6 +109,41 @@ class NaiveSamHandler(BaseHandler):
             "results": results,
             "timing_ms": {k: round(v, 2) for k, v in timing.items()},
         }
+
+
+def mask_records(masks: np.ndarray, scores: np.ndarray, output: str) -> list[dict[str, Any]]:
+    """Mask records, as samserve sends them, of one prompt's dense masks.
+
+    Arguments:
+      masks (np.ndarray): CxHxW bool masks in the original frame (``SamPredictor.predict``).
+      scores (np.ndarray): their C predicted IoUs.
+      output (str): ``rle``, ``png`` or ``none`` (``parse_request`` checked it).
+
+    Returns:
+      (list(dict)): C records, best score first (ties in input order): ``score``,
+        ``area`` and ``bbox`` ([x, y, w, h], integer pixels), plus ``segmentation``
+        (``{"size": [H, W], "counts": str}``) for ``rle`` or ``png`` (base64 1-bit PNG)
+        for ``png``, as ``samserve.masks.encode_masks`` writes them.
+    """
+    records = []
+    for index in np.argsort(-np.asarray(scores), kind="stable"):
+        mask = masks[index]
+        # pycocotools reads masks column by column: Fortran-order uint8, as it asks.
+        rle = mask_utils.encode(np.asfortranarray(mask, dtype=np.uint8))
+        record: dict[str, Any] = {
+            "score": float(scores[index]),
+            "area": int(mask_utils.area(rle)),
+            "bbox": [int(v) for v in mask_utils.toBbox(rle)],
+        }
+        if output == "rle":
+            record["segmentation"] = {
+                "size": [int(s) for s in rle["size"]],
+                "counts": rle["counts"].decode("ascii"),
+            }
+        elif output == "png":
+            record["png"] = mask_to_png(mask)
+        records.append(record)
+    return records
 
 
 def _ms_since(tic: float) -> float:

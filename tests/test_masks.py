@@ -1,4 +1,9 @@
-"""Tests for samserve.masks with real pycocotools and Pillow."""
+"""Tests for samserve.masks with real pycocotools and Pillow.
+
+The server's masks are ``MaskRuns`` (``samserve.upscale`` finds their runs); here they
+are made from dense masks (``runs_of``), so that each record can be checked against what
+pycocotools and Pillow make of the same pixels.
+"""
 
 from __future__ import annotations
 
@@ -17,7 +22,6 @@ from samclient.masks import decode_segmentation
 from samserve.masks import (
     OUTPUT_FORMATS,
     MaskRuns,
-    MaskWindow,
     encode_mask_groups,
     encode_masks,
     mask_to_png,
@@ -44,10 +48,22 @@ def coco_rle(mask: np.ndarray) -> dict:
     return mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
 
 
+def runs_of(mask: np.ndarray) -> MaskRuns:
+    """``MaskRuns`` of an HxW bool mask: its column-major run lengths, found by numpy, and
+    its box and area as pycocotools gives them."""
+    box = [int(v) for v in mask_utils.toBbox(coco_rle(mask))]
+    return MaskRuns.of_runs(column_runs(mask), mask.shape, box, int(mask.sum()))
+
+
+def as_runs(masks: np.ndarray) -> list[MaskRuns]:
+    """``runs_of`` each mask of a CxHxW bool array."""
+    return [runs_of(mask) for mask in masks]
+
+
 @pytest.mark.parametrize("output", OUTPUT_FORMATS)
 def test_records_are_sorted_by_score_descending(output):
     masks, scores = three_masks()
-    records = encode_masks(masks, scores, output)
+    records = encode_masks(as_runs(masks), scores, output)
     assert len(records) == 3
     got = [r["score"] for r in records]
     assert got == sorted(got, reverse=True)
@@ -58,7 +74,7 @@ def test_records_are_sorted_by_score_descending(output):
 @pytest.mark.parametrize("output", ["rle", "png"])
 def test_each_mask_travels_with_its_own_score(output):
     masks, scores = three_masks()
-    records = encode_masks(masks, scores, output)
+    records = encode_masks(as_runs(masks), scores, output)
     for record, index in zip(records, EXPECTED_ORDER, strict=True):
         assert record["score"] == pytest.approx(float(scores[index]))
         decoded = decode_segmentation(record)
@@ -69,7 +85,7 @@ def test_each_mask_travels_with_its_own_score(output):
 
 def test_rle_is_exactly_what_pycocotools_writes_with_string_counts():
     masks, scores = three_masks()
-    records = encode_masks(masks, scores, "rle")
+    records = encode_masks(as_runs(masks), scores, "rle")
     for record, index in zip(records, EXPECTED_ORDER, strict=True):
         expected = coco_rle(masks[index])
         segmentation = record["segmentation"]
@@ -85,7 +101,7 @@ def test_rle_is_exactly_what_pycocotools_writes_with_string_counts():
 
 def test_area_and_bbox_of_known_shapes():
     masks, scores = three_masks()
-    records = {round(r["score"], 1): r for r in encode_masks(masks, scores, "none")}
+    records = {round(r["score"], 1): r for r in encode_masks(as_runs(masks), scores, "none")}
     rectangle, pixel, ell = records[0.2], records[0.9], records[0.5]
     assert rectangle["area"] == 15
     assert rectangle["bbox"] == [2, 1, 5, 3]
@@ -102,7 +118,7 @@ def test_area_and_bbox_of_known_shapes():
 def test_empty_and_full_masks(output):
     masks = np.zeros((2, H, W), dtype=bool)
     masks[1] = True
-    empty, full = encode_masks(masks, np.array([0.7, 0.3]), output)
+    empty, full = encode_masks(as_runs(masks), np.array([0.7, 0.3]), output)
     assert empty["score"] == pytest.approx(0.7)
     assert empty["area"] == 0
     assert empty["bbox"] == [0, 0, 0, 0]
@@ -115,19 +131,22 @@ def test_empty_and_full_masks(output):
 
 def test_none_output_carries_no_mask_data():
     masks, scores = three_masks()
-    records = encode_masks(masks, scores, "none")
+    records = encode_masks(as_runs(masks), scores, "none")
     for record in records:
         assert set(record) == {"score", "area", "bbox"}
         with pytest.raises(ValueError):
             decode_segmentation(record)
     assert [r["area"] for r in records] == [int(masks[i].sum()) for i in EXPECTED_ORDER]
+    # The server makes masks for 'none' without their RLE: the records are the same.
+    box_only = [MaskRuns(None, run.size, run.bbox, run.area) for run in as_runs(masks)]
+    assert encode_masks(box_only, scores, "none") == records
 
 
 def test_output_formats_carry_the_right_key_only():
     masks, scores = three_masks()
-    for record in encode_masks(masks, scores, "rle"):
+    for record in encode_masks(as_runs(masks), scores, "rle"):
         assert "segmentation" in record and "png" not in record
-    for record in encode_masks(masks, scores, "png"):
+    for record in encode_masks(as_runs(masks), scores, "png"):
         assert "png" in record and "segmentation" not in record
 
 
@@ -135,19 +154,19 @@ def test_output_formats_carry_the_right_key_only():
 def test_invalid_output_raises_value_error(output):
     masks, scores = three_masks()
     with pytest.raises(ValueError, match="output"):
-        encode_masks(masks, scores, output)
+        encode_masks(as_runs(masks), scores, output)
 
 
 @pytest.mark.parametrize("output", OUTPUT_FORMATS)
 def test_records_are_json_serialisable(output):
     masks, scores = three_masks()
-    records = encode_masks(masks, scores, output)
+    records = encode_masks(as_runs(masks), scores, output)
     assert json.loads(json.dumps(records)) == records
 
 
 def test_default_output_is_rle():
     masks, scores = three_masks()
-    assert encode_masks(masks, scores) == encode_masks(masks, scores, "rle")
+    assert encode_masks(as_runs(masks), scores) == encode_masks(as_runs(masks), scores, "rle")
 
 
 def test_equal_scores_keep_input_order():
@@ -158,7 +177,7 @@ def test_equal_scores_keep_input_order():
     masks[np.arange(count), np.arange(count)] = True
     masks = masks.reshape(count, H, W)
     scores = np.array([0.1, 0.9, 0.5, 0.3] * 10, dtype=np.float32)
-    records = encode_masks(masks, scores, "rle")
+    records = encode_masks(as_runs(masks), scores, "rle")
     expected = sorted(range(count), key=lambda i: -scores[i])  # Python's sort is stable
     got = [int(np.flatnonzero(decode_segmentation(r))[0]) for r in records]
     assert got == expected
@@ -167,22 +186,22 @@ def test_equal_scores_keep_input_order():
 def test_single_mask_and_no_masks():
     mask = np.zeros((1, H, W), dtype=bool)
     mask[0, 2:4, 5:8] = True
-    (record,) = encode_masks(mask, np.array([0.42], dtype=np.float32), "rle")
+    (record,) = encode_masks(as_runs(mask), np.array([0.42], dtype=np.float32), "rle")
     assert record["area"] == 6 and record["bbox"] == [5, 2, 3, 2]
     np.testing.assert_array_equal(decode_segmentation(record), mask[0])
-    assert encode_masks(np.zeros((0, H, W), dtype=bool), np.zeros(0), "rle") == []
+    assert encode_masks([], np.zeros(0), "rle") == []
 
 
 def test_tall_image_keeps_orientation():
     tall = np.zeros((1, 40, 3), dtype=bool)  # H=40, W=3
     tall[0, 35:, 0] = True
     for output in ("rle", "png"):
-        (record,) = encode_masks(tall, np.array([1.0]), output)
+        (record,) = encode_masks(as_runs(tall), np.array([1.0]), output)
         decoded = decode_segmentation(record)
         assert decoded.shape == (40, 3)
         np.testing.assert_array_equal(decoded, tall[0])
         assert record["bbox"] == [0, 35, 1, 5]
-    (record,) = encode_masks(tall, np.array([1.0]), "rle")
+    (record,) = encode_masks(as_runs(tall), np.array([1.0]), "rle")
     assert record["segmentation"]["size"] == [40, 3]
 
 
@@ -192,7 +211,7 @@ def test_random_masks_roundtrip_exactly():
     scores = rng.random(4)
     order = np.argsort(-scores)
     for output in ("rle", "png"):
-        records = encode_masks(masks, scores, output)
+        records = encode_masks(as_runs(masks), scores, output)
         for record, index in zip(records, order, strict=True):
             np.testing.assert_array_equal(decode_segmentation(record), masks[index])
             assert record["area"] == int(masks[index].sum())
@@ -220,46 +239,6 @@ def test_mask_to_png_accepts_non_bool_zero_one_masks():
     np.testing.assert_array_equal(decoded, mask.astype(bool))
 
 
-@pytest.mark.parametrize("density", [0.0, 0.01, 0.3, 0.9, 1.0])
-@pytest.mark.parametrize("shape", [(17, 31), (1, 1), (40, 3), (3, 40), (25, 160)])
-def test_mask_window_rle_is_what_pycocotools_encodes(shape, density):
-    rng = np.random.default_rng(int(density * 100) + shape[0])
-    for trial in range(20):
-        mask = rng.random(shape) < density
-        if trial % 4 == 1:  # runs that cross column ends: full-height columns
-            mask[:, shape[1] // 2 :] = True
-        if trial % 4 == 2:
-            mask[-1, -1] = True  # the last pixel
-        if trial % 4 == 3:  # a narrow window: runs found in the window, not by pycocotools
-            mask[:, : shape[1] // 2] = False
-            mask[:, shape[1] // 2 + 2 :] = False
-        window = MaskWindow.of(mask)
-        assert window.rle() == coco_rle(mask)
-        np.testing.assert_array_equal(window.dense(), mask)
-        assert window.window.sum() == mask.sum()
-        column_major = MaskWindow.of(np.asfortranarray(mask))  # read without transposing
-        assert column_major.rle() == coco_rle(mask)
-        np.testing.assert_array_equal(column_major.dense(), mask)
-
-
-def test_mask_window_is_tight_and_placed():
-    mask = np.zeros((50, 60), dtype=bool)
-    mask[10:20, 30:33] = True
-    mask[15, 45] = True
-    window = MaskWindow.of(mask)
-    assert (window.top, window.left, window.window.shape) == (10, 30, (10, 16))
-    (record,) = encode_masks([window], np.array([0.5]), "rle")
-    assert record["bbox"] == [30, 10, 16, 10] and record["area"] == 31
-    np.testing.assert_array_equal(decode_segmentation(record), mask)
-
-
-def test_mask_window_keeps_no_view_of_the_callers_mask():
-    mask = np.ones((6, 5), dtype=bool)
-    window = MaskWindow.of(mask)
-    mask[:] = False
-    assert window.window.all() and window.rle() == coco_rle(np.ones((6, 5), dtype=bool))
-
-
 @pytest.mark.parametrize("output", OUTPUT_FORMATS)
 def test_groups_encode_as_each_alone_whatever_the_map(output):
     rng = np.random.default_rng(5)
@@ -267,8 +246,7 @@ def test_groups_encode_as_each_alone_whatever_the_map(output):
     for count in (3, 1, 0, 3):
         masks = rng.random((count, 30, 41)) < rng.random((count, 1, 1))
         scores = rng.random(count).astype(np.float32)
-        # Both kinds of input: CxHxW arrays and windows (as the engine makes them).
-        groups.append((masks if count != 1 else [MaskWindow.of(m) for m in masks], scores))
+        groups.append((as_runs(masks), scores))
     expected = [encode_masks(masks, scores, output) for masks, scores in groups]
     assert encode_mask_groups(groups, output) == expected
     with ThreadPoolExecutor(3) as pool:
@@ -277,42 +255,40 @@ def test_groups_encode_as_each_alone_whatever_the_map(output):
         encode_mask_groups(groups, "jpeg")
 
 
-def runs_of(mask: np.ndarray) -> MaskRuns:
-    """``MaskRuns`` of an HxW bool mask: its column-major run lengths, found by numpy."""
-    box = [int(v) for v in mask_utils.toBbox(coco_rle(mask))]
-    return MaskRuns.of_runs(column_runs(mask), mask.shape, box, int(mask.sum()))
-
-
 @pytest.mark.parametrize("output", OUTPUT_FORMATS)
-def test_mask_runs_encode_as_their_pixels(output):
-    """Records of masks given as runs (as ``upscale`` makes them) are those of the same
-    masks given as pixels: RLE, PNG, area and box."""
-    rng = np.random.default_rng(8)
-    masks = rng.random((5, 30, 41)) < rng.random((5, 1, 1))
+@pytest.mark.parametrize("shape", [(30, 41), (1, 1), (40, 3), (3, 40)])
+def test_records_of_runs_are_what_pycocotools_and_pillow_make_of_the_pixels(output, shape):
+    """Each record of a mask given as runs (as ``upscale`` makes them) carries the RLE
+    pycocotools encodes, and the PNG Pillow writes, of the same mask's pixels."""
+    rng = np.random.default_rng(8 + shape[0])
+    masks = rng.random((6, *shape)) < rng.random((6, 1, 1))
     masks[0] = False
     masks[1] = True
-    masks[2, :, :] = False
+    masks[2] = False
     masks[2, -1, -1] = True  # only the last pixel
-    scores = rng.random(5).astype(np.float32)
-    runs = [runs_of(mask) for mask in masks]
-    assert encode_masks(runs, scores, output) == encode_masks(masks, scores, output)
-    for run, mask in zip(runs, masks):
+    masks[3, :, shape[1] // 2 :] = True  # runs across column ends: full-height columns
+    scores = rng.random(6).astype(np.float32)
+    runs = as_runs(masks)
+    records = encode_masks(runs, scores, output)
+    for record, index in zip(records, np.argsort(-scores, kind="stable"), strict=True):
+        mask = masks[index]
+        coco = coco_rle(mask)
+        assert record["area"] == int(mask_utils.area(coco))
+        assert record["bbox"] == [int(v) for v in mask_utils.toBbox(coco)]
+        if output == "rle":
+            assert record["segmentation"] == {
+                "size": list(shape),
+                "counts": coco["counts"].decode("ascii"),
+            }
+        if output == "png":
+            assert record["png"] == mask_to_png(mask)
+    for run, mask in zip(runs, masks, strict=True):
         np.testing.assert_array_equal(run.dense(), mask)
+
+
+def test_empty_mask_runs():
     assert MaskRuns.empty((30, 41)).rle() == coco_rle(np.zeros((30, 41), dtype=bool))
     assert MaskRuns.empty((30, 41), rle=False).counts is None
-
-
-def test_window_of_a_mask_set_on_all_four_edges_keeps_it_whole():
-    mask = np.zeros((30, 40), dtype=bool, order="F")
-    mask[0, 5] = mask[29, 7] = mask[12, 0] = mask[3, 39] = True
-    window = MaskWindow.of(mask)
-    assert window.window.shape == mask.shape and window.window.flags.f_contiguous
-    assert not np.shares_memory(window.window, mask)
-    assert (window.top, window.left, window.size) == (0, 0, (30, 40))
-    np.testing.assert_array_equal(window.dense(), mask)
-    for edge in ((0, 5), (29, 7), (12, 0), (3, 39)):  # one edge empty: cropped
-        partial = mask.copy(order="F")
-        partial[edge] = False
-        cropped = MaskWindow.of(partial)
-        assert cropped.window.shape != mask.shape and cropped.window.flags.f_contiguous
-        np.testing.assert_array_equal(cropped.dense(), partial)
+    (record,) = encode_masks([MaskRuns.empty((30, 41))], np.array([0.5]), "rle")
+    assert record["area"] == 0 and record["bbox"] == [0, 0, 0, 0]
+    assert not decode_segmentation(record).any()

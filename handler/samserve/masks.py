@@ -1,4 +1,9 @@
-"""Encode binary masks for the wire: COCO RLE (pycocotools), PNG, or none."""
+"""Mask records for the wire: COCO RLE (pycocotools), PNG, or none.
+
+The server makes its full-size masks as their runs, never as pixels (``MaskRuns``, found
+by ``samserve.upscale``); a mask's RLE is then its compressed runs, and only PNG output
+decodes it to pixels.
+"""
 
 from __future__ import annotations
 
@@ -12,94 +17,9 @@ import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from .rle import encode_rle, rle_of_counts
+from .rle import rle_of_counts
 
 OUTPUT_FORMATS = ("rle", "png", "none")
-
-
-@dataclass(frozen=True)
-class MaskWindow:
-    """An HxW bool mask kept as the window that holds its set pixels.
-
-    ``window`` is an hxw bool array whose top-left pixel is (``top``, ``left``) of the
-    full mask; every pixel outside it is False. ``size`` is (H, W). Masks of small
-    objects in large images stay small, and so does the work of encoding them. A window
-    may be column-major (Fortran order): COCO RLE reads masks column by column, and such
-    windows reach pycocotools without a transposing copy. (Masks made from low-res
-    logits never exist as pixels: ``MaskRuns``.)
-    """
-
-    window: np.ndarray
-    top: int
-    left: int
-    size: tuple[int, int]
-
-    @classmethod
-    def empty(cls, size: tuple[int, int]) -> MaskWindow:
-        """A mask of ``size`` with no pixel set."""
-        return cls(np.zeros((0, 0), dtype=bool), 0, 0, (int(size[0]), int(size[1])))
-
-    @classmethod
-    def of(cls, mask: np.ndarray) -> MaskWindow:
-        """The tight window of a full HxW bool (or 0/1) mask, in its memory order; a copy:
-        later changes to ``mask`` stay out."""
-        mask = np.asarray(mask, dtype=bool)
-        size = (int(mask.shape[0]), int(mask.shape[1]))
-        if mask.size and all(edge.any() for edge in (mask[0], mask[-1], mask[:, 0], mask[:, -1])):
-            return cls(mask.copy(order="K"), 0, 0, size)  # tight already: no pass over it all
-        rows = np.flatnonzero(mask.any(axis=1))
-        if len(rows) == 0:
-            return cls.empty(size)
-        cols = np.flatnonzero(mask.any(axis=0))
-        window = mask[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1].copy(order="K")
-        return cls(window, int(rows[0]), int(cols[0]), size)
-
-    @property
-    def area(self) -> int:
-        """Pixels set."""
-        return int(np.count_nonzero(self.window))
-
-    @property
-    def bbox(self) -> list[int]:
-        """[x, y, w, h] of the set pixels (integer pixels); [0, 0, 0, 0] if none."""
-        if not self.window.size:
-            return [0] * 4
-        return [self.left, self.top, *self.window.shape[::-1]]
-
-    def dense(self) -> np.ndarray:
-        """The full HxW bool mask (column-major: the order COCO RLE reads)."""
-        mask = np.zeros(self.size, dtype=bool, order="F")
-        height, width = self.window.shape
-        mask[self.top : self.top + height, self.left : self.left + width] = self.window
-        return mask
-
-    def rle(self) -> dict[str, Any]:
-        """COCO RLE (compressed, as ``pycocotools.mask.encode`` returns it) of the full mask.
-
-        Small windows: runs are found in the window only (column-major transitions,
-        placed at their offsets in the full frame) and pycocotools compresses the counts
-        (``rle_of_counts``).
-        Windows over a quarter of the frame: pycocotools' own pass over the full mask is
-        faster (and runs without the GIL, ``samserve.rle``).
-        """
-        height, width = self.size
-        rows, cols = self.window.shape
-        if 4 * rows * cols > height * width:
-            return encode_rle(self.window if self.window.shape == self.size else self.dense())
-        columns = np.zeros((cols, rows + 2), dtype=bool)  # window columns, padded above/below
-        columns[:, 1:-1] = self.window.T
-        change = np.flatnonzero(columns[:, 1:] != columns[:, :-1])
-        col, row = np.divmod(change, rows + 1)
-        starts = (self.left + col) * height + self.top + row
-        if rows == height:
-            # A run that leaves the bottom of one column and enters the top of the next
-            # is one run in column-major order: its end and start coincide and cancel.
-            starts, repeats = np.unique(starts, return_counts=True)
-            starts = starts[repeats % 2 == 1]
-        counts = np.diff(np.concatenate(([0], starts, [height * width])))
-        if len(counts) > 1 and counts[-1] == 0:  # the mask ends on the last pixel
-            counts = counts[:-1]
-        return rle_of_counts(counts, self.size)
 
 
 @dataclass(frozen=True)
@@ -145,21 +65,17 @@ class MaskRuns:
         return mask_utils.decode(self.rle()).view(bool)
 
 
-Mask = MaskWindow | MaskRuns
-"""A mask as ``encode_masks`` takes it."""
-
 Mapper = Callable[[Callable[[Any], Any], Iterable[Any]], Iterator[Any]]
 """``map`` or its like (``ThreadPoolExecutor.map``): results in the order of the items."""
 
 
 def encode_masks(
-    masks: Sequence[Mask] | np.ndarray, scores: np.ndarray, output: str = "rle"
+    masks: Sequence[MaskRuns], scores: np.ndarray, output: str = "rle"
 ) -> list[dict[str, Any]]:
     """Mask records, as the protocol sends them, for one prompt's masks.
 
     Arguments:
-      masks (Sequence(Mask) or np.ndarray): C masks of HxW, each a ``Mask``, or a
-        CxHxW bool array.
+      masks (Sequence(MaskRuns)): C masks of HxW.
       scores (np.ndarray): their C predicted IoUs.
       output (str): ``rle``, ``png`` or ``none``.
 
@@ -173,19 +89,17 @@ def encode_masks(
 
 
 def encode_mask_groups(
-    groups: Sequence[tuple[Sequence[Mask] | np.ndarray, np.ndarray]],
+    groups: Sequence[tuple[Sequence[MaskRuns], np.ndarray]],
     output: str = "rle",
     map_fn: Mapper = map,
 ) -> list[list[dict[str, Any]]]:
     """``encode_masks`` of several prompts' (masks, scores) at once: one ``map_fn`` over
-    every mask of every group, so that a pool's threads share all of them (RLE and PNG
-    encoding release the GIL)."""
+    every mask of every group, so that a pool's threads share all of them (Pillow's PNG
+    encoder releases the GIL)."""
     if output not in OUTPUT_FORMATS:
         raise ValueError(f"output must be one of {OUTPUT_FORMATS}, got {output!r}")
     jobs = []
     for group, (masks, scores) in enumerate(groups):
-        if isinstance(masks, np.ndarray):
-            masks = [MaskWindow.of(mask) for mask in masks]
         for index in np.argsort(-np.asarray(scores), kind="stable"):
             jobs.append((group, masks[index], float(scores[index])))
     records: list[list[dict[str, Any]]] = [[] for _ in groups]
@@ -194,7 +108,7 @@ def encode_mask_groups(
     return records
 
 
-def _record(mask: Mask, score: float, output: str) -> dict[str, Any]:
+def _record(mask: MaskRuns, score: float, output: str) -> dict[str, Any]:
     """One mask's record (see ``encode_masks``)."""
     record: dict[str, Any] = {"score": score, "area": mask.area, "bbox": mask.bbox}
     if output == "rle":

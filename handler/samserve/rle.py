@@ -1,14 +1,12 @@
-"""COCO RLE by pycocotools' own C functions, called without the GIL.
+"""COCO RLE's compressed counts by pycocotools' own C function, called without the GIL.
 
-``pycocotools.mask.encode`` runs its C encoder (``rleEncode`` and ``rleToString`` of the
-COCO API's ``maskApi.c``) while holding the GIL, so masks encoded in several threads take
-turns, and one click's three masks use one core of many. The same two functions are
-exported by pycocotools' extension
-module; called through ``ctypes`` (which releases the GIL for the call) they give the
-same bytes, and masks can be encoded side by side. Masks made as run lengths
-(``samserve.upscale``) go to ``rleToString`` the same way. Where the
-symbols are not found (an unusual build of pycocotools), the functions here call
-``pycocotools.mask`` itself.
+Masks made as run lengths (``samserve.upscale``) need only their counts compressed:
+``rleToString`` of the COCO API's ``maskApi.c``, which pycocotools' extension module
+exports. Its Python API holds the GIL while it runs C code, so masks compressed in
+several threads would take turns; called through ``ctypes`` (which releases the GIL for
+the call), the same function gives the same bytes, and masks are compressed side by
+side. Where the symbol is not found (an unusual build of pycocotools), ``rle_of_counts``
+calls ``pycocotools.mask`` itself.
 """
 
 from __future__ import annotations
@@ -38,13 +36,8 @@ def _load_coco_api() -> tuple[Any, Any] | None:
     try:
         api = ctypes.CDLL(coco_c.__file__)
         libc = ctypes.CDLL(ctypes.util.find_library("c"))
-        rle_p, size = ctypes.POINTER(_Rle), ctypes.c_size_t
-        api.rleEncode.argtypes = [rle_p, ctypes.c_void_p, size, size, size]  # R, M, h, w, n
-        api.rleEncode.restype = None
-        api.rleToString.argtypes = [rle_p]
+        api.rleToString.argtypes = [ctypes.POINTER(_Rle)]
         api.rleToString.restype = ctypes.c_void_p  # malloc'd char *: freed below
-        api.rleFree.argtypes = [rle_p]
-        api.rleFree.restype = None
         libc.free.argtypes = [ctypes.c_void_p]
         libc.free.restype = None
         return api, libc.free
@@ -55,31 +48,19 @@ def _load_coco_api() -> tuple[Any, Any] | None:
 _COCO_API = _load_coco_api()
 
 
-def releases_gil() -> bool:
-    """Whether ``encode_rle`` runs pycocotools' encoder without holding the GIL."""
-    return _COCO_API is not None
-
-
-def encode_rle(mask: np.ndarray) -> dict[str, Any]:
-    """``pycocotools.mask.encode`` of one HxW bool (or 0/1 uint8) mask, in any memory
-    order: ``{"size": [H, W], "counts": bytes}``, compressed counts as pycocotools
-    writes them. Column-major (Fortran-order) masks are read without a copy."""
-    pixels = np.asfortranarray(mask).view(np.uint8)
-    if _COCO_API is None:
-        return mask_utils.encode(pixels)
-    api, _ = _COCO_API
-    height, width = pixels.shape
-    rle = _Rle()
-    api.rleEncode(ctypes.byref(rle), pixels.ctypes.data, height, width, 1)
-    try:
-        return {"size": [height, width], "counts": _compressed(rle)}
-    finally:
-        api.rleFree(ctypes.byref(rle))
-
-
 def rle_of_counts(counts: np.ndarray, size: tuple[int, int]) -> dict[str, Any]:
-    """COCO RLE, as ``encode_rle`` returns it, of an HxW (``size``) mask given by its
-    uncompressed ``counts`` (column-major run lengths from a run of 0s)."""
+    """COCO RLE, as ``pycocotools.mask.encode`` returns it, of a mask given by its runs.
+
+    Arguments:
+      counts (np.ndarray): the mask's uncompressed COCO counts, uint32: the lengths of
+        alternate runs of 0s and 1s over its pixels in column-major order, from a run of
+        0s (maybe empty).
+      size (tuple(int, int)): the mask's (H, W).
+
+    Returns:
+      (dict): ``{"size": [H, W], "counts": bytes}``, the counts compressed as pycocotools
+        writes them.
+    """
     height, width = size
     if _COCO_API is None:
         return mask_utils.frPyObjects(
