@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from samserve import matmul
-from samserve.decoder import predict_masks, project_image, token_blocks, upscaled_masks
+from samserve.decoder import predict_masks, project_image, upscaled_masks
 from samserve.models import assemble_sam, spec_by_name
 
 BACKENDS = ["torch"] + (["onednn"] if torch.backends.mkldnn.is_available() else [])
@@ -57,7 +57,7 @@ def test_same_logits_and_scores_as_segment_anything(sam, batch, mask_input):
             embedding, image_pe, sparse, dense
         )
         shared = dense if mask_input else dense[:1]  # one "no mask" embedding for all
-        masks, iou, _ = predict_masks(sam.mask_decoder, embedding, image_pe, sparse, shared)
+        masks, iou = predict_masks(sam.mask_decoder, embedding, image_pe, sparse, shared)
     assert masks.shape == expected_masks.shape == (batch, 4, side[0] * 4, side[1] * 4)
     torch.testing.assert_close(masks, expected_masks, atol=2e-5, rtol=1e-4)
     torch.testing.assert_close(iou, expected_iou, atol=2e-6, rtol=1e-5)
@@ -75,7 +75,7 @@ def test_gradients_match_segment_anything(sam):
         if run == "segment_anything":
             masks, iou = sam.mask_decoder.predict_masks(embedding, image_pe, sparse, dense)
         else:
-            masks, iou, _ = predict_masks(sam.mask_decoder, embedding, image_pe, sparse, dense[:1])
+            masks, iou = predict_masks(sam.mask_decoder, embedding, image_pe, sparse, dense[:1])
         (masks.square().mean() + iou.sum()).backward()
         # None: a weight the result does not depend on, such as the token-to-image
         # key bias (softmax cancels it): SAM's gradient for it is zero up to rounding
@@ -103,16 +103,16 @@ def test_upscaled_masks_in_any_chunks_are_segment_anythings(sam, chunk):
     with torch.inference_mode():
         upscaled = decoder.output_upscaling(src.transpose(1, 2).reshape(2, -1, *side))
         expected = (hyper_in @ upscaled.flatten(2)).view(2, 3, *upscaled.shape[-2:])
-        got, _ = upscaled_masks(decoder.output_upscaling, src, hyper_in, side, chunk)
-        chosen = torch.tensor([[2, 0], [1, 1]])  # per prompt, any masks in any order
-        kept, _ = upscaled_masks(decoder.output_upscaling, src, hyper_in, side, chunk, chosen)
+        got = upscaled_masks(decoder.output_upscaling, src, hyper_in, side, chunk)
+        selected = torch.tensor([[2, 0], [1, 1]])  # per prompt, any masks in any order
+        kept = upscaled_masks(decoder.output_upscaling, src, hyper_in, side, chunk, selected)
     torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-4)
     # A mask's logits are the same bits whichever others are kept.
-    assert torch.equal(kept, got[torch.arange(2)[:, None], chosen])
+    assert torch.equal(kept, got[torch.arange(2)[:, None], selected])
 
 
-def test_chosen_mask_tokens_are_segment_anythings_same_tokens(sam):
-    """``choose`` picks mask tokens per prompt from the IoU predictions; only those are
+def test_selected_mask_tokens_are_segment_anythings_same_tokens(sam):
+    """``select`` picks mask tokens per prompt from the IoU predictions; only those are
     upscaled, and they equal SAM's logits and scores for the same tokens."""
     embed_dim, side = sam.prompt_encoder.embed_dim, sam.prompt_encoder.image_embedding_size
     embedding = torch.randn(1, embed_dim, *side, generator=torch.Generator().manual_seed(3))
@@ -128,16 +128,16 @@ def test_chosen_mask_tokens_are_segment_anythings_same_tokens(sam):
             seen.append(iou.clone())
             return torch.stack([iou.argmin(dim=1), iou.argmax(dim=1)], dim=1)
 
-        masks, iou, _ = predict_masks(
+        masks, iou = predict_masks(
             sam.mask_decoder, embedding, image_pe, sparse, dense[:1], worst_then_best
         )
     torch.testing.assert_close(seen[0], expected_iou, atol=2e-6, rtol=1e-5)
-    chosen = torch.stack([expected_iou.argmin(dim=1), expected_iou.argmax(dim=1)], dim=1)
-    assert not torch.equal(chosen[:, 0], chosen[:, 1])
+    selected = torch.stack([expected_iou.argmin(dim=1), expected_iou.argmax(dim=1)], dim=1)
+    assert not torch.equal(selected[:, 0], selected[:, 1])
     assert masks.shape == (3, 2, side[0] * 4, side[1] * 4)
     rows = torch.arange(3)[:, None]
-    torch.testing.assert_close(masks, expected_masks[rows, chosen], atol=2e-5, rtol=1e-4)
-    torch.testing.assert_close(iou, expected_iou[rows, chosen], atol=2e-6, rtol=1e-5)
+    torch.testing.assert_close(masks, expected_masks[rows, selected], atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(iou, expected_iou[rows, selected], atol=2e-6, rtol=1e-5)
 
 
 @pytest.mark.parametrize("batch", [1, 3])
@@ -153,7 +153,7 @@ def test_projected_image_gives_segment_anythings_logits(sam, batch):
             embedding, image_pe, sparse, dense
         )
         projections = project_image(sam.mask_decoder, embedding, image_pe, dense[:1])
-        masks, iou, _ = predict_masks(
+        masks, iou = predict_masks(
             sam.mask_decoder, embedding, image_pe, sparse, dense[:1], projections=projections
         )
     heads = sam.mask_decoder.transformer.layers[0].cross_attn_token_to_image.num_heads
@@ -184,64 +184,3 @@ def test_logits_copied_to_pixel_order_in_pairs_are_the_same_bits():
         with torch.set_grad_enabled(grad):
             _copy_to_pixels(logits, width, out)
         assert torch.equal(out, expected)
-
-
-@pytest.mark.parametrize("inside", [(3, 8), (8, 5), (6, 2), (1, 1)])
-@pytest.mark.parametrize("chunk", [7, 100])
-def test_logits_over_the_padding_made_on_demand_are_the_same_bits(sam, inside, chunk):
-    """With ``inside`` (rows and columns of tokens a mask reads: landscape, portrait, both,
-    one token), the logits there are those made without it, the rest zeros until
-    ``PaddingLogits.fill`` makes each chosen mask's (to float rounding: the blocks of
-    tokens per matmul differ), and filling twice gives the same bits."""
-    decoder = sam.mask_decoder
-    side = sam.prompt_encoder.image_embedding_size
-    generator = torch.Generator().manual_seed(5)
-    src = torch.randn(2, side[0] * side[1], decoder.transformer_dim, generator=generator)
-    hyper_in = torch.randn(2, 4, decoder.transformer_dim // 8, generator=generator)
-    chosen = torch.tensor([[3], [1]])
-    upscaling = decoder.output_upscaling
-    with torch.inference_mode():
-        full, none = upscaled_masks(upscaling, src, hyper_in, side, chunk, chosen)
-        image, padding = upscaled_masks(upscaling, src, hyper_in, side, chunk, chosen, inside)
-    assert none is None and len(padding) == 2
-    rows, cols = 4 * inside[0], 4 * inside[1]
-    close = {"atol": 2e-5, "rtol": 1e-4}
-    torch.testing.assert_close(image[..., :rows, :cols], full[..., :rows, :cols], **close)
-    outside = torch.ones(full.shape[-2:], dtype=torch.bool)
-    outside[:rows, :cols] = False
-    assert not image[..., outside].any()
-    for b, prompt in enumerate(padding):
-        assert prompt.tokens.shape[0] == side[0] * side[1] - inside[0] * inside[1]
-        logits, again = image[b, 0].clone(), image[b].clone()
-        prompt.fill(logits, 0)
-        torch.testing.assert_close(logits, full[b, 0], **close)
-        assert torch.equal(logits[:rows, :cols], image[b, 0, :rows, :cols])
-        prompt.fill(again, 0)
-        assert torch.equal(again[0], logits)
-
-
-def test_padding_logits_are_none_when_the_image_covers_every_token(sam):
-    decoder = sam.mask_decoder
-    side = sam.prompt_encoder.image_embedding_size
-    src = torch.randn(1, side[0] * side[1], decoder.transformer_dim)
-    hyper_in = torch.randn(1, 4, decoder.transformer_dim // 8)
-    with torch.inference_mode():
-        upscaling = decoder.output_upscaling
-        full, _ = upscaled_masks(upscaling, src, hyper_in, side, 100)
-        same, padding = upscaled_masks(upscaling, src, hyper_in, side, 100, None, side)
-    assert padding is None and torch.equal(same, full)
-
-
-@pytest.mark.parametrize("inside", [None, (5, 8), (8, 3), (2, 6)])
-@pytest.mark.parametrize("chunk", [1, 7, 64])
-def test_token_blocks_tile_the_grid_once(inside, chunk):
-    image, padding = token_blocks((8, 8), inside, chunk)
-    seen = torch.zeros(8, 8, dtype=torch.int)
-    for top, bottom, left, right in image + padding:
-        assert (bottom - top) * (right - left) <= max(chunk, right - left)
-        seen[top:bottom, left:right] += 1
-    assert torch.equal(seen, torch.ones(8, 8, dtype=torch.int))
-    rows, cols = inside or (8, 8)
-    for _, bottom, _, right in image:
-        assert bottom <= rows and right <= cols
-    assert sum((b - t) * (r - lft) for t, b, lft, r in image) == rows * cols

@@ -11,7 +11,7 @@ from segment_anything import SamPredictor
 from segment_anything.utils.transforms import ResizeLongestSide
 
 from conftest import make_image
-from samserve.engine import Prompt, SamEngine, StoredLogits
+from samserve.engine import MaskOptions, Prompt, SamEngine, StoredLogits
 
 SIZES = [(480, 640), (640, 480), (1000, 1500), (37, 301)]
 
@@ -64,7 +64,8 @@ def test_parity_with_predictor(micro_sam, height, width, multimask):
     expected = {k: predictor.predict(**kw, multimask_output=multimask) for k, kw in kinds.items()}
     # Two prompts of each kind in one engine call: batching must not change answers.
     names = [k for k in kinds for _ in range(2)]
-    predictions = engine.predict(embedding, [_as_prompt(kinds[k]) for k in names], multimask)
+    options = MaskOptions(multimask=multimask)
+    predictions = engine.predict(embedding, [_as_prompt(kinds[k]) for k in names], options)
     for name, prediction in zip(names, predictions):
         assert prediction.dense_masks().shape == (3 if multimask else 1, height, width)
         assert prediction.dense_masks().dtype == bool
@@ -77,7 +78,7 @@ def test_parity_with_predictor(micro_sam, height, width, multimask):
         for k in kinds
     }
     predictions = engine.predict(
-        embedding, [_as_prompt(kinds[k], mask_inputs[k]) for k in kinds], multimask
+        embedding, [_as_prompt(kinds[k], mask_inputs[k]) for k in kinds], options
     )
     for name, prediction in zip(kinds, predictions):
         _assert_same(refined[name], prediction, f"{name}+mask_input")
@@ -170,38 +171,26 @@ def test_embedding_cache_evicts_by_bytes(micro_sam):
     assert "k0" not in engine.embeddings and "k2" in engine.embeddings
 
 
-@pytest.mark.parametrize("height,width", SIZES)
-def test_logits_over_the_padding_made_on_demand_match_the_predictor(micro_sam, height, width):
-    """``defer_padding``: the same masks and scores as the predictor, logits that are zeros
-    over the padding until read, then the predictor's; stored logits fill themselves."""
-    image = make_image(height, width, seed=3 * height + width)
-    predictor = SamPredictor(micro_sam)
-    predictor.set_image(image)
+def test_stored_logits_are_the_best_masks(micro_sam):
+    """What a result's ``logits_id`` keeps for ``mask_input`` is its best-scoring mask's
+    low-res logits, complete over the padding, as the predictor returns them."""
+    image = make_image(90, 160, seed=8)
     engine = SamEngine(micro_sam)
     embedding = engine.embed({"img": image})["img"]
-    rows, cols = engine.tokens_read(embedding)
-    kinds = _prompts(height, width)
-    names = list(kinds)
-    deferred = engine.predict(embedding, [_as_prompt(kinds[k]) for k in names], defer_padding=True)
-    for name, prediction in zip(names, deferred):
-        expected = predictor.predict(**kinds[name], multimask_output=True)
-        covered = np.zeros(prediction.low_res_logits.shape[-2:], dtype=bool)
-        covered[: 4 * rows, : 4 * cols] = True
-        assert (prediction.padding is None) == covered.all(), name
-        assert not prediction.low_res_logits[:, ~covered].any(), name
-        stored = prediction.logits_to_store("img", 2)
-        prediction.complete_logits()
-        _assert_same(expected, prediction, name)
-        assert prediction.padding is None
-        np.testing.assert_array_equal(stored.logits[0], prediction.low_res_logits[2])
+    prompts = [_as_prompt(kw) for kw in _prompts(90, 160).values()]
+    for prediction in engine.predict(embedding, prompts):
+        stored = prediction.logits_to_store("img")
+        best = int(np.argmax(prediction.scores))
+        assert stored.image_id == "img" and stored.logits.shape == (1, 64, 64)
+        np.testing.assert_array_equal(stored.logits[0], prediction.low_res_logits[best])
 
 
 def test_stored_logits_are_content_addressed(micro_sam):
     engine = SamEngine(micro_sam)
     logits = np.random.default_rng(0).normal(size=(64, 64)).astype(np.float32)
-    first = engine.store_logits(StoredLogits("img", logits))
-    assert engine.store_logits(StoredLogits("img", logits.copy())) == first
-    assert engine.store_logits(StoredLogits("other", logits)) != first
+    first = engine.store_logits(StoredLogits.of("img", logits))
+    assert engine.store_logits(StoredLogits.of("img", logits.copy())) == first
+    assert engine.store_logits(StoredLogits.of("other", logits)) != first
     stored = engine.stored_logits(first)
     assert stored.image_id == "img" and stored.logits.shape == (1, 64, 64)
     assert engine.stored_logits("nope") is None

@@ -64,7 +64,7 @@ def _decoder_calls(service: SegmentService, monkeypatch) -> list[tuple[int, str,
 
 def _as_large_as_sam(monkeypatch) -> None:
     """Schedule sam_micro's decoder calls as a SAM-sized model's: side by side."""
-    monkeypatch.setattr(service_module, "SIDE_BY_SIDE_WORK", 0)
+    monkeypatch.setattr(service_module, "MIN_PARALLEL_PROMPT_WORK", 0)
 
 
 def test_second_request_does_not_run_encoder(service):
@@ -276,7 +276,7 @@ def test_stats(service):
 
 
 def test_unexpected_failure_is_a_json_500_for_that_request_only(micro_sam, monkeypatch, schedule):
-    service = SegmentService(SamEngine(micro_sam), Settings(mask_threads=2))
+    service = SegmentService(SamEngine(micro_sam), Settings(prompt_threads=2))
     image = png_bytes(make_image(100, 100))
     good = _request(image, prompts=[POINT])
     broken = _request(image, prompts=[{"box": [1, 1, 50, 50]}])
@@ -385,12 +385,12 @@ def test_segment_script_asks_three_masks_for_a_click_and_one_for_a_box(service):
     assert response["results"][2]["masks"] == single["results"][0]["masks"]
 
 
-def test_mask_threads_run_torch_single_threaded_and_leave_the_caller_alone(micro_sam):
+def test_prompt_threads_run_torch_single_threaded_and_leave_the_caller_alone(micro_sam):
     """The pool is the parallelism: its threads' torch ops run on one intra-op thread
     each, and the thread that serves requests (the decoder's) keeps all of its own."""
     before = torch.get_num_threads()
-    service = SegmentService(SamEngine(micro_sam), Settings(mask_threads=2))
-    counts = set(service._mask_pool.map(lambda _: torch.get_num_threads(), range(8)))
+    service = SegmentService(SamEngine(micro_sam), Settings(prompt_threads=2))
+    counts = set(service._prompt_pool.map(lambda _: torch.get_num_threads(), range(8)))
     assert counts == {1}
     assert torch.get_num_threads() == before
     image = png_bytes(make_image(64, 80, seed=6))
@@ -405,14 +405,14 @@ def test_parts_of_a_request_run_side_by_side_on_the_pool_in_order(micro_sam, mon
     """More prompts than one decoder call takes: each call's part runs on a pool thread
     (one torch thread), results stay in the prompts' order; one part runs on the caller."""
     _as_large_as_sam(monkeypatch)
-    service = SegmentService(SamEngine(micro_sam), Settings(mask_threads=2))
+    service = SegmentService(SamEngine(micro_sam), Settings(prompt_threads=2))
     image = png_bytes(make_image(120, 160, seed=8))
     prompts = [{"points": [[10 + 13 * k, 15 + 9 * k]], "labels": [1]} for k in range(10)]
     calls = _decoder_calls(service, monkeypatch)
     together = service.handle([_request(image, prompts=prompts)])[0]
     assert together.status == 200
     assert sorted(n for n, _, _ in calls) == [2, 4, 4]
-    assert all(name.startswith("samserve-masks") and threads == 1 for _, name, threads in calls)
+    assert all(name.startswith("samserve-prompts") and threads == 1 for _, name, threads in calls)
     assert set(together.body["timing_ms"]) >= {"decoder", "upscale", "encode_masks"}
     image_id = together.body["image_id"]
     for prompt, result in zip(prompts, together.body["results"]):
@@ -433,7 +433,7 @@ def test_small_decoders_calls_run_in_turn_on_the_caller(micro_sam, monkeypatch):
     """A model whose decoder calls are short (sam_micro) decodes a batch's parts one after
     another on the serving thread, on all its torch threads: side by side, two threads
     would take turns at their Python under the GIL."""
-    service = SegmentService(SamEngine(micro_sam), Settings(mask_threads=2))
+    service = SegmentService(SamEngine(micro_sam), Settings(prompt_threads=2))
     calls = _decoder_calls(service, monkeypatch)
     images = [png_bytes(make_image(90, 120, seed=s)) for s in (11, 12)]
     prompts = [{"points": [[10 + 9 * k, 15 + 7 * k]], "labels": [1]} for k in range(6)]
@@ -450,7 +450,7 @@ def test_batch_of_clicks_on_different_images_runs_side_by_side(micro_sam, monkey
     each request's decoder call runs on a pool thread (one torch thread) beside the
     others', and every reply is the one that request gets alone, in the batch's order."""
     _as_large_as_sam(monkeypatch)
-    service = SegmentService(SamEngine(micro_sam), Settings(mask_threads=2))
+    service = SegmentService(SamEngine(micro_sam), Settings(prompt_threads=2))
     images = [png_bytes(make_image(90 + 10 * s, 120, seed=20 + s)) for s in range(3)]
     ids = [service.handle([_request(image)])[0].body["image_id"] for image in images]
     clicks = [{"points": [[30 + 20 * s, 40]], "labels": [1]} for s in range(3)]
@@ -460,7 +460,7 @@ def test_batch_of_clicks_on_different_images_runs_side_by_side(micro_sam, monkey
     together = service.handle(requests)
     assert [r.status for r in together] == [200, 200, 200]
     assert len(calls) == 3
-    assert all(name.startswith("samserve-masks") and threads == 1 for _, name, threads in calls)
+    assert all(name.startswith("samserve-prompts") and threads == 1 for _, name, threads in calls)
     for reply, single, image_id in zip(together, alone, ids):
         assert reply.body["image_id"] == image_id
         assert (reply.body["height"], reply.body["width"]) == (single["height"], single["width"])
@@ -473,13 +473,13 @@ def test_response_too_large_while_parts_run_side_by_side(micro_sam, monkeypatch)
     """A 413 found after the first parts stops the request, not the batch's others; the
     service keeps serving."""
     _as_large_as_sam(monkeypatch)
-    service = SegmentService(SamEngine(micro_sam), Settings(mask_threads=2))
+    service = SegmentService(SamEngine(micro_sam), Settings(prompt_threads=2))
     image = png_bytes(make_image(120, 160, seed=9))
     prompts = [{"points": [[10 + 13 * k, 15 + 9 * k]], "labels": [1]} for k in range(12)]
     full = service.handle([_request(image, prompts=prompts, output="png")])[0]
     assert full.status == 200
     small = SegmentService(
-        SamEngine(micro_sam), Settings(mask_threads=2, max_response_bytes=len(full.encode()) // 3)
+        SamEngine(micro_sam), Settings(prompt_threads=2, max_response_bytes=len(full.encode()) // 3)
     )
     reply, beside = small.handle(
         [_request(image, prompts=prompts, output="png"), _request(image, prompts=prompts[:2])]
@@ -516,20 +516,20 @@ def test_a_request_given_up_cancels_its_parts_not_yet_started():
     assert [f.cancelled() for f in futures] == [False, False, True, True]
 
 
-def test_mask_threads_encode_the_same_records(micro_sam):
+def test_prompt_threads_encode_the_same_records(micro_sam):
     image = png_bytes(make_image(200, 300, seed=4))
     prompts = [{"points": [[20 + 23 * k, 30 + 13 * k]], "labels": [1]} for k in range(7)]
     bodies = {}
     for threads in (1, 3):
-        service = SegmentService(SamEngine(micro_sam), Settings(mask_threads=threads))
-        assert service.mask_threads == threads
+        service = SegmentService(SamEngine(micro_sam), Settings(prompt_threads=threads))
+        assert service.prompt_threads == threads
         for output in ("rle", "png"):
             reply = service.handle([_request(image, prompts=prompts, output=output)])[0]
             assert reply.status == 200
             bodies[threads, output] = reply.body["results"]
     assert bodies[1, "rle"] == bodies[3, "rle"] and bodies[1, "png"] == bodies[3, "png"]
     default = SegmentService(SamEngine(micro_sam), Settings())
-    assert default.mask_threads == torch.get_num_threads()
+    assert default.prompt_threads == torch.get_num_threads()
     with pytest.raises(ValueError, match="unknown handler settings"):
         Settings.from_dict({"mask_thread": 2})
 

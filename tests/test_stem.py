@@ -49,7 +49,7 @@ def test_engine_matches_the_predictor_with_a_conv_stem(stem_sam):
     masks, scores, logits = predictor.predict(
         point_coords=point, point_labels=np.array([1]), box=box, multimask_output=True
     )
-    (prediction,) = engine.predict(embedding, [Prompt(point, np.array([1]), box, None)], True)
+    (prediction,) = engine.predict(embedding, [Prompt(point, np.array([1]), box, None)])
     np.testing.assert_allclose(prediction.scores, scores, atol=1e-4)
     assert (prediction.dense_masks() == masks).mean() >= 0.9999
     np.testing.assert_allclose(prediction.low_res_logits, logits, atol=1e-3)

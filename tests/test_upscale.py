@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from pycocotools import mask as mask_utils
 
-from samserve.upscale import axis_map, tokens_read, upscale_masks
+from samserve.upscale import axis_map, upscale_masks
 
 
 def blobs(low: int, count: int, seed: int) -> torch.Tensor:
@@ -190,27 +190,6 @@ def test_runs_are_the_same_bits_as_the_maps_sums_made_by_torch(
         assert runs.rle() == coco
         assert runs.area == mask.sum()
         assert runs.bbox == [int(v) for v in mask_utils.toBbox(coco)]
-
-
-@pytest.mark.parametrize(
-    "input_size, original_size",
-    [
-        ((768, 1024), (1500, 2000)),
-        ((1024, 576), (1920, 1080)),
-        ((1024, 1024), (600, 600)),
-        ((341, 1024), (100, 300)),
-    ],
-)
-def test_tokens_read_are_the_cells_with_weight(input_size, original_size):
-    """The tokens beyond ``tokens_read`` hold only cells of weight 0 in every pixel, and
-    the last token read holds a cell of some weight: no tighter bound is right."""
-    read = tokens_read((64, 64), input_size, original_size, 1024)
-    for axis, cropped, length in zip(read, input_size, original_size):
-        weights = np.zeros(256)
-        amap = axis_map(256, 1024, cropped, length)
-        np.add.at(weights, amap.index.flatten(), amap.weight.flatten())
-        assert not weights[4 * axis :].any()
-        assert weights[4 * (axis - 1) : 4 * axis].any()
 
 
 def test_the_pass_compiles_where_numba_cannot_cache_it():

@@ -101,7 +101,7 @@ def decode_masks(
         dim=1,
     )
     iou = decoder.iou_prediction_head(hs[:, 0])
-    masks, _ = upscaled_masks(
+    masks = upscaled_masks(
         decoder.output_upscaling, src.expand(batch, -1, -1), hyper_in, image.shape[-2:], None
     )
     keep = slice(1, None) if multimask else slice(0, 1)

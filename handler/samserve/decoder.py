@@ -19,7 +19,7 @@ rounding), less work:
   depend on the image alone, so ``project_image`` makes them once per image and every
   later call only multiplies them by its tokens' (heads x d products, d = 16).
 * The upscaling to low-res masks (two stride-2 transposed convolutions) acts on each image
-  token alone, so it runs on token rows in cache-sized chunks (``upscaled_masks``).
+  token alone, so it runs on rows of tokens in cache-sized chunks (``upscaled_masks``).
 
 Attention residuals are added inside the matmul that makes them. Per-prompt image tokens
 get the positional encoding added once per layer, as SAM does: the add is cheaper than
@@ -50,10 +50,9 @@ def predict_masks(
     image_pe: Tensor,
     sparse: Tensor,
     dense: Tensor,
-    choose: Callable[[Tensor], Tensor] | None = None,
+    select: Callable[[Tensor], Tensor] | None = None,
     projections: ImageProjections | None = None,
-    inside: tuple[int, int] | None = None,
-) -> tuple[Tensor, Tensor, list[PaddingLogits] | None]:
+) -> tuple[Tensor, Tensor]:
     """``MaskDecoder.predict_masks`` for B prompts on one image.
 
     Arguments:
@@ -63,21 +62,16 @@ def predict_masks(
       sparse (Tensor): BxTxC prompt tokens (the prompt encoder's sparse embeddings).
       dense (Tensor): 1xCxhxw (no mask input: shared by every prompt) or BxCxhxw dense
         embeddings.
-      choose (callable or None): maps the Bx(1+M) IoU predictions to BxK indices of the
+      select (callable or None): maps the Bx(1+M) IoU predictions to BxK indices of the
         mask tokens whose logits are wanted; the others' are never made (the IoU head
         runs before the upscaling). None: all 1+M.
       projections (ImageProjections or None): ``project_image`` of this same embedding,
         1xCxhxw ``dense`` and encoding; they spare the first block its image-side work.
-      inside (tuple(int, int) or None): on a CPU, make the logits over the first (rows,
-        columns) image tokens only (those a full-size mask reads,
-        ``upscale.tokens_read``) and leave zeros elsewhere.
 
     Returns:
       (Tensor): BxKx(4h)x(4w) low-res logits.
-      (Tensor): their BxK IoU predictions (without ``choose``, all 1+M mask tokens', as
+      (Tensor): their BxK IoU predictions (without ``select``, all 1+M mask tokens', as
         SAM returns them).
-      (list(PaddingLogits) or None): with ``inside``, per prompt, what makes the rest of
-        its logits on demand; None without it, or where ``inside`` is the whole grid.
     """
     batch = sparse.shape[0]
     output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)
@@ -97,18 +91,16 @@ def predict_masks(
         dim=1,
     )
     iou = decoder.iou_prediction_head(hs[:, 0, :])
-    chosen = None if choose is None else choose(iou)
-    chunk = UPSCALE_CHUNK if embedding.device.type == "cpu" else None
-    masks, padding = upscaled_masks(
+    selected = None if select is None else select(iou)
+    masks = upscaled_masks(
         decoder.output_upscaling,
         src.expand(batch, -1, -1),
         hyper_in,
         embedding.shape[-2:],
-        chunk,
-        chosen,
-        inside if chunk is not None else None,
+        UPSCALE_CHUNK if embedding.device.type == "cpu" else None,
+        selected,
     )
-    return masks, iou if chosen is None else iou.gather(1, chosen), padding
+    return masks, iou if selected is None else iou.gather(1, selected)
 
 
 @dataclass(frozen=True)
@@ -156,62 +148,6 @@ C/4 channels, then 16 x 1024 rows of C/8) stay in cache between the steps that u
 where a whole 64x64 grid's spill to memory, so a prompt's upscaling costs the same
 however many prompts a call holds. GPUs take all prompts in one step."""
 
-Block = tuple[int, int, int, int]
-"""Image tokens in rows [top, bottom) and columns [left, right) of the token grid."""
-
-
-def token_blocks(
-    size: tuple[int, int], inside: tuple[int, int] | None, chunk: int
-) -> tuple[list[Block], list[Block]]:
-    """The hxw token grid (``size``) in blocks of whole block-wide rows of about ``chunk``
-    tokens (at least one row): (blocks of the first ``inside`` rows x columns, blocks of
-    the rest). Without ``inside``, every block is in the first list."""
-    height, width = size
-    rows, cols = inside or size
-
-    def tile(top: int, bottom: int, left: int, right: int) -> list[Block]:
-        if right <= left:
-            return []
-        step = max(1, chunk // (right - left))
-        return [(t, min(t + step, bottom), left, right) for t in range(top, bottom, step)]
-
-    return tile(0, rows, 0, cols), tile(0, rows, cols, width) + tile(rows, height, 0, width)
-
-
-@dataclass(frozen=True)
-class PaddingLogits:
-    """One prompt's low-res logits over the padding (image tokens the image does not
-    cover), not made yet: no mask pixel reads them, only a later ``mask_input`` of these
-    logits does. ``tokens`` are the prompt's image tokens of ``blocks`` (R x C, in block
-    order), ``hyper_in`` its M x (C/8) mask-token weights, ``chosen`` the K mask tokens
-    of the logits returned; ``fill`` makes them as ``upscaled_masks`` would have, in the
-    same blocks (the same bits). The tokens are a quarter of a prompt's image tokens for
-    a 4:3 image, 7/16 for 16:9."""
-
-    upscaling: torch.nn.Sequential
-    tokens: Tensor
-    blocks: tuple[Block, ...]
-    hyper_in: Tensor
-    chosen: Tensor
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.element_size() * t.nelement() for t in (self.tokens, self.hyper_in))
-
-    @torch.inference_mode()
-    def fill(self, logits: Tensor, index: int) -> None:
-        """Make the padding's part of the ``index``-th returned mask's 4hx4w (or 1x4hx4w)
-        ``logits``, in place."""
-        upscale_rows = _row_upscaler(self.upscaling)
-        out = logits.view(1, *logits.shape[-2:])
-        chosen = self.chosen[index : index + 1]
-        start = 0
-        for block in self.blocks:
-            count = (block[1] - block[0]) * (block[3] - block[2])
-            tokens = self.tokens[start : start + count]
-            _block_logits(upscale_rows, tokens, self.hyper_in, chosen, out, block)
-            start += count
-
 
 def upscaled_masks(
     upscaling: torch.nn.Sequential,
@@ -219,9 +155,8 @@ def upscaled_masks(
     hyper_in: Tensor,
     size: tuple[int, int],
     chunk: int | None = UPSCALE_CHUNK,
-    chosen: Tensor | None = None,
-    inside: tuple[int, int] | None = None,
-) -> tuple[Tensor, list[PaddingLogits] | None]:
+    selected: Tensor | None = None,
+) -> Tensor:
     """SAM's ``output_upscaling`` then its hypernetwork product, token by token.
 
     Arguments:
@@ -230,17 +165,13 @@ def upscaled_masks(
       hyper_in (Tensor): BxMx(C/8) mask-token weights.
       size (tuple(int, int)): (h, w) of the token grid.
       chunk (int or None): about how many image tokens of one prompt go per step, as
-        whole rows of a block of tokens (at least one); None: everything in one step.
-      chosen (Tensor or None): BxK indices into M of the masks to make; None: all M. A
+        whole rows of the grid (at least one); None: everything in one step.
+      selected (Tensor or None): BxK indices into M of the masks to make; None: all M. A
         mask's logits are the same bits whichever others are kept.
-      inside (tuple(int, int) or None): with a ``chunk``, make only the logits over the
-        first (rows, columns) tokens and leave zeros over the rest.
 
     Returns:
       (Tensor): BxKx(4h)x(4w) low-res logits, ``hyper_in @ upscaling(src)`` (K = M
-        without ``chosen``).
-      (list(PaddingLogits) or None): with ``inside``, per prompt, what makes the logits
-        left out; None without it, or where ``inside`` is the whole grid.
+        without ``selected``).
 
     Both transposed convolutions have kernel 2 and stride 2, so the 4x4 pixels above an
     image token depend on that token alone: each convolution is a matmul on token rows
@@ -254,66 +185,28 @@ def upscaled_masks(
     if chunk is None:
         features = upscale_rows(src.reshape(batch * count, channels))
         logits = hyper_in @ features.view(batch, count * 16, -1).transpose(1, 2)  # BxMx16N
-        if chosen is not None:
-            logits = logits.gather(1, chosen[:, :, None].expand(-1, -1, logits.shape[2]))
+        if selected is not None:
+            logits = logits.gather(1, selected[:, :, None].expand(-1, -1, logits.shape[2]))
         out = logits.new_empty(batch, logits.shape[1], 4 * height, 4 * width)
         _copy_to_pixels(logits, width, out)
-        return out, None
-    # Every mask's product is taken, then the chosen kept: the products' rounding then
+        return out
+    # Every mask's product is taken, then the selected kept: the products' rounding then
     # never depends on which masks a request asked for.
-    image_blocks, padding_blocks = token_blocks(size, inside, chunk)
-    defer = inside is not None and bool(padding_blocks)
-    masks = hyper_in.shape[1] if chosen is None else chosen.shape[1]
-    out = (src.new_zeros if defer else src.new_empty)(batch, masks, 4 * height, 4 * width)
+    masks = hyper_in.shape[1] if selected is None else selected.shape[1]
+    out = src.new_empty(batch, masks, 4 * height, 4 * width)
+    rows = max(1, chunk // width)
     for b in range(batch):
-        kept = None if chosen is None else chosen[b]
-        for block in image_blocks if defer else image_blocks + padding_blocks:
-            tokens = _block_tokens(src[b], width, block)
-            _block_logits(upscale_rows, tokens, hyper_in[b], kept, out[b], block)
-    if not defer:
-        return out, None
-    padding = [
-        PaddingLogits(
-            upscaling,
-            torch.cat([_block_tokens(src[b], width, block) for block in padding_blocks]),
-            tuple(padding_blocks),
-            hyper_in[b].clone(),
-            torch.arange(masks, device=src.device) if chosen is None else chosen[b].clone(),
-        )
-        for b in range(batch)
-    ]
-    return out, padding
-
-
-def _block_tokens(src: Tensor, width: int, block: Block) -> Tensor:
-    """The RxC tokens of ``block`` of NxC image tokens ``src`` (grid ``width`` wide), row by
-    row: a view where the block spans whole rows, else a copy."""
-    top, bottom, left, right = block
-    rows = src[top * width : bottom * width]
-    if left == 0 and right == width:
-        return rows
-    return rows.view(bottom - top, width, -1)[:, left:right].reshape(-1, src.shape[-1])
-
-
-def _block_logits(
-    upscale_rows: Callable[[Tensor], Tensor],
-    tokens: Tensor,
-    hyper_in: Tensor,
-    chosen: Tensor | None,
-    out: Tensor,
-    block: Block,
-) -> None:
-    """One prompt's logits over ``block`` (its RxC ``tokens``, Mx(C/8) ``hyper_in``, the K
-    ``chosen`` of M or all) into its Kx4hx4w ``out``, put in pixel order while in cache."""
-    top, bottom, left, right = block
-    logits = hyper_in @ upscale_rows(tokens).t()
-    if chosen is not None:
-        logits = logits.index_select(0, chosen)
-    _copy_to_pixels(logits, right - left, out[:, 4 * top : 4 * bottom, 4 * left : 4 * right])
+        for top in range(0, height, rows):
+            bottom = min(top + rows, height)
+            logits = hyper_in[b] @ upscale_rows(src[b, top * width : bottom * width]).t()
+            if selected is not None:
+                logits = logits.index_select(0, selected[b])
+            _copy_to_pixels(logits, width, out[b, :, 4 * top : 4 * bottom])
+    return out
 
 
 # Integer types as wide as two logits: see _copy_to_pixels.
-_PAIRS = {2: torch.int32, 4: torch.int64}
+_PAIR_INTEGERS = {2: torch.int32, 4: torch.int64}
 
 
 def _copy_to_pixels(logits: Tensor, width: int, out: Tensor) -> None:
@@ -327,7 +220,7 @@ def _copy_to_pixels(logits: Tensor, width: int, out: Tensor) -> None:
     and none alone (a strided copy of single floats runs element by element on a CPU).
     The same bits either way; autograd records the float copy.
     """
-    pair = _PAIRS.get(logits.element_size())
+    pair = _PAIR_INTEGERS.get(logits.element_size())
     paired = pair is not None and logits.is_contiguous() and not torch.is_grad_enabled()
     if paired:
         logits, out = logits.view(pair), out.view(pair)
@@ -385,10 +278,10 @@ def two_way_transformer(
         if index == 0 and projections is not None:
             queries, keys = _projected_block(layer, queries, keys, tokens, projections)
         else:
-            # After the first block, keys is this function's own (a block's norm output):
+            # After the first block, keys is a block's fresh norm output, no caller's tensor:
             # without autograd, the image-to-token residual may be added into it in place.
-            own = index > 0 and not torch.is_grad_enabled()
-            queries, keys = _block(layer, queries, keys, tokens, key_pe, own)
+            writable = index > 0 and not torch.is_grad_enabled()
+            queries, keys = _block(layer, queries, keys, tokens, key_pe, writable)
     queries, tokens = queries[:, :outputs], tokens[:, :outputs]
     attn_out = _tokens_to_image(
         transformer.final_attn_token_to_image, queries + tokens, keys + key_pe, keys
@@ -444,7 +337,7 @@ def _projected_block(
     # along N-long rows.
     scores = torch.bmm(key * scale, projections.queries_t).view(attn.num_heads, batch, count, -1)
     probs = torch.softmax(scores, dim=2).transpose(0, 1).reshape(batch, -1, scores.shape[-1])
-    keys = torch.baddbmm(keys, probs.transpose(1, 2), _value_out(attn, queries))
+    keys = torch.baddbmm(keys, probs.transpose(1, 2), _values_to_output(attn, queries))
     return queries, layer.norm4(keys)
 
 
@@ -487,8 +380,8 @@ def _tokens_to_image(attn: Attention, q: Tensor, k: Tensor, v: Tensor) -> Tensor
     query = attn.q_proj(q).view(batch, count, heads, -1)
     scale = 1.0 / math.sqrt(query.shape[-1])
     q_image = torch.einsum("bthd,hdc->bhtc", query, w_k).reshape(batch, heads * count, -1)
-    probs = torch.softmax(_times_image(q_image * scale, k.transpose(1, 2)), dim=-1)
-    mixed = _times_image(probs, v).view(batch, heads, count, -1)
+    probs = torch.softmax(_image_product(q_image * scale, k.transpose(1, 2)), dim=-1)
+    mixed = _image_product(probs, v).view(batch, heads, count, -1)
     out = torch.einsum("bhtc,hdc->bthd", mixed, w_v) + b_v
     return attn.out_proj(out.reshape(batch, count, -1))
 
@@ -511,18 +404,18 @@ def _image_to_tokens(
     scale = 1.0 / math.sqrt(key.shape[-1])
     from_image = torch.einsum("bthd,hdc->bhtc", key * scale, w_q).reshape(batch, -1, channels)
     offset = torch.einsum("bthd,hd->bht", key * scale, b_q).reshape(batch, -1, 1)
-    to_out = _value_out(attn, v)
+    to_out = _values_to_output(attn, v)
 
     # Scores transposed, Bx(heads x T)xN: softmax over T then runs along N-long rows
     # (over T-long rows, T about 7, it is slow: scalar code).
-    scores = _times_image(from_image, q.transpose(1, 2)) + offset
+    scores = _image_product(from_image, q.transpose(1, 2)) + offset
     probs = torch.softmax(scores.view(batch, heads, count, -1), dim=2)
     if in_place:
         return residual.baddbmm_(probs.view(scores.shape).transpose(1, 2), to_out)
     return torch.baddbmm(residual, probs.view(scores.shape).transpose(1, 2), to_out)
 
 
-def _value_out(attn: Attention, v: Tensor) -> Tensor:
+def _values_to_output(attn: Attention, v: Tensor) -> Tensor:
     """Bx(heads x T)xC: each head's values of BxTxC tokens ``v`` through that head's part
     of the output projection, plus the output bias over heads (softmax rows sum to one, so
     attention-weighted sums of these rows over all heads are ``out_proj`` of the output)."""
@@ -534,7 +427,7 @@ def _value_out(attn: Attention, v: Tensor) -> Tensor:
     return to_out.reshape(batch, heads * count, channels)
 
 
-def _times_image(left: Tensor, image: Tensor) -> Tensor:
+def _image_product(left: Tensor, image: Tensor) -> Tensor:
     """BxKxN @ 1|BxNxM: with one shared image, a single large 2-D product for all B (one
     that takes a transposed ``image`` as it is, where a batched one may copy it)."""
     if image.shape[0] == 1:

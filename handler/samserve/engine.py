@@ -9,8 +9,6 @@ calls them, so results match the predictor for the same model.
 from __future__ import annotations
 
 import hashlib
-import threading
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -20,10 +18,14 @@ from segment_anything.modeling import Sam
 from segment_anything.utils.transforms import ResizeLongestSide
 
 from .cache import LRUCache
-from .decoder import ImageProjections, PaddingLogits, predict_masks, project_image
+from .decoder import ImageProjections, predict_masks, project_image
 from .masks import Mapper, MaskRuns
 from .process import MIB
-from .upscale import compile_mask_pass, tokens_read, upscale_masks
+from .timing import stage
+from .upscale import compile_mask_pass, upscale_masks
+
+Points = tuple[torch.Tensor, torch.Tensor]
+"""BxNx2 point coordinates (X, Y) in the model's input frame and their BxN labels."""
 
 
 @dataclass(frozen=True)
@@ -70,74 +72,73 @@ class Prompt:
 
 
 @dataclass(frozen=True)
+class MaskOptions:
+    """What a request asks of the decoder and of its masks.
+
+    Arguments:
+      multimask (bool): SAM's three masks per prompt (``multimask_output``), else its
+        single-mask token.
+      best_only (bool): keep, of each prompt's masks, the one with the highest predicted
+        IoU (the first of equal scores); the others are never made.
+      rle (bool): full-size masks carry their COCO RLE; else only their box and area.
+    """
+
+    multimask: bool = True
+    best_only: bool = False
+    rle: bool = True
+
+    @property
+    def masks_per_prompt(self) -> int:
+        """Masks each prompt's prediction holds."""
+        return 3 if self.multimask and not self.best_only else 1
+
+
+@dataclass(frozen=True)
 class Prediction:
     """The decoder's answer to one prompt.
 
-    ``masks`` are C masks of HxW in the original frame (C = 3 with multimask, else 1),
+    ``masks`` are C masks of HxW in the original frame (``MaskOptions.masks_per_prompt``),
     each kept as its COCO RLE (``MaskRuns``); ``scores`` is C predicted IoUs,
-    ``low_res_logits`` is Cxhxw float32. With ``padding``, the logits over the padding
-    (which no mask pixel reads) are zeros until ``complete_logits`` makes them.
+    ``low_res_logits`` is Cxhxw float32 in the padded input frame.
     """
 
     masks: list[MaskRuns]
     scores: np.ndarray
     low_res_logits: np.ndarray
-    padding: PaddingLogits | None = None
-
-    def complete_logits(self) -> np.ndarray:
-        """``low_res_logits`` with the padding's part made (in place, once)."""
-        if self.padding is not None:
-            for index, logits in enumerate(self.low_res_logits):
-                self.padding.fill(torch.from_numpy(logits), index)
-            object.__setattr__(self, "padding", None)
-        return self.low_res_logits
-
-    def logits_to_store(self, image_id: str, index: int) -> StoredLogits:
-        """The logits of mask ``index`` to keep for a later ``mask_input`` (their part
-        over the padding made when first read)."""
-        logits = self.low_res_logits[index : index + 1].copy()
-        return StoredLogits(image_id, logits, self.padding, index)
 
     def dense_masks(self) -> np.ndarray:
         """The masks as one CxHxW bool array, as ``SamPredictor.predict`` returns them."""
         return np.stack([mask.dense() for mask in self.masks])
 
+    def logits_to_store(self, image_id: str) -> StoredLogits:
+        """The best-scoring mask's logits, to keep for a later ``mask_input``."""
+        best = int(np.argmax(self.scores))
+        return StoredLogits.of(image_id, self.low_res_logits[best])
 
+
+@dataclass(frozen=True)
 class StoredLogits:
     """Low-res logits kept so a later request can pass them back as ``mask_input``.
 
-    ``logits`` is 1xhxw float32. Given ``padding`` (the ``PaddingLogits`` of their prompt,
-    ``index`` their mask's place in it), their part over the padding is made the first
-    time they are read: most stored logits never are. ``logits_id`` is a content hash
-    of the image id and the logits as given (their part over the padding follows from
-    the rest: the decoder's attention mixes every image token), so the same prompt on
-    the same image gets the same id.
+    ``logits`` is 1xhxw float32; ``logits_id`` is a content hash of the image id and the
+    logits, so the same prompt on the same image gets the same id.
     """
 
-    def __init__(
-        self,
-        image_id: str,
-        logits: np.ndarray,
-        padding: PaddingLogits | None = None,
-        index: int = 0,
-    ) -> None:
-        self.image_id = image_id
-        self._logits = np.ascontiguousarray(logits.reshape((1, *logits.shape[-2:])), np.float32)
-        self._padding = padding
-        self._index = index
-        self._lock = threading.Lock()
-        self.nbytes = self._logits.nbytes + (0 if padding is None else padding.nbytes)
-        content = image_id.encode() + self._logits.tobytes()
-        self.logits_id = hashlib.sha256(content).hexdigest()[:32]
+    image_id: str
+    logits: np.ndarray
+    logits_id: str
+
+    @classmethod
+    def of(cls, image_id: str, logits: np.ndarray) -> StoredLogits:
+        """The stored form of one mask's hxw (or 1xhxw) ``logits`` on ``image_id``."""
+        logits = np.ascontiguousarray(logits.reshape((1, *logits.shape[-2:])), np.float32)
+        content = image_id.encode() + logits.tobytes()
+        return cls(image_id, logits, hashlib.sha256(content).hexdigest()[:32])
 
     @property
-    def logits(self) -> np.ndarray:
-        """The 1xhxw logits, complete."""
-        with self._lock:
-            if self._padding is not None:
-                self._padding.fill(torch.from_numpy(self._logits), self._index)
-                self._padding = None
-            return self._logits
+    def nbytes(self) -> int:
+        """Bytes held by the logits (what the cache bound counts)."""
+        return self.logits.nbytes
 
 
 def _failed(image_id: str, error: Exception, failures: dict[str, Exception] | None) -> None:
@@ -146,74 +147,6 @@ def _failed(image_id: str, error: Exception, failures: dict[str, Exception] | No
     if failures is None:
         raise error
     failures[image_id] = error
-
-
-def decode_prompts(
-    model: Sam,
-    embedding: torch.Tensor,
-    points: tuple[torch.Tensor, torch.Tensor] | None,
-    boxes: torch.Tensor | None,
-    mask_input: torch.Tensor | None,
-    multimask: bool,
-    best_only: bool = False,
-    image_pe: torch.Tensor | None = None,
-    projections: ImageProjections | None = None,
-    inside: tuple[int, int] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, list[PaddingLogits] | None]:
-    """Prompt encoder + mask decoder for B prompts on one embedding, as
-    ``SamPredictor.predict_torch`` calls them (with ``samserve.decoder``'s equivalent of
-    ``Sam.mask_decoder``). Gradients flow: training uses it.
-
-    Arguments:
-      model (Sam): the model.
-      embedding (torch.Tensor): the image's 1xCxhxw embedding.
-      points (tuple(torch.Tensor, torch.Tensor) or None): BxNx2 point coordinates in the
-        model's input frame and their BxN labels (1 foreground, 0 background).
-      boxes (torch.Tensor or None): Bx4 boxes (X0, Y0, X1, Y1) in the model's input frame.
-      mask_input (torch.Tensor or None): Bx1x(4h)x(4w) low-res logits of earlier
-        predictions, in the padded input frame.
-      multimask (bool): SAM's three masks per prompt, else its single-mask token.
-      best_only (bool): keep, of each prompt's masks, the one with the highest predicted
-        IoU (the first of equal scores); the others are never made.
-      image_pe (torch.Tensor or None): ``model.prompt_encoder.get_dense_pe()``, 1xCxhxw;
-        computed when not given (a fixed function of the model: callers that decode
-        often compute it once).
-      projections (ImageProjections or None): the embedding's first-block projections
-        (``ImageEmbedding.projections``).
-      inside (tuple(int, int) or None): the (rows, columns) of image tokens a full-size
-        mask reads; with it, the logits over the rest (the padding) are made on demand.
-
-    Returns:
-      (torch.Tensor): BxKx(4h)x(4w) low-res logits, K = 3 with ``multimask``, else 1
-        (1 with ``best_only``).
-      (torch.Tensor): their BxK predicted IoUs.
-      (list(PaddingLogits) or None): with ``inside``, per prompt, what makes its logits
-        over the padding (see ``samserve.decoder.predict_masks``); else None.
-    """
-    sparse, dense = model.prompt_encoder(points=points, boxes=boxes, masks=mask_input)
-    if mask_input is None:
-        dense = dense[:1]  # the "no mask" embedding, the same for every prompt
-    else:
-        projections = None  # they were made with the "no mask" embedding
-
-    def choose(iou: torch.Tensor) -> torch.Tensor:
-        """Bx(1+M) IoU predictions -> BxK mask tokens: 1..M with multimask, else 0."""
-        first, stop = (1, iou.shape[1]) if multimask else (0, 1)
-        tokens = torch.arange(first, stop, device=iou.device).expand(len(iou), -1)
-        if best_only:
-            tokens = tokens.gather(1, iou[:, first:stop].argmax(dim=1, keepdim=True))
-        return tokens
-
-    return predict_masks(
-        model.mask_decoder,
-        embedding,
-        model.prompt_encoder.get_dense_pe() if image_pe is None else image_pe,
-        sparse,
-        dense,
-        choose,
-        projections,
-        inside,
-    )
 
 
 class SamEngine:
@@ -348,12 +281,8 @@ class SamEngine:
         self,
         embedding: ImageEmbedding,
         prompts: Sequence[Prompt],
-        multimask: bool = True,
-        timing_ms: dict[str, float] | None = None,
-        best_only: bool = False,
+        options: MaskOptions = MaskOptions(),
         map_fn: Mapper = map,
-        defer_padding: bool = False,
-        rle: bool = True,
     ) -> list[Prediction]:
         """Decode ``prompts`` on one embedded image, as ``SamPredictor.predict`` does for
         each; one prediction per prompt, in order.
@@ -361,30 +290,21 @@ class SamEngine:
         Prompts of equal shape (same number of points, box or not, mask_input or not) go
         through the prompt encoder and mask decoder together, ``decoder_batch_size`` per
         call: each prompt adds NxC image-side tensors to a call, and once a tensor passes
-        glibc's ``mmap`` threshold (see ``keep_freed_memory``) it is mapped afresh on every
-        op, so larger calls get slower per prompt.
+        glibc's ``mmap`` threshold (see ``samserve.process``) it is mapped afresh on every
+        op, so larger calls get slower per prompt. Time spent goes to the ``decoder`` and
+        ``upscale`` stages of ``samserve.timing``.
 
         Arguments:
           embedding (ImageEmbedding): the image's cached embedding.
           prompts (Sequence(Prompt)): the prompts, in the original image frame.
-          multimask (bool): SAM's three masks per prompt, else one.
-          timing_ms (dict(str, float) or None): if given, accumulates the milliseconds
-            spent in the prompt encoder and mask decoder (``decoder``) and in making
-            full-size masks and their RLE (``upscale``).
-          best_only (bool): keep only the highest-scoring of each prompt's masks (the one
-            a click UI shows); the others are never made full size.
+          options (MaskOptions): which masks to make, and whether with their RLE.
           map_fn (Mapper): makes the full-size masks, one per item (``map``, or a thread
             pool's; see ``upscale_masks``).
-          defer_padding (bool): make the low-res logits over the padding, which no mask
-            pixel reads, only when asked for (``Prediction.padding``): for a 4:3 image, a
-            quarter of the image tokens are left out of the decoder's upscaling.
-          rle (bool): masks carry their COCO RLE; else their box and area only
-            (``MaskRuns``): no RLE, no pixels.
 
         Returns:
-          (list(Prediction)): per prompt, C masks of HxW in the original frame (C = 3
-            with ``multimask``, 1 without it or with ``best_only``), their C predicted
-            IoUs and their Cx(4h)x(4w) low-res logits in the padded input frame.
+          (list(Prediction)): per prompt, C masks of HxW in the original frame
+            (``options.masks_per_prompt``), their C predicted IoUs and their
+            Cx(4h)x(4w) low-res logits in the padded input frame.
         """
         predictions: list[Prediction | None] = [None] * len(prompts)
         groups: dict[tuple[int, bool, bool], list[int]] = {}
@@ -393,11 +313,9 @@ class SamEngine:
         for group in groups.values():
             for start in range(0, len(group), self.decoder_batch_size):
                 indices = group[start : start + self.decoder_batch_size]
-                batch = [prompts[i] for i in indices]
                 answers = self._predict_batch(
-                    embedding, batch, multimask, best_only, timing_ms, map_fn, defer_padding,
-                    rle,
-                )  # fmt: skip
+                    embedding, [prompts[i] for i in indices], options, map_fn
+                )
                 for i, prediction in zip(indices, answers):
                     predictions[i] = prediction
         return predictions  # type: ignore[return-value]
@@ -406,17 +324,42 @@ class SamEngine:
         self,
         embedding: ImageEmbedding,
         prompts: Sequence[Prompt],
-        multimask: bool,
-        best_only: bool,
-        timing_ms: dict[str, float] | None,
+        options: MaskOptions,
         map_fn: Mapper,
-        defer_padding: bool,
-        rle: bool,
     ) -> list[Prediction]:
-        """Decode B prompts of one signature in one call, as ``SamPredictor.predict_torch``."""
-        started = time.perf_counter()
-        first = prompts[0]
-        original_size = embedding.original_size
+        """Decode B prompts of one signature in one call, as ``SamPredictor.predict``."""
+        with stage("decoder"):
+            low_res, iou = self.predict_torch(
+                embedding, *self._prompt_tensors(embedding, prompts), options
+            )
+            low_res, iou = low_res.float().cpu(), iou.float().cpu()  # waits for a GPU
+        with stage("upscale"):
+            # All the call's masks in one map: a pool's threads share them.
+            masks = upscale_masks(
+                low_res.flatten(0, 1),
+                embedding.input_size,
+                embedding.original_size,
+                self.model.image_encoder.img_size,
+                self.model.mask_threshold,
+                map_fn,
+                options.rle,
+            )
+        per_prompt = low_res.shape[1]
+        return [
+            Prediction(
+                masks=masks[i * per_prompt : (i + 1) * per_prompt],
+                scores=scores.numpy(),
+                low_res_logits=logits.numpy(),
+            )
+            for i, (logits, scores) in enumerate(zip(low_res, iou))
+        ]
+
+    def _prompt_tensors(
+        self, embedding: ImageEmbedding, prompts: Sequence[Prompt]
+    ) -> tuple[Points | None, torch.Tensor | None, torch.Tensor | None]:
+        """B prompts of one signature as ``predict_torch``'s points, boxes and mask
+        inputs, in the model's input frame (as ``SamPredictor.predict`` transforms them)."""
+        first, original_size = prompts[0], embedding.original_size
         points = boxes = masks = None
         if first.point_coords is not None:
             coords = np.stack(
@@ -433,72 +376,59 @@ class SamEngine:
         if first.mask_input is not None:
             mask = np.stack([p.mask_input for p in prompts])
             masks = torch.as_tensor(mask, dtype=torch.float, device=self.device)
+        return points, boxes, masks
 
-        low_res, iou, padding = self.decode(
-            embedding, points, boxes, masks, multimask, best_only, defer_padding
-        )
-        low_res, iou = low_res.float().cpu(), iou.float().cpu()  # waits for a GPU
-        decoded = time.perf_counter()
-        # All the call's masks in one map: a pool's threads share them.
-        masks = upscale_masks(
-            low_res.flatten(0, 1),
-            embedding.input_size,
-            original_size,
-            self.model.image_encoder.img_size,
-            self.model.mask_threshold,
-            map_fn,
-            rle,
-        )
-        per_prompt = low_res.shape[1]
-        predictions = [
-            Prediction(
-                masks=masks[i * per_prompt : (i + 1) * per_prompt],
-                scores=scores.numpy(),
-                low_res_logits=logits.numpy(),
-                padding=None if padding is None else padding[i],
-            )
-            for i, (logits, scores) in enumerate(zip(low_res, iou))
-        ]
-        if timing_ms is not None:
-            timing_ms["decoder"] = timing_ms.get("decoder", 0.0) + (decoded - started) * 1000
-            upscale_ms = (time.perf_counter() - decoded) * 1000
-            timing_ms["upscale"] = timing_ms.get("upscale", 0.0) + upscale_ms
-        return predictions
-
-    def decode(
+    def predict_torch(
         self,
         embedding: ImageEmbedding,
-        points: tuple[torch.Tensor, torch.Tensor] | None,
+        points: Points | None,
         boxes: torch.Tensor | None = None,
         mask_input: torch.Tensor | None = None,
-        multimask: bool = True,
-        best_only: bool = False,
-        defer_padding: bool = False,
-    ) -> tuple[torch.Tensor, torch.Tensor, list[PaddingLogits] | None]:
-        """``decode_prompts`` on a cached ``embedding`` (inputs in the model's input frame),
-        with the engine's positional encoding and the embedding's projections; with
-        ``defer_padding``, the logits over the padding are left to ``PaddingLogits``."""
-        return decode_prompts(
-            self.model,
-            embedding.embedding,
-            points,
-            boxes,
-            mask_input,
-            multimask,
-            best_only,
-            self.image_pe,
-            embedding.projections,
-            self.tokens_read(embedding) if defer_padding else None,
-        )
+        options: MaskOptions = MaskOptions(),
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prompt encoder + mask decoder for B prompts on one embedded image, as
+        ``SamPredictor.predict_torch`` calls them (with ``samserve.decoder``'s equivalent of
+        ``Sam.mask_decoder``). Gradients flow where the caller enables them.
 
-    def tokens_read(self, embedding: ImageEmbedding) -> tuple[int, int]:
-        """The first (rows, columns) of the embedding's image tokens whose low-res logits
-        its full-size masks read (``upscale.tokens_read``); the rest lie under padding."""
-        return tokens_read(
-            tuple(embedding.embedding.shape[-2:]),
-            embedding.input_size,
-            embedding.original_size,
-            self.model.image_encoder.img_size,
+        Arguments:
+          embedding (ImageEmbedding): the image's embedding.
+          points (tuple(torch.Tensor, torch.Tensor) or None): BxNx2 point coordinates in
+            the model's input frame and their BxN labels (1 foreground, 0 background).
+          boxes (torch.Tensor or None): Bx4 boxes (X0, Y0, X1, Y1) in the model's input
+            frame.
+          mask_input (torch.Tensor or None): Bx1x(4h)x(4w) low-res logits of earlier
+            predictions, in the padded input frame.
+          options (MaskOptions): ``multimask`` and ``best_only`` (``rle`` concerns
+            full-size masks only).
+
+        Returns:
+          (torch.Tensor): BxKx(4h)x(4w) low-res logits, K = ``options.masks_per_prompt``.
+          (torch.Tensor): their BxK predicted IoUs.
+        """
+        model = self.model
+        sparse, dense = model.prompt_encoder(points=points, boxes=boxes, masks=mask_input)
+        projections = embedding.projections
+        if mask_input is None:
+            dense = dense[:1]  # the "no mask" embedding, the same for every prompt
+        else:
+            projections = None  # they were made with the "no mask" embedding
+
+        def select(iou: torch.Tensor) -> torch.Tensor:
+            """Bx(1+M) IoU predictions -> BxK mask tokens: 1..M with multimask, else 0."""
+            first, stop = (1, iou.shape[1]) if options.multimask else (0, 1)
+            tokens = torch.arange(first, stop, device=iou.device).expand(len(iou), -1)
+            if options.best_only:
+                tokens = tokens.gather(1, iou[:, first:stop].argmax(dim=1, keepdim=True))
+            return tokens
+
+        return predict_masks(
+            model.mask_decoder,
+            embedding.embedding,
+            self.image_pe,
+            sparse,
+            dense,
+            select,
+            projections,
         )
 
     def store_logits(self, stored: StoredLogits) -> str:

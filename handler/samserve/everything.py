@@ -266,12 +266,10 @@ class _CachedPredictor(SamPredictor):
         labels = torch.ones(coords.shape[0], 1, dtype=torch.int, device=coords.device)
         step = self.engine.decoder_batch_size
         parts = [
-            self.engine.decode(
+            self.engine.predict_torch(
                 self.embedding,
                 (coords[start : start + step, None, :], labels[start : start + step]),
-                multimask=True,
-                defer_padding=True,  # no full-size pixel reads the padding's logits
-            )[:2]
+            )
             for start in range(0, coords.shape[0], step)
         ]
         return torch.cat([low for low, _ in parts]), torch.cat([iou for _, iou in parts])

@@ -20,7 +20,7 @@ import torch
 from segment_anything.modeling import Sam
 
 from . import matmul
-from .engine import ImageEmbedding, Prompt, SamEngine, StoredLogits
+from .engine import ImageEmbedding, MaskOptions, Prompt, SamEngine, StoredLogits
 from .errors import RequestError, quote
 from .everything import EverythingLimits, plan_everything, segment_everything
 from .images import decode_image, image_id_of
@@ -28,6 +28,7 @@ from .masks import Mapper, encode_mask_groups
 from .process import MIB, release_freed_memory
 from .protocol import Limits, PromptRequest, SegmentRequest, parse_request
 from .settings import Settings
+from .timing import ms_since, stage, timed_stages
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +40,7 @@ MASK_PIXELS_PER_CALL = 1 << 27
 # The smallest prompt_work whose decoder calls run side by side, between sam_small's
 # and SAM's. Below it a call is mostly Python between short ops, held under the GIL, and
 # two threads only take turns at it: such calls run in turn, each on all threads.
-SIDE_BY_SIDE_WORK = 1 << 26
+MIN_PARALLEL_PROMPT_WORK = 1 << 26
 
 
 @dataclass
@@ -60,7 +61,7 @@ class Reply:
 
 
 @dataclass(frozen=True)
-class _Part:
+class _DecodedPart:
     """Some prompts of a job, done: per prompt, its mask records and its best mask's
     low-res logits (kept for ``logits_id``); the stages' milliseconds."""
 
@@ -99,10 +100,10 @@ class SegmentService:
         # (samserve.rle) and Pillow's PNG run without the GIL, and each is a few
         # memory-bound passes that torch's intra-op threads barely speed up.
         threads = torch.get_num_threads()  # also fixes this thread's count before the pool's
-        self.mask_threads = settings.mask_threads or threads
+        self.prompt_threads = settings.prompt_threads or threads
         self.prompt_work = prompt_work(tuple(engine.image_pe.shape))
-        self._mask_pool = ThreadPoolExecutor(
-            self.mask_threads, "samserve-masks", initializer=_one_torch_thread
+        self._prompt_pool = ThreadPoolExecutor(
+            self.prompt_threads, "samserve-prompts", initializer=_one_torch_thread
         )
 
     @classmethod
@@ -191,7 +192,7 @@ class SegmentService:
                     request.decode,
                 )
                 self._check_encodable(job.image.shape[:2])
-            job.timing_ms["decode"] = _ms_since(tic)
+            job.timing_ms["decode"] = ms_since(tic)
         else:
             job.image_id = request.image_id
             if _needs_image(request):
@@ -237,7 +238,7 @@ class SegmentService:
             return failures
         tic = time.perf_counter()
         embeddings = self.engine.embed(missing, failures)
-        encoder_ms = _ms_since(tic)
+        encoder_ms = ms_since(tic)
         for job in jobs:
             if job.embedding is None and job.image_id in embeddings:
                 job.embedding = embeddings[job.image_id]
@@ -254,7 +255,7 @@ class SegmentService:
             self._to_prompt(p, f"prompts[{i}]", job.image_id, width, height)
             for i, p in enumerate(job.request.prompts)
         ]
-        masks_per_prompt = 3 if job.request.multimask and not job.request.best_only else 1
+        masks_per_prompt = _mask_options(job.request).masks_per_prompt
         mask_pixels = len(prompts) * masks_per_prompt * width * height
         if mask_pixels > self.settings.max_mask_pixels:
             raise RequestError(
@@ -270,7 +271,7 @@ class SegmentService:
         chunk = part_size(masks_per_prompt * width * height, self.engine.decoder_batch_size)
         return [prompts[start : start + chunk] for start in range(0, len(prompts), chunk)]
 
-    def _results(self, job: _Job, parts: Iterator[_Part]) -> dict[str, Any]:
+    def _results(self, job: _Job, parts: Iterator[_DecodedPart]) -> dict[str, Any]:
         """The job's response body from its decoded ``parts``, in order."""
         results = []
         size = 0
@@ -279,8 +280,8 @@ class SegmentService:
             for masks, logits in zip(part.records, part.logits):
                 size += sum(len(_mask_data(m)) for m in masks)
                 results.append({"masks": masks, "logits_id": self.engine.store_logits(logits)})
-            for stage, ms in part.timing_ms.items():
-                stages[stage] += ms
+            for name, ms in part.timing_ms.items():
+                stages[name] += ms
             self._check_response_size(size)  # give up early, before all the work
         if results:
             job.timing_ms.update(stages)
@@ -288,14 +289,14 @@ class SegmentService:
 
     def _decode_batch(
         self, planned: dict[int, tuple[_Job, list[list[Prompt]]]]
-    ) -> Iterator[tuple[int, Iterator[_Part]]]:
+    ) -> Iterator[tuple[int, Iterator[_DecodedPart]]]:
         """Each planned job's index and its parts decoded, masks encoded, in order.
 
         Where the batch holds several parts (of one request or of several), they run side
         by side on the mask pool's threads, each on one torch thread with its masks made
         one by one: one part's decoder runs while another's masks are made, and no op
         waits for an OpenMP team. A single part, and every part of a small model's
-        (``parts_side_by_side``), runs here on all torch threads, its masks in the pool.
+        (``parallel_parts``), runs here on all torch threads, its masks in the pool.
         A job that fails cancels its own parts not yet started.
 
         Arguments:
@@ -308,37 +309,28 @@ class SegmentService:
             cancels its parts not yet started.
         """
         total = sum(len(parts) for _, parts in planned.values())
-        if parts_side_by_side(total, self.mask_threads, self.prompt_work) == 1:
+        if parallel_parts(total, self.prompt_threads, self.prompt_work) == 1:
             for index, (job, parts) in planned.items():
-                yield index, (self._decode_part(job, self._mask_pool.map, p) for p in parts)
+                yield index, (self._decode_part(job, self._prompt_pool.map, p) for p in parts)
             return
         submitted = {
-            index: [self._mask_pool.submit(self._decode_part, job, map, p) for p in parts]
+            index: [self._prompt_pool.submit(self._decode_part, job, map, p) for p in parts]
             for index, (job, parts) in planned.items()
         }
         for index, futures in submitted.items():
             yield index, _outcomes(futures)
 
-    def _decode_part(self, job: _Job, map_fn: Mapper, prompts: list[Prompt]) -> _Part:
+    def _decode_part(self, job: _Job, map_fn: Mapper, prompts: list[Prompt]) -> _DecodedPart:
         """Decode ``prompts`` on the job's image and encode their masks, made by ``map_fn``."""
-        timing_ms = {"decoder": 0.0, "upscale": 0.0}
-        predictions = self.engine.predict(
-            job.embedding,
-            prompts,
-            job.request.multimask,
-            timing_ms,
-            best_only=job.request.best_only,
-            map_fn=map_fn,
-            defer_padding=True,
-            rle=job.request.output != "none",
-        )
-        tic = time.perf_counter()
-        records = encode_mask_groups(
-            [(p.masks, p.scores) for p in predictions], job.request.output, map_fn
-        )
-        timing_ms["encode_masks"] = _ms_since(tic)
-        logits = [p.logits_to_store(job.image_id, int(np.argmax(p.scores))) for p in predictions]
-        return _Part(records, logits, timing_ms)
+        options = _mask_options(job.request)
+        with timed_stages({"decoder": 0.0, "upscale": 0.0}) as stages:
+            predictions = self.engine.predict(job.embedding, prompts, options, map_fn)
+            with stage("encode_masks"):
+                records = encode_mask_groups(
+                    [(p.masks, p.scores) for p in predictions], job.request.output, map_fn
+                )
+        logits = [p.logits_to_store(job.image_id) for p in predictions]
+        return _DecodedPart(records, logits, stages)
 
     def _check_response_size(self, size: int) -> None:
         """413 ``response_too_large`` once a response passes ``max_response_bytes``."""
@@ -446,12 +438,12 @@ def prompt_work(embedding_shape: tuple[int, ...]) -> int:
     return height * width * channels * channels
 
 
-def parts_side_by_side(parts: int, mask_threads: int, work: int) -> int:
+def parallel_parts(parts: int, prompt_threads: int, work: int) -> int:
     """How many of a batch's ``parts`` (decoder calls, see ``SegmentService._decode_batch``)
-    run at once with ``mask_threads``, for a model of ``prompt_work`` ``work``: up to one per
-    thread when there are several and ``work`` is at least ``SIDE_BY_SIDE_WORK``, else one.
+    run at once with ``prompt_threads``, for a model of ``prompt_work`` ``work``: up to one per
+    thread when there are several and ``work`` is at least ``MIN_PARALLEL_PROMPT_WORK``, else one.
     A request's ``timing_ms`` stages are summed over its parts."""
-    return min(parts, mask_threads) if parts > 1 and work >= SIDE_BY_SIDE_WORK else 1
+    return min(parts, prompt_threads) if parts > 1 and work >= MIN_PARALLEL_PROMPT_WORK else 1
 
 
 def _one_torch_thread() -> None:
@@ -483,7 +475,7 @@ def _error_reply(error: Exception, index: int) -> Reply:
     return Reply(500, _INTERNAL.to_dict())
 
 
-def _outcomes(futures: list[Future[_Part]]) -> Iterator[_Part]:
+def _outcomes(futures: list[Future[_DecodedPart]]) -> Iterator[_DecodedPart]:
     """The futures' results in order; closed early, it cancels those not yet started."""
     try:
         for future in futures:
@@ -503,7 +495,7 @@ def _mask_data(record: dict[str, Any]) -> str:
 def _response(job: _Job, **content: Any) -> dict[str, Any]:
     """The response body: the image's id, cache hit and size, ``content`` (``results``
     or ``everything``) and the job's stage timings, ending with ``total``."""
-    job.timing_ms["total"] = _ms_since(job.started)
+    job.timing_ms["total"] = ms_since(job.started)
     height, width = job.embedding.original_size
     return {
         "image_id": job.image_id,
@@ -515,8 +507,9 @@ def _response(job: _Job, **content: Any) -> dict[str, Any]:
     }
 
 
-def _ms_since(tic: float) -> float:
-    return (time.perf_counter() - tic) * 1000.0
+def _mask_options(request: SegmentRequest) -> MaskOptions:
+    """What ``request`` asks of the decoder and its masks."""
+    return MaskOptions(request.multimask, request.best_only, rle=request.output != "none")
 
 
 def _needs_image(request: SegmentRequest) -> bool:

@@ -41,7 +41,7 @@ class Settings:
     encoder_batch_size: int = 2
     decoder_batch_size: int = 4  # prompts per mask-decoder call (see SamEngine.predict)
     torch_threads: int = 0  # 0: the machine's cores divided among the model's workers
-    mask_threads: int = 0  # threads making and encoding masks side by side; 0: torch threads
+    prompt_threads: int = 0  # threads decoding prompts and encoding masks; 0: torch threads
     cpu_matmul: str = "auto"  # float32 products on a CPU: auto, onednn or torch (samserve.matmul)
 
     def __post_init__(self) -> None:

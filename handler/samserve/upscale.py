@@ -78,32 +78,6 @@ def axis_map(low: int, padded: int, cropped: int, length: int) -> AxisMap:
     return AxisMap(index.numpy(), weight.numpy(), first.numpy(), last.numpy())
 
 
-def tokens_read(
-    grid: tuple[int, int],
-    input_size: tuple[int, int],
-    original_size: tuple[int, int],
-    padded_size: int,
-) -> tuple[int, int]:
-    """The image tokens whose low-res cells (4x4 per token) some full-size pixel reads
-    (see ``upscale_masks``); the other cells lie under the padding, with weight 0 in
-    every pixel.
-
-    Arguments:
-      grid (tuple(int, int)): (h, w) of the image-token grid.
-      input_size (tuple(int, int)): (H', W') of the resized image inside the padded
-        square, before padding.
-      original_size (tuple(int, int)): (H, W) of the image as decoded.
-      padded_size (int): the side of the model's square input.
-
-    Returns:
-      (tuple(int, int)): the first (rows, columns) of the grid that are read.
-    """
-    return tuple(  # type: ignore[return-value]
-        -(-(int(axis_map(4 * side, padded_size, cropped, length).last.max()) + 1) // 4)
-        for side, cropped, length in zip(grid, input_size, original_size)
-    )
-
-
 def upscale_masks(
     low_res: torch.Tensor,
     input_size: tuple[int, int],
