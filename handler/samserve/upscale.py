@@ -144,21 +144,15 @@ def _upscale_one(
     if top == bottom or left == right:
         return MaskRuns.empty(original_size, rle)
     runs = _buffer("runs", ((bottom - top + 2) * (right - left) + 2,), np.uint32)
+    lines = _buffer("lines", (logits.shape[1], bottom - top), np.float32)
     count, box, area = _mask_runs(
         np.ascontiguousarray(logits),
-        rows.index,
-        rows.weight,
-        cols.index,
-        cols.weight,
-        top,
-        bottom,
-        left,
-        right,
-        original_size[0],
-        original_size[1],
+        (rows.index, rows.weight),
+        (cols.index, cols.weight),
+        (top, bottom, left, right),
+        (original_size[0], original_size[1]),
         np.float32(threshold),
-        runs,
-        _buffer("lines", (logits.shape[1], bottom - top), np.float32),
+        (runs, lines),
     )
     return MaskRuns.of_runs(runs[:count], original_size, box.tolist(), int(area), rle)
 
@@ -202,26 +196,33 @@ def compiled(function: Callable[..., Any]) -> Callable[..., Any]:
 @compiled
 def _mask_runs(
     logits: np.ndarray,
-    row_index: np.ndarray,
-    row_weight: np.ndarray,
-    col_index: np.ndarray,
-    col_weight: np.ndarray,
-    top: int,
-    bottom: int,
-    left: int,
-    right: int,
-    height: int,
-    width: int,
+    row_map: tuple[np.ndarray, np.ndarray],
+    col_map: tuple[np.ndarray, np.ndarray],
+    window: tuple[int, int, int, int],
+    size: tuple[int, int],
     threshold: np.float32,
-    counts: np.ndarray,
-    lines: np.ndarray,
+    buffers: tuple[np.ndarray, np.ndarray],
 ) -> tuple[int, np.ndarray, int]:
     """The HxW mask ``values > threshold``, whose values are the axis maps' weighted sums
-    of hxw ``logits`` inside rows [top, bottom) and columns [left, right), 0 outside: its
-    COCO RLE counts (column-major runs from a run of 0s) written into uint32 ``counts``
-    (at least ``(bottom - top + 2) * (right - left) + 2`` long), and how many were
-    written, its box ([x, y, w, h] of the set pixels, 0s if none) and area (pixels set).
-    ``lines`` (float32, w x (bottom - top) for w logits columns) holds the row sums.
+    of hxw ``logits`` inside its window, 0 outside: its COCO RLE counts (column-major runs
+    from a run of 0s), its box ([x, y, w, h] of the set pixels, 0s if none) and area.
+
+    Arguments:
+      logits (np.ndarray): hxw float32 low-res logits.
+      row_map, col_map (tuple(np.ndarray, np.ndarray)): each axis map's ``index`` and
+        ``weight`` (``AxisMap``).
+      window (tuple(int, int, int, int)): rows [top, bottom) and columns [left, right)
+        of the HxW mask that some cell above the threshold reaches.
+      size (tuple(int, int)): (H, W).
+      threshold (np.float32): SAM's ``mask_threshold``.
+      buffers (tuple(np.ndarray, np.ndarray)): uint32 ``counts``, at least
+        ``(bottom - top + 2) * (right - left) + 2`` long, where the counts are written,
+        and float32 ``lines``, w x (bottom - top) for w logits columns, for the row sums.
+
+    Returns:
+      (int): how many counts were written.
+      (np.ndarray): the box, int64.
+      (int): the area (pixels set).
 
     Rows first: each window row's h-long sums over the row map, stored transposed (one
     h-cell line per logits column); then per pixel column its values over the column
@@ -231,6 +232,11 @@ def _mask_runs(
     1 | carry)``, and each change is found by its trailing zeros, so the pass costs
     about one step per 8 pixels plus one per run (with no branch on each 8 pixels).
     """
+    row_index, row_weight = row_map
+    col_index, col_weight = col_map
+    top, bottom, left, right = window
+    height, width = size
+    counts, lines = buffers
     rows = bottom - top
     low_cols = logits.shape[1]
     row_taps = row_index.shape[1]
