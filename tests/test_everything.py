@@ -262,3 +262,20 @@ def test_crop_layers_where_no_mask_passes_give_no_records(micro_sam):
     embedding = engine.embed({"a": image})["a"]
     result = segment_everything(engine, embedding, params, image, UNBOUNDED)
     assert result.records == [] and result.encoder_runs == 4
+
+
+def test_everything_params_default_to_sams_generator():
+    """The parameters a request may set take SamAutomaticMaskGenerator's own defaults, and
+    the protocol bounds exactly those parameters."""
+    import inspect
+
+    from segment_anything import SamAutomaticMaskGenerator
+
+    from samserve.protocol import EVERYTHING_BOUNDS
+
+    signature = inspect.signature(SamAutomaticMaskGenerator).parameters
+    params = EverythingParams().as_kwargs()
+    assert params == {name: signature[name].default for name in params}
+    assert set(EVERYTHING_BOUNDS) == set(params)
+    assert EverythingParams.is_integer("points_per_side")
+    assert not EverythingParams.is_integer("pred_iou_thresh")

@@ -20,8 +20,9 @@ from samserve.protocol import (
     parse_json,
     parse_request,
 )
+from samserve.settings import Settings
 
-LIMITS = Limits()
+LIMITS = Limits.from_settings(Settings())
 IMAGE = b"\x89PNG\r\n\x1a\n some image bytes \x00\xff"
 IMAGE_B64 = base64.b64encode(IMAGE).decode("ascii")
 
@@ -409,15 +410,13 @@ def test_error_to_dict_shape():
 
 @pytest.mark.parametrize("image", ["aGVsbG8", "aGVs\nbG8=", "aGVs bG8=\n", "aGVsbG8=\r\n"])
 def test_wrapped_and_unpadded_base64_is_accepted(image):
-    assert parse_json({"image": image}, Limits()).image == b"hello"
+    assert parse_json({"image": image}, LIMITS).image == b"hello"
 
 
 @pytest.mark.parametrize("label", [1.0, 0.0, "1", None])
 def test_label_must_be_an_integer(label):
     with pytest.raises(RequestError) as caught:
-        parse_json(
-            {"image_id": "a", "prompts": [{"points": [[1, 2]], "labels": [label]}]}, Limits()
-        )
+        parse_json({"image_id": "a", "prompts": [{"points": [[1, 2]], "labels": [label]}]}, LIMITS)
     assert caught.value.code == "invalid_request" and "labels[0]" in caught.value.message
 
 

@@ -25,6 +25,7 @@ and a bound on the full-size mask pixels it makes.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 import time
 from dataclasses import dataclass
@@ -47,21 +48,32 @@ from .engine import ImageEmbedding, SamEngine
 from .errors import RequestError
 
 
+def _sam_default(name: str) -> Any:
+    """The default of ``SamAutomaticMaskGenerator``'s parameter ``name``, read from SAM's
+    own signature so that the two cannot drift apart."""
+    return inspect.signature(SamAutomaticMaskGenerator).parameters[name].default
+
+
 @dataclass(frozen=True)
 class EverythingParams:
-    """``SamAutomaticMaskGenerator``'s parameters, with its defaults."""
+    """The ``SamAutomaticMaskGenerator`` parameters a request may set, with SAM's defaults."""
 
-    points_per_side: int = 32
-    points_per_batch: int = 64
-    pred_iou_thresh: float = 0.88
-    stability_score_thresh: float = 0.95
-    stability_score_offset: float = 1.0
-    box_nms_thresh: float = 0.7
-    crop_n_layers: int = 0
-    crop_nms_thresh: float = 0.7
-    crop_overlap_ratio: float = 512 / 1500
-    crop_n_points_downscale_factor: int = 1
-    min_mask_region_area: int = 0
+    points_per_side: int = _sam_default("points_per_side")
+    points_per_batch: int = _sam_default("points_per_batch")
+    pred_iou_thresh: float = _sam_default("pred_iou_thresh")
+    stability_score_thresh: float = _sam_default("stability_score_thresh")
+    stability_score_offset: float = _sam_default("stability_score_offset")
+    box_nms_thresh: float = _sam_default("box_nms_thresh")
+    crop_n_layers: int = _sam_default("crop_n_layers")
+    crop_nms_thresh: float = _sam_default("crop_nms_thresh")
+    crop_overlap_ratio: float = _sam_default("crop_overlap_ratio")
+    crop_n_points_downscale_factor: int = _sam_default("crop_n_points_downscale_factor")
+    min_mask_region_area: int = _sam_default("min_mask_region_area")
+
+    @classmethod
+    def is_integer(cls, name: str) -> bool:
+        """Whether parameter ``name`` takes an integer."""
+        return {f.name: f.type for f in dataclasses.fields(cls)}[name] == "int"
 
     def as_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for ``SamAutomaticMaskGenerator``."""

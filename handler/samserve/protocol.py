@@ -27,6 +27,7 @@ from .errors import RequestError, quote
 from .everything import EverythingParams
 from .images import DEFAULT_DECODE, DecodeOptions
 from .masks import OUTPUT_FORMATS
+from .settings import Settings
 
 REQUEST_FIELDS = frozenset(
     {
@@ -49,10 +50,15 @@ MAX_PAGE = 1_000_000
 
 @dataclass(frozen=True)
 class Limits:
-    """Bounds on what one request may ask for."""
+    """Bounds on what one request may ask for (the handler settings of the same names)."""
 
-    max_prompts: int = 256
-    max_points_per_prompt: int = 64
+    max_prompts: int
+    max_points_per_prompt: int
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Limits:
+        """The limits ``settings`` set."""
+        return cls(settings.max_prompts, settings.max_points_per_prompt)
 
 
 @dataclass(frozen=True)
@@ -84,19 +90,19 @@ class SegmentRequest:
     everything: EverythingParams | None = None
 
 
-# Bounds of each segment-everything parameter (inclusive), and whether it is an integer.
-EVERYTHING_BOUNDS: dict[str, tuple[float, float, bool]] = {
-    "points_per_side": (1, 64, True),
-    "points_per_batch": (1, 256, True),
-    "pred_iou_thresh": (0.0, 1.0, False),
-    "stability_score_thresh": (0.0, 1.0, False),
-    "stability_score_offset": (0.0, 10.0, False),
-    "box_nms_thresh": (0.0, 1.0, False),
-    "crop_n_layers": (0, 2, True),
-    "crop_nms_thresh": (0.0, 1.0, False),
-    "crop_overlap_ratio": (0.0, 0.9, False),
-    "crop_n_points_downscale_factor": (1, 8, True),
-    "min_mask_region_area": (0, 100_000_000, True),
+# Bounds of each segment-everything parameter a request may set (inclusive).
+EVERYTHING_BOUNDS: dict[str, tuple[float, float]] = {
+    "points_per_side": (1, 64),
+    "points_per_batch": (1, 256),
+    "pred_iou_thresh": (0.0, 1.0),
+    "stability_score_thresh": (0.0, 1.0),
+    "stability_score_offset": (0.0, 10.0),
+    "box_nms_thresh": (0.0, 1.0),
+    "crop_n_layers": (0, 2),
+    "crop_nms_thresh": (0.0, 1.0),
+    "crop_overlap_ratio": (0.0, 0.9),
+    "crop_n_points_downscale_factor": (1, 8),
+    "min_mask_region_area": (0, 100_000_000),
 }
 
 
@@ -238,8 +244,9 @@ def _parse_everything(value: Any) -> EverythingParams | None:
     for name, given in value.items():
         if given is None:
             continue
-        low, high, integer = EVERYTHING_BOUNDS[name]
+        low, high = EVERYTHING_BOUNDS[name]
         where = f"everything.{name}"
+        integer = EverythingParams.is_integer(name)
         if integer and (isinstance(given, bool) or not isinstance(given, int)):
             raise _invalid(where, f"must be an integer, got {quote(given)}")
         (number,) = _numbers([given], 1, where)

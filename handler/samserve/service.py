@@ -89,7 +89,7 @@ class SegmentService:
     def __init__(self, engine: SamEngine, settings: Settings) -> None:
         self.engine = engine
         self.settings = settings
-        self.limits = Limits(settings.max_prompts, settings.max_points_per_prompt)
+        self.limits = Limits.from_settings(settings)
         self.everything_limits = EverythingLimits(
             settings.max_everything_points,
             settings.max_everything_crops,
