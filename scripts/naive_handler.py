@@ -32,6 +32,7 @@ from samserve.masks import mask_to_png
 from samserve.models import SamSpec, build_sam
 from samserve.protocol import Limits, SegmentRequest, parse_request
 from samserve.settings import Settings
+from samserve.timing import ms_since
 
 
 class NaiveSamHandler(BaseHandler):
@@ -82,10 +83,10 @@ class NaiveSamHandler(BaseHandler):
         image = decode_image(
             request.image, self.settings.max_image_bytes, self.settings.max_image_pixels
         )
-        timing["decode"] = _ms_since(tic)
+        timing["decode"] = ms_since(tic)
         tic = time.perf_counter()
         self.predictor.set_image(image)  # HxWx3 uint8 RGB: the image encoder runs
-        timing["encoder"] = _ms_since(tic)
+        timing["encoder"] = ms_since(tic)
         results = []
         timing["decoder"] = timing["encode_masks"] = 0.0
         for prompt in request.prompts:
@@ -96,11 +97,11 @@ class NaiveSamHandler(BaseHandler):
                 box=prompt.box,
                 multimask_output=request.multimask,
             )  # CxHxW bool masks in the original frame, C scores
-            timing["decoder"] += _ms_since(tic)
+            timing["decoder"] += ms_since(tic)
             tic = time.perf_counter()
             results.append({"masks": mask_records(masks, scores, request.output)})
-            timing["encode_masks"] += _ms_since(tic)
-        timing["total"] = _ms_since(started)
+            timing["encode_masks"] += ms_since(tic)
+        timing["total"] = ms_since(started)
         height, width = image.shape[:2]
         return {
             "width": width,
@@ -144,7 +145,3 @@ def mask_records(masks: np.ndarray, scores: np.ndarray, output: str) -> list[dic
             record["png"] = mask_to_png(mask)
         records.append(record)
     return records
-
-
-def _ms_since(tic: float) -> float:
-    return (time.perf_counter() - tic) * 1000.0

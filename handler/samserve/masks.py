@@ -127,3 +127,11 @@ def mask_to_png(mask: np.ndarray) -> str:
     buffer = io.BytesIO()
     Image.fromarray(np.ascontiguousarray(mask, dtype=bool)).save(buffer, format="PNG")
     return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def record_payload(record: dict[str, Any]) -> str:
+    """The bulky part of a mask record (see ``encode_masks``): its RLE counts or its PNG,
+    '' for ``none``."""
+    if "segmentation" in record:
+        return record["segmentation"]["counts"]
+    return record.get("png", "")

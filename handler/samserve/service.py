@@ -24,7 +24,7 @@ from .engine import ImageEmbedding, MaskOptions, Prompt, SamEngine, StoredLogits
 from .errors import RequestError, quote
 from .everything import EverythingLimits, plan_everything, segment_everything
 from .images import decode_image, image_id_of
-from .masks import Mapper, encode_mask_groups
+from .masks import Mapper, encode_mask_groups, record_payload
 from .process import MIB, release_freed_memory
 from .protocol import Limits, PromptRequest, SegmentRequest, parse_request
 from .settings import Settings
@@ -278,7 +278,7 @@ class SegmentService:
         stages = {"decoder": 0.0, "upscale": 0.0, "encode_masks": 0.0}
         for part in parts:
             for masks, logits in zip(part.records, part.logits):
-                size += sum(len(_mask_data(m)) for m in masks)
+                size += sum(len(record_payload(m)) for m in masks)
                 results.append({"masks": masks, "logits_id": self.engine.store_logits(logits)})
             for name, ms in part.timing_ms.items():
                 stages[name] += ms
@@ -483,13 +483,6 @@ def _outcomes(futures: list[Future[_DecodedPart]]) -> Iterator[_DecodedPart]:
     finally:
         for future in futures:
             future.cancel()
-
-
-def _mask_data(record: dict[str, Any]) -> str:
-    """The bulky part of an encoded mask record: its RLE counts or PNG, if any."""
-    if "segmentation" in record:
-        return record["segmentation"]["counts"]
-    return record.get("png", "")
 
 
 def _response(job: _Job, **content: Any) -> dict[str, Any]:
