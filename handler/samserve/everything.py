@@ -334,42 +334,43 @@ class _EngineGenerator(SamAutomaticMaskGenerator):
             device=predictor.device,
         )
         low_res, iou_preds = predictor.decode_points(coords)
-        kept = MaskData(
+        candidates = MaskData(
             low_res=low_res.flatten(0, 1),
             iou_preds=iou_preds.flatten(0, 1),
             points=torch.as_tensor(points.repeat(low_res.shape[1], axis=0)),
         )
         del low_res
         if self.pred_iou_thresh > 0.0:
-            kept.filter(kept["iou_preds"] > self.pred_iou_thresh)
+            candidates.filter(candidates["iou_preds"] > self.pred_iou_thresh)
         if budget is not None:
             budget.points_done += len(points)
-            budget.add_masks(len(kept["iou_preds"]), math.prod(im_size))
+            budget.add_masks(len(candidates["iou_preds"]), math.prod(im_size))
         data = MaskData()
         # At least one part, maybe empty: SAM's later steps read the batch's fields.
-        for start in range(0, max(len(kept["iou_preds"]), 1), UPSCALE_BATCH):
+        for start in range(0, max(len(candidates["iou_preds"]), 1), UPSCALE_BATCH):
             if budget is not None and start:
                 budget.check_time()
             part = slice(start, start + UPSCALE_BATCH)
-            data.cat(self._full_size(kept, part, predictor, crop_box, orig_size))
+            data.cat(self._full_size(candidates, part, predictor, crop_box, orig_size))
         return data
 
     def _full_size(
         self,
-        kept: MaskData,
+        candidates: MaskData,
         part: slice,
         predictor: SamPredictor,
         crop_box: list[int],
         orig_size: tuple[int, ...],
     ) -> MaskData:
-        """The rest of SAM's ``_process_batch`` for the ``part`` of the masks ``kept``."""
+        """The rest of SAM's ``_process_batch`` for the ``part`` of the ``candidates`` (the
+        masks that passed the predicted-IoU filter)."""
         orig_h, orig_w = orig_size
         model = predictor.model
         logits = model.postprocess_masks(
-            kept["low_res"][part, None], predictor.input_size, predictor.original_size
+            candidates["low_res"][part, None], predictor.input_size, predictor.original_size
         )[:, 0]
         data = MaskData(
-            masks=logits, iou_preds=kept["iou_preds"][part], points=kept["points"][part]
+            masks=logits, iou_preds=candidates["iou_preds"][part], points=candidates["points"][part]
         )
         data["stability_score"] = calculate_stability_score(
             data["masks"], model.mask_threshold, self.stability_score_offset
