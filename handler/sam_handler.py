@@ -15,9 +15,8 @@ from typing import Any
 import torch
 from ts.torch_handler.base_handler import BaseHandler
 
-from samserve import matmul
 from samserve.models import SamSpec, build_sam
-from samserve.process import keep_freed_memory, openmp_spin_warning, release_freed_memory
+from samserve.process import release_freed_memory, tune_process
 from samserve.service import Reply, SegmentService
 from samserve.settings import Settings
 
@@ -33,8 +32,8 @@ class SamHandler(BaseHandler):
     """initialize / preprocess / inference / postprocess around ``SegmentService``."""
 
     def initialize(self, context: Any) -> None:
-        """Build the model from the archive's spec and checkpoint, on CUDA when present."""
-        keep_freed_memory()  # before torch's threads start: they would get arenas of their own
+        """Tune the process (``samserve.process.tune_process``), then build the model from
+        the archive's spec and checkpoint, on CUDA when present."""
         properties = context.system_properties
         config = (getattr(context, "model_yaml_config", None) or {}).get("handler", {})
         config = dict(config)
@@ -46,8 +45,8 @@ class SamHandler(BaseHandler):
             self.device = torch.device(f"cuda:{gpu_id}")
         else:
             self.device = torch.device("cpu")
-            torch.set_num_threads(settings.torch_threads or _default_threads(context))
-            matmul.set_backend(settings.cpu_matmul)
+        threads = settings.torch_threads or _default_threads(context)
+        tuning = tune_process(self.device, threads, settings.cpu_matmul, os.environ)
 
         manifest = context.manifest
         model_dir = Path(properties.get("model_dir"))
@@ -60,17 +59,9 @@ class SamHandler(BaseHandler):
         self.model = sam
         self.manifest = manifest
         self.initialized = True
-        logger.info(
-            "SAM %s on %s, %d torch threads, CPU matmul %s, settings %s",
-            spec.name,
-            self.device,
-            torch.get_num_threads(),
-            matmul.backend(),
-            settings,
-        )
-        warning = openmp_spin_warning(os.environ)
-        if warning:
-            logger.warning(warning)
+        logger.info("SAM %s on %s, %s, settings %s", spec.name, self.device, tuning, settings)
+        if tuning.openmp_warning:
+            logger.warning(tuning.openmp_warning)
 
     def preprocess(self, data: list[dict[str, Any]]) -> list[tuple[Any, str | None]]:
         """(body, content type) of each request in the batch."""

@@ -33,13 +33,14 @@ MODEL = "sam"
 # different offsets (SAMSERVE_TEST_PORT_OFFSET).
 PORTS = Ports.offset(int(os.environ.get("SAMSERVE_TEST_PORT_OFFSET", "11000")))
 # sam_small_cache.mar multiplies with the backend "auto" does not pick on this host.
-OTHER_CPU_MATMUL = {"onednn": "torch", "torch": "onednn"}[matmul.set_backend("auto")]
+OTHER_CPU_MATMUL = {"onednn": "torch", "torch": "onednn"}[matmul.resolve_backend("auto")]
 SMALL_CACHE_MB = 0.2  # holds one sam_micro image (64 KiB embedding, 96 KiB projections), not two
 
 
 @pytest.fixture(autouse=True)
 def _restore_cpu_matmul():
-    """Tests may switch samserve.matmul's process-wide backend; each starts on ``auto``."""
+    """Tests may switch samserve.matmul's process-wide backend; each starts on ``auto``,
+    as a worker with default settings does (importing samserve sets none)."""
     matmul.set_backend("auto")
     yield
     matmul.set_backend("auto")

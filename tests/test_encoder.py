@@ -8,7 +8,7 @@ from segment_anything.modeling.image_encoder import Attention
 
 from samserve import matmul
 from samserve.encoder import SlicedAttention, head_groups, sliced_attention
-from samserve.models import assemble_sam, build_sam, retype_modules, spec_by_name
+from samserve.models import assemble_sam, build_sam, spec_by_name, swap_modules
 
 BACKENDS = ["torch"] + (["onednn"] if torch.backends.mkldnn.is_available() else [])
 
@@ -57,9 +57,7 @@ def test_small_maps_keep_sams_forward():
     attn = _attention((14, 14))
     x = torch.randn(3, 14, 14, 64)
     with torch.inference_mode():
-        expected = attn(x)
-        attn.__class__ = SlicedAttention
-        assert torch.equal(attn(x), expected)
+        assert torch.equal(SlicedAttention.from_attention(attn)(x), attn(x))
 
 
 @pytest.mark.parametrize("name", ["sam_tiny", "sam_small"])
@@ -83,13 +81,31 @@ def test_built_encoder_gives_segment_anythings_bits(name):
         assert torch.equal(built.image_encoder(x), reference.image_encoder(x))
 
 
-def test_attention_retyped_keeps_parameters():
+def test_attention_swapped_holds_the_same_parameters():
     sam = assemble_sam(spec_by_name("sam_micro"))
     keys = list(sam.state_dict())
-    count = sum(type(m) is Attention for m in sam.modules())
-    assert retype_modules(sam, Attention, SlicedAttention) == count > 0
-    assert retype_modules(sam, Attention, SlicedAttention) == 0
+    before = {name: m for name, m in sam.named_modules() if type(m) is Attention}
+    assert swap_modules(sam, Attention, SlicedAttention.from_attention) == len(before) > 0
+    assert swap_modules(sam, Attention, SlicedAttention.from_attention) == 0
     assert list(sam.state_dict()) == keys
+    after = dict(sam.named_modules())
+    for name, old in before.items():
+        new = after[name]
+        assert type(new) is SlicedAttention and new.training == old.training
+        for attribute in ("num_heads", "scale", "use_rel_pos"):
+            assert getattr(new, attribute) == getattr(old, attribute)
+        assert new.qkv is old.qkv and new.proj is old.proj
+        assert new.rel_pos_h is old.rel_pos_h and new.rel_pos_w is old.rel_pos_w
+    assert not any(p.is_meta for p in sam.parameters())
+
+
+def test_attention_without_relative_positions_swaps_too():
+    attn = Attention(32, 4, qkv_bias=False).eval()
+    sliced = SlicedAttention.from_attention(attn)
+    assert not sliced.use_rel_pos and sliced.qkv is attn.qkv
+    x = torch.randn(1, 40, 48, 32)
+    with torch.inference_mode():
+        assert torch.equal(sliced(x), attn(x))
 
 
 def test_with_autograd_it_is_sams_forward_and_gradients():
@@ -97,9 +113,8 @@ def test_with_autograd_it_is_sams_forward_and_gradients():
     attn = _attention((40, 48))
     x = torch.randn(1, 40, 48, 64, requires_grad=True)
     grads = []
-    for cls in (Attention, SlicedAttention):
-        attn.__class__ = cls
+    for module in (attn, SlicedAttention.from_attention(attn)):
         x.grad = None
-        attn(x).square().sum().backward()
+        module(x).square().sum().backward()
         grads.append(x.grad.clone())
     assert torch.equal(grads[0], grads[1])

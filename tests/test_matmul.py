@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from profile_decoder import OpTimes
 from samserve import matmul
 from samserve.decoder import predict_masks
-from samserve.models import assemble_sam, retype_modules, spec_by_name
+from samserve.models import assemble_sam, spec_by_name, swap_modules
 from samserve.settings import Settings
 
 ONEDNN = torch.backends.mkldnn.is_available()
@@ -89,22 +89,46 @@ def test_unknown_backend_is_refused_by_name():
     assert Settings.from_dict({"cpu_matmul": "torch"}).cpu_matmul == "torch"
 
 
-def test_linears_retyped_keep_parameters_and_answers():
+def test_linears_swapped_hold_the_same_parameters_and_answer_the_same():
     torch.manual_seed(0)
     sam = assemble_sam(spec_by_name("sam_micro")).eval()
-    linears = [m for m in sam.modules() if type(m) is torch.nn.Linear]
+    linears = {name: m for name, m in sam.named_modules() if type(m) is torch.nn.Linear}
     keys = list(sam.state_dict())
-    x = torch.randn(2, 7, linears[0].in_features)
+    name, first = next(iter(linears.items()))
+    x = torch.randn(2, 7, first.in_features)
     with torch.inference_mode():
-        expected = linears[0](x)
-    assert retype_modules(sam, torch.nn.Linear, matmul.Linear) == len(linears) > 0
-    assert all(type(m) is matmul.Linear for m in linears)
+        expected = first(x)
+    assert swap_modules(sam, torch.nn.Linear, matmul.Linear.from_linear) == len(linears) > 0
+    swapped = dict(sam.named_modules())
+    for key, old in linears.items():
+        new = swapped[key]
+        assert type(new) is matmul.Linear and new is not old and not new.training
+        assert new.weight is old.weight and new.bias is old.bias
     assert list(sam.state_dict()) == keys
-    assert retype_modules(sam, torch.nn.Linear, matmul.Linear) == 0  # already routed
+    assert swap_modules(sam, torch.nn.Linear, matmul.Linear.from_linear) == 0  # already routed
     for backend in BACKENDS:
         matmul.set_backend(backend)
         with torch.inference_mode():
-            torch.testing.assert_close(linears[0](x), expected)
+            torch.testing.assert_close(swapped[name](x), expected)
+
+
+def test_a_linear_without_bias_swaps_too():
+    plain = torch.nn.Linear(6, 4, bias=False)
+    routed = matmul.Linear.from_linear(plain)
+    assert routed.bias is None and routed.weight is plain.weight and routed.training
+    x = torch.randn(3, 6)
+    with torch.inference_mode():
+        torch.testing.assert_close(routed(x), plain(x))
+
+
+def test_importing_chooses_no_backend_and_resolving_sets_none(monkeypatch):
+    """Until something sets it, products are torch's; ``resolve_backend`` only answers."""
+    monkeypatch.setattr(matmul, "_onednn", False)  # as a fresh import leaves it
+    monkeypatch.setattr(matmul, "cpu_vendor", lambda: "AuthenticAMD")
+    assert matmul.backend() == "torch"
+    assert matmul.resolve_backend("auto") == ("onednn" if ONEDNN else "torch")
+    assert matmul.resolve_backend("torch") == "torch"
+    assert matmul.backend() == "torch"
 
 
 @pytest.mark.skipif(not ONEDNN, reason="this torch has no oneDNN")

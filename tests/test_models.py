@@ -5,8 +5,19 @@ from __future__ import annotations
 import pytest
 import torch
 import yaml
+from segment_anything.modeling.image_encoder import Attention
 
-from samserve.models import OFFICIAL_SPECS, SamSpec, build_sam, random_checkpoint, spec_by_name
+from samserve import matmul
+from samserve.encoder import SlicedAttention
+from samserve.models import (
+    OFFICIAL_SPECS,
+    SamSpec,
+    assemble_sam,
+    build_sam,
+    random_checkpoint,
+    spec_by_name,
+    swap_modules,
+)
 
 
 @pytest.mark.parametrize("name", ["vit_b", "vit_l", "vit_h", "sam_tiny", "sam_micro"])
@@ -65,3 +76,23 @@ def test_half_precision_checkpoint_loads_as_float(tmp_path, micro_sam):
 def test_checkpoint_of_another_size_is_refused(tmp_path, checkpoints):
     with pytest.raises(RuntimeError, match="size mismatch"):
         build_sam(spec_by_name("sam_tiny"), checkpoints["sam_micro"])
+
+
+def test_built_model_swaps_its_layers_under_the_same_state_dict_keys(micro_sam):
+    """build_sam's linear layers and encoder attention are samserve's, and a checkpoint
+    of segment_anything's modules still fits key for key, in order."""
+    types = {type(m) for m in micro_sam.modules()}
+    assert matmul.Linear in types and SlicedAttention in types
+    assert torch.nn.Linear not in types and Attention not in types
+    assert list(micro_sam.state_dict()) == list(
+        assemble_sam(spec_by_name("sam_micro")).state_dict()
+    )
+    assert not micro_sam.training and not any(m.training for m in micro_sam.modules())
+
+
+def test_a_module_under_two_parents_is_swapped_once():
+    shared = torch.nn.Linear(2, 2)
+    root = torch.nn.Sequential(shared, torch.nn.Sequential(shared), torch.nn.ReLU())
+    assert swap_modules(root, torch.nn.Linear, matmul.Linear.from_linear) == 1
+    assert type(root[0]) is matmul.Linear and root[1][0] is root[0]
+    assert root[0].weight is shared.weight

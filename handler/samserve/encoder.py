@@ -29,6 +29,35 @@ class SlicedAttention(Attention):
     """``segment_anything``'s encoder ``Attention`` (same parameters), its map made a
     slice at a time when it is large and autograd is off."""
 
+    @classmethod
+    def from_attention(cls, module: Attention) -> SlicedAttention:
+        """A ``SlicedAttention`` that holds ``module``'s own projections and relative
+        position tables (the same modules and Parameter objects), in its training mode.
+
+        Arguments:
+          module (Attention): ``segment_anything``'s encoder attention to stand in for.
+
+        Returns:
+          (SlicedAttention): the same attention, its large maps made slice by slice.
+        """
+        input_size = None
+        if module.use_rel_pos:  # tables of 2S - 1 rows for a side of S tokens
+            input_size = ((len(module.rel_pos_h) + 1) // 2, (len(module.rel_pos_w) + 1) // 2)
+        # Built on the meta device: everything it holds is replaced at once, so nothing is
+        # allocated or initialised.
+        with torch.device("meta"):
+            new = cls(
+                module.qkv.in_features,
+                module.num_heads,
+                qkv_bias=module.qkv.bias is not None,
+                use_rel_pos=module.use_rel_pos,
+                input_size=input_size,
+            )
+        new.qkv, new.proj = module.qkv, module.proj
+        if module.use_rel_pos:
+            new.rel_pos_h, new.rel_pos_w = module.rel_pos_h, module.rel_pos_w
+        return new.train(module.training)
+
     def forward(self, x: Tensor) -> Tensor:
         """BxHxWxC image tokens to BxHxWxC, as ``Attention.forward``."""
         batch, height, width, _ = x.shape

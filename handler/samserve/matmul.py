@@ -7,7 +7,8 @@ tf32); docs/performance.md has the rates. On Intel CPUs MKL has AVX-512 kernels 
 own, so ``auto`` keeps torch's default there.
 
 The choice is one process-wide backend, set once from the handler settings
-(``cpu_matmul``): the same products then always round the same way in one worker.
+(``cpu_matmul``) by ``samserve.process.tune_process``: the same products then always round
+the same way in one worker. Until something sets it, products are torch's own.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ BACKENDS = ("auto", "onednn", "torch")
 """``cpu_matmul`` values: ``auto`` (oneDNN on AMD CPUs, else torch's default), ``onednn``,
 ``torch`` (MKL or whatever BLAS torch was built with)."""
 
-_onednn = False  # set by set_backend("auto") below
+_onednn = False  # torch's own products until set_backend chooses (importing chooses nothing)
 
 
 @functools.cache
@@ -53,15 +54,28 @@ def check_backend(name: str) -> None:
         raise ValueError(f"cpu_matmul must be one of {BACKENDS}, not {name!r}")
 
 
-def set_backend(name: str) -> str:
-    """Use backend ``name`` (one of ``BACKENDS``) for ``linear`` on CPUs from now on;
-    returns the one in effect (``onednn`` or ``torch``). ``onednn`` falls back to torch
-    where this torch has no oneDNN."""
-    global _onednn
+def resolve_backend(name: str) -> str:
+    """The backend ``set_backend(name)`` would put in effect on this machine, without
+    setting it.
+
+    Arguments:
+      name (str): one of ``BACKENDS``.
+
+    Returns:
+      (str): ``onednn`` or ``torch``; ``onednn`` falls back to torch where this torch
+        has no oneDNN.
+    """
     check_backend(name)
     if name == "auto":
         name = "onednn" if cpu_vendor() == "AuthenticAMD" else "torch"
-    _onednn = name == "onednn" and torch.backends.mkldnn.is_available()
+    return "onednn" if name == "onednn" and torch.backends.mkldnn.is_available() else "torch"
+
+
+def set_backend(name: str) -> str:
+    """Use backend ``name`` (one of ``BACKENDS``) for ``linear`` on CPUs from now on;
+    returns the one in effect (``resolve_backend``: ``onednn`` or ``torch``)."""
+    global _onednn
+    _onednn = resolve_backend(name) == "onednn"
     return backend()
 
 
@@ -115,8 +129,25 @@ class Linear(torch.nn.Linear):
     """``torch.nn.Linear`` whose product goes through ``linear`` (same parameters and
     state dict keys)."""
 
+    @classmethod
+    def from_linear(cls, module: torch.nn.Linear) -> Linear:
+        """A ``Linear`` that holds ``module``'s own weight and bias (the same Parameter
+        objects, not copies), in its training mode.
+
+        Arguments:
+          module (torch.nn.Linear): the layer to stand in for.
+
+        Returns:
+          (Linear): the layer, its product through ``linear``.
+        """
+        # Built on the meta device: its own parameters are replaced at once, so none are
+        # allocated or initialised.
+        new = cls(
+            module.in_features, module.out_features, bias=module.bias is not None, device="meta"
+        )
+        new.weight, new.bias = module.weight, module.bias
+        return new.train(module.training)
+
     def forward(self, x: Tensor) -> Tensor:
+        """...xK inputs to ...xN outputs, as ``torch.nn.Linear.forward``."""
         return linear(x, self.weight, self.bias)
-
-
-set_backend("auto")

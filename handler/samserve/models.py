@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -155,8 +156,10 @@ def build_sam(spec: SamSpec, checkpoint: str | os.PathLike | None = None) -> Sam
     Official specs go through ``sam_model_registry``; others are assembled from the
     same modules exactly as ``segment_anything.build_sam._build_sam`` does, with the
     spec's sizes. Checkpoints are plain state dicts (official files, or fp16 ones).
-    Its linear layers multiply through ``samserve.matmul`` (oneDNN on AMD CPUs), and its
-    encoder's global attention runs slice by slice (``samserve.encoder``: the same bits).
+    Its linear layers are swapped for ``samserve.matmul.Linear`` (products through the
+    process's CPU backend), and its encoder's attention for ``SlicedAttention`` (global
+    attention slice by slice: the same bits), holding the same parameters under the same
+    state dict keys.
     """
     if spec.is_official:
         sam = sam_model_registry[spec.name]()
@@ -166,21 +169,39 @@ def build_sam(spec: SamSpec, checkpoint: str | os.PathLike | None = None) -> Sam
         state = torch.load(checkpoint, map_location="cpu", weights_only=True)
         state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
         sam.load_state_dict(state)
-    retype_modules(sam, torch.nn.Linear, matmul.Linear)
-    retype_modules(sam.image_encoder, Attention, SlicedAttention)
+    swap_modules(sam, torch.nn.Linear, matmul.Linear.from_linear)
+    swap_modules(sam.image_encoder, Attention, SlicedAttention.from_attention)
     return sam.eval()
 
 
-def retype_modules(module: torch.nn.Module, old: type, new: type) -> int:
-    """Make every submodule of exactly type ``old`` in ``module`` a ``new`` (a subclass
-    that only overrides ``forward``), in place: the same parameters and state dict keys.
-    Returns how many were changed."""
-    changed = 0
-    for sub in module.modules():
-        if type(sub) is old:
-            sub.__class__ = new
-            changed += 1
-    return changed
+def swap_modules(
+    root: torch.nn.Module,
+    old: type[torch.nn.Module],
+    convert: Callable[[Any], torch.nn.Module],
+) -> int:
+    """Replace every submodule of ``root`` of exactly type ``old`` by ``convert`` of it, set
+    on its parent under the same name (as ``torch.ao.quantization``'s ``swap_module``).
+
+    Arguments:
+      root (torch.nn.Module): the model, changed in place (``root`` itself is not replaced).
+      old (type): the type replaced; its subclasses are left alone, so a second call with
+        the same arguments changes nothing.
+      convert (Callable): makes the replacement from a module of type ``old``; for the
+        same state dict keys it must hold the module's own parameters under their names
+        (``matmul.Linear.from_linear``, ``SlicedAttention.from_attention``). A module
+        shared by several parents is converted once.
+
+    Returns:
+      (int): how many submodules were replaced.
+    """
+    replaced: dict[torch.nn.Module, torch.nn.Module] = {}  # modules hash by identity
+    for parent in list(root.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is old:
+                if child not in replaced:
+                    replaced[child] = convert(child)
+                setattr(parent, name, replaced[child])
+    return len(replaced)
 
 
 class ConvStem(torch.nn.Module):
