@@ -31,6 +31,8 @@ fetch)
     ;;
 run)
     PYTHON=${PYTHON:-python3}
+    # A bare checkout, the project not installed: its packages are found in the checkout.
+    export PYTHONPATH=$PWD:$PWD/handler${PYTHONPATH:+:$PYTHONPATH}
     OUT=${OUT:?set OUT to the folder for the results}
     RUN=${RUN:-gpu}
     if ! "$PYTHON" -c "import segment_anything, pycocotools" 2>/dev/null; then

@@ -2,14 +2,8 @@
 """Command line for training/train.py (see its docstring)."""
 
 import sys
-from pathlib import Path
 
-# The lent GPU machine runs this from a bare checkout (scripts/device_train.sh), where the
-# project is not installed: its packages are found in the checkout.
-REPO = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(REPO), str(REPO / "handler")]
-
-from training.train import main  # noqa: E402
+from training.train import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -2,19 +2,13 @@
 
 from __future__ import annotations
 
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:  # `training` is not an installed package
-    sys.path.insert(0, str(REPO))
-
-from training import synthetic  # noqa: E402
-from training.synthetic import (  # noqa: E402
+from training import synthetic
+from training.synthetic import (
     HELDOUT_SEED,
     KINDS,
     TRAIN_SEED,
