@@ -33,8 +33,7 @@ def test_sliced_attention_is_sams(backend, elements):
         b, h, w, _ = x.shape
         qkv = attn.qkv(x).reshape(b, h * w, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.reshape(3, b * attn.num_heads, h * w, -1).unbind(0)
-        out = sliced_attention(q, k, v, attn.scale, (h, w), attn.rel_pos_h, attn.rel_pos_w,
-                               elements)  # fmt: skip
+        out = sliced_attention(attn, q, k, v, (h, w), elements)
         out = out.view(b, attn.num_heads, h, w, -1).permute(0, 2, 3, 1, 4).reshape(b, h, w, -1)
         got = attn.proj(out)
     if backend == "torch":

@@ -66,30 +66,27 @@ class SlicedAttention(Attention):
         qkv = self.qkv(x).reshape(batch, height * width, 3, self.num_heads, -1)
         # q, k, v: (B x heads) x HW x d, as SAM makes them
         q, k, v = qkv.permute(2, 0, 3, 1, 4).reshape(3, batch * self.num_heads, height * width, -1)
-        out = sliced_attention(q, k, v, self.scale, (height, width), self.rel_pos_h, self.rel_pos_w)
+        out = sliced_attention(self, q, k, v, (height, width))
         out = out.view(batch, self.num_heads, height, width, -1).permute(0, 2, 3, 1, 4)
         return self.proj(out.reshape(batch, height, width, -1))
 
 
 def sliced_attention(
+    attn: Attention,
     q: Tensor,
     k: Tensor,
     v: Tensor,
-    scale: float,
     size: tuple[int, int],
-    rel_pos_h: Tensor,
-    rel_pos_w: Tensor,
     elements: int = SLICE_ELEMENTS,
 ) -> Tensor:
     """``softmax(q k^T scale + rel_h + rel_w) v`` with SAM's decomposed relative positions
     (``add_decomposed_rel_pos``), its ops on whole query rows of a few heads at a time.
 
     Arguments:
+      attn (Attention): the attention whose scale (d ** -0.5) and relative-position
+        tables ((2H - 1)xd and (2W - 1)xd) are used.
       q, k, v (Tensor): Gx(HW)xd queries, keys and values (G: heads times images).
-      scale (float): the scores' scale (d ** -0.5).
       size (tuple(int, int)): (H, W) of the token grid.
-      rel_pos_h, rel_pos_w (Tensor): SAM's relative-position tables, (2H - 1)xd and
-        (2W - 1)xd.
       elements (int): about how many map entries one slice holds.
 
     Returns:
@@ -101,8 +98,8 @@ def sliced_attention(
     # queries at once, as SAM makes them: on slices the einsums' products would have
     # other shapes, and MKL rounds some of those differently.
     grid = q.reshape(groups, height, width, channels)
-    rel_h = torch.einsum("bhwc,hkc->bhwk", grid, get_rel_pos(height, height, rel_pos_h))
-    rel_w = torch.einsum("bhwc,wkc->bhwk", grid, get_rel_pos(width, width, rel_pos_w))
+    rel_h = torch.einsum("bhwc,hkc->bhwk", grid, get_rel_pos(height, height, attn.rel_pos_h))
+    rel_w = torch.einsum("bhwc,wkc->bhwk", grid, get_rel_pos(width, width, attn.rel_pos_w))
     # Products take their right-hand operands whole (oneDNN: as plain matrices); q, k and
     # v are views into one qkv tensor, their rows 3C apart.
     keys_t, values = k.contiguous().transpose(1, 2), v.contiguous()
@@ -115,10 +112,12 @@ def sliced_attention(
             count = min(rows, height - top)
             span = slice(top * width, (top + count) * width)
             rows_of = slice(top, top + count)
-            attn = bmm(q[group, span] * scale, keys_t[group])
-            attn = attn.view(-1, count, width, height, width) + rel_h[group, rows_of, :, :, None]
-            attn = (attn + rel_w[group, rows_of, :, None, :]).view(-1, count * width, tokens)
-            out[group, span] = bmm(attn.softmax(dim=-1), values[group])
+            scores = bmm(q[group, span] * attn.scale, keys_t[group])
+            scores = (
+                scores.view(-1, count, width, height, width) + rel_h[group, rows_of, :, :, None]
+            )
+            scores = (scores + rel_w[group, rows_of, :, None, :]).view(-1, count * width, tokens)
+            out[group, span] = bmm(scores.softmax(dim=-1), values[group])
     return out
 
 
