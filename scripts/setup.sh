@@ -28,10 +28,21 @@ if [ "$browser" = 1 ] && ! command -v chromium >/dev/null 2>&1; then
     echo "setup: installing Debian's chromium for the web demo's browser test" >&2
     apt_packages+=(chromium)
 fi
+# The shared store's tests (tests/test_store.py) start their own redis-server.
+redis_installed=0
+if ! command -v redis-server >/dev/null 2>&1; then
+    echo "setup: installing Debian's redis-server for the shared store's tests" >&2
+    apt_packages+=(redis-server)
+    redis_installed=1
+fi
 if [ "${#apt_packages[@]}" -gt 0 ]; then
     if [ "$(id -u)" = 0 ]; then sudo_=""; else sudo_="sudo"; fi
     $sudo_ apt-get update -qq
     $sudo_ env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${apt_packages[@]}" >/dev/null
+    # The package starts a system-wide server where systemd runs; nothing here uses it.
+    if [ "$redis_installed" = 1 ] && [ -d /run/systemd/system ]; then
+        $sudo_ systemctl disable --now redis-server >/dev/null 2>&1 || true
+    fi
 fi
 
 PYTHON=${PYTHON:-python3}
