@@ -60,7 +60,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Protocol
-from urllib.parse import parse_qsl, unquote, urlsplit
+from urllib.parse import SplitResult, parse_qsl, unquote, urlsplit
 
 from .store_codec import (
     EMBEDDING,
@@ -246,7 +246,7 @@ class StoreOptions:
         )
 
     @classmethod
-    def _from_redis_url(cls, parts, tls: bool, query: dict[str, str]) -> StoreOptions:
+    def _from_redis_url(cls, parts: SplitResult, tls: bool, query: dict[str, str]) -> StoreOptions:
         """Options of ``redis://`` or ``rediss://[user:password@]host[:port][/db]``."""
         try:
             port = parts.port
