@@ -52,7 +52,8 @@ from samserve import matmul
 from samserve.engine import SamEngine
 from samserve.images import decode_image
 from samserve.models import SamSpec, build_sam, random_checkpoint, spec_by_name
-from samserve.service import part_size, parts_side_by_side, prompt_work
+from samserve.process import tune_process
+from samserve.service import parallel_parts, part_size, prompt_work
 from samserve.settings import Settings
 from training.prompts import random_pixel
 from training.synthetic import make_sample
@@ -129,7 +130,7 @@ def decoder_streams(prompts: int, pixels_per_prompt: int, threads: int, work: in
     (the default) on a model of ``prompt_work`` ``work``, as ``samserve.service`` splits
     it: its ``timing_ms`` stages are summed over them."""
     size = part_size(pixels_per_prompt, Settings().decoder_batch_size)
-    return parts_side_by_side(math.ceil(prompts / size), threads, work)
+    return parallel_parts(math.ceil(prompts / size), threads, work)
 
 
 def rss_mib(pid: int) -> float:
@@ -322,9 +323,8 @@ def floor_predictor(
     features = predictor.features
     cached = engine.image_embedding(features, predictor.input_size, predictor.original_size)
     with torch.inference_mode(), flop_counter() as executed:
-        # As the engine decodes a click: the image's projections made once, beforehand,
-        # and the logits over the padding left until a mask_input reads them.
-        engine.decode(cached, points, defer_padding=True)
+        # As the engine decodes a click: the image's projections made once, beforehand.
+        engine.predict_torch(cached, points)
     return predictor, {
         "encoder_ms": round(encoder_ms, 3),
         "decoder_flops_per_prompt": int(reference.get_total_flops()),
@@ -737,7 +737,7 @@ def main(argv: list[str] | None = None) -> int:
     models = (args.models or ("sam_small" if args.quick else "sam_small,vit_b")).split(",")
     height, width = (int(v) for v in args.image_size.lower().split("x"))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    torch.set_num_threads(args.threads)
+    tune_process(device, args.threads)  # as the handler tunes a worker (cpu_matmul auto)
     label = args.label or (
         f"gpu-{torch.cuda.get_device_name(0).split()[-1].lower()}"
         if device.type == "cuda"

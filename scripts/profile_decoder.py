@@ -34,8 +34,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from bench import checkpoint_for, flop_counter, matmul_gflops
 from samserve import matmul
-from samserve.engine import ImageEmbedding, SamEngine
+from samserve.engine import ImageEmbedding, MaskOptions, SamEngine
 from samserve.models import build_sam
+from samserve.process import tune_process
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -106,7 +107,7 @@ def profile(
 
     def call() -> None:
         with torch.inference_mode():
-            engine.decode(embedding, points, best_only=best_only, defer_padding=True)
+            engine.predict_torch(embedding, points, options=MaskOptions(best_only=best_only))
 
     for _ in range(3):
         call()
@@ -191,11 +192,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="where random checkpoints are kept")  # fmt: skip
     args = parser.parse_args(argv)
 
-    torch.set_num_threads(args.threads)
-    backend = matmul.set_backend(args.cpu_matmul)
+    # As the handler tunes a CPU worker: its heap, torch threads and matmul backend.
+    backend = tune_process(torch.device("cpu"), args.threads, args.cpu_matmul).cpu_matmul
     height, width = (int(v) for v in args.image_size.lower().split("x"))
     spec, checkpoint, weights = checkpoint_for(args.model, args.cache)
-    engine = SamEngine(build_sam(spec, checkpoint))  # keeps freed heap blocks, as the worker
+    engine = SamEngine(build_sam(spec, checkpoint))
     embedding = cached_embedding(engine, (height, width))
     result = {"model": args.model, "weights": weights, "threads": args.threads,
               "cpu_matmul": backend}  # fmt: skip
