@@ -12,13 +12,14 @@ import os
 from pathlib import Path
 from typing import Any
 
-import torch
 from ts.torch_handler.base_handler import BaseHandler
 
-from samserve.models import SamSpec, build_sam
+from samserve.archive import ArchiveConfig
+from samserve.models import build_sam
 from samserve.process import release_freed_memory, tune_process
 from samserve.service import Reply, SegmentService
 from samserve.settings import Settings
+from samserve.store import SharedStore, StoreOptions, open_store, resolve_store_url
 
 logger = logging.getLogger(__name__)
 
@@ -34,32 +35,29 @@ class SamHandler(BaseHandler):
     def initialize(self, context: Any) -> None:
         """Tune the process (``samserve.process.tune_process``), then build the model from
         the archive's spec and checkpoint, on CUDA when present."""
-        properties = context.system_properties
-        config = (getattr(context, "model_yaml_config", None) or {}).get("handler", {})
-        config = dict(config)
-        spec = SamSpec.from_dict(config.pop("spec", {"name": "vit_b"}))
-        settings = Settings.from_dict(config)
-
-        gpu_id = properties.get("gpu_id")
-        if torch.cuda.is_available() and gpu_id is not None:
-            self.device = torch.device(f"cuda:{gpu_id}")
-        else:
-            self.device = torch.device("cpu")
+        archive = ArchiveConfig.read(
+            getattr(context, "model_yaml_config", None),
+            context.system_properties,
+            context.manifest,
+        )
+        settings, self.device = archive.settings, archive.device
         threads = settings.torch_threads or _default_threads(context)
         tuning = tune_process(self.device, threads, settings.cpu_matmul, os.environ)
 
-        manifest = context.manifest
-        model_dir = Path(properties.get("model_dir"))
-        checkpoint = manifest["model"].get("serializedFile")
-        sam = build_sam(spec, model_dir / checkpoint if checkpoint else None).to(self.device)
-        self.service = SegmentService.for_model(sam, settings)
+        sam = build_sam(archive.spec, archive.checkpoint).to(self.device)
+        store = _open_store(settings, archive)
+        self.service = SegmentService.for_model(sam, settings, store)
         # Loading the checkpoint freed a copy of its weights into the heap, which keeps
         # freed blocks: the worker would hold that copy until its first encoder run.
         release_freed_memory()
         self.model = sam
-        self.manifest = manifest
+        self.manifest = context.manifest
         self.initialized = True
-        logger.info("SAM %s on %s, %s, settings %s", spec.name, self.device, tuning, settings)
+        shared = "none" if store is None else store.name
+        logger.info(
+            "SAM %s on %s, %s, shared store %s, settings %s",
+            archive.spec.name, self.device, tuning, shared, settings,
+        )  # fmt: skip
         if tuning.openmp_warning:
             logger.warning(tuning.openmp_warning)
 
@@ -123,6 +121,14 @@ class SamHandler(BaseHandler):
             if key.lower() == "content-type" and isinstance(value, str):
                 return value
         return None
+
+
+def _open_store(settings: Settings, archive: ArchiveConfig) -> SharedStore | None:
+    """The shared store the settings (or ``SAMSERVE_STORE_URL``) name for this archive's
+    model; None when it is ``none`` or the weights are not fixed by a checkpoint."""
+    options = StoreOptions.from_url(resolve_store_url(settings.store_url, os.environ))
+    model_id = archive.model_id() if options.backend != "none" else None
+    return None if model_id is None else open_store(options, model_id)
 
 
 def _default_threads(context: Any) -> int:

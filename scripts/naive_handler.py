@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -26,12 +25,13 @@ from pycocotools import mask as mask_utils
 from segment_anything import SamPredictor
 from ts.torch_handler.base_handler import BaseHandler
 
+from samserve import matmul
+from samserve.archive import ArchiveConfig
 from samserve.errors import RequestError
 from samserve.images import decode_image
 from samserve.masks import mask_to_png
-from samserve.models import SamSpec, build_sam
+from samserve.models import build_sam
 from samserve.protocol import Limits, SegmentRequest, parse_request
-from samserve.settings import Settings
 from samserve.timing import ms_since
 
 
@@ -40,21 +40,18 @@ class NaiveSamHandler(BaseHandler):
 
     def initialize(self, context: Any) -> None:
         """Build the model from the archive's spec and checkpoint; CUDA when given a GPU."""
-        properties = context.system_properties
-        config = dict((getattr(context, "model_yaml_config", None) or {}).get("handler", {}))
-        spec = SamSpec.from_dict(config.pop("spec", {"name": "vit_b"}))
-        self.settings = Settings.from_dict(config)
-        gpu_id = properties.get("gpu_id")
-        if torch.cuda.is_available() and gpu_id is not None:
-            self.device = torch.device(f"cuda:{gpu_id}")
-        else:
-            self.device = torch.device("cpu")
+        archive = ArchiveConfig.read(
+            getattr(context, "model_yaml_config", None),
+            context.system_properties,
+            context.manifest,
+        )
+        self.settings, self.device = archive.settings, archive.device
+        if self.device.type == "cpu":
             torch.set_num_threads(self.settings.torch_threads or os.cpu_count() or 1)
-        checkpoint = context.manifest["model"].get("serializedFile")
-        model_dir = Path(properties.get("model_dir"))
-        sam = build_sam(spec, model_dir / checkpoint if checkpoint else None).to(self.device)
+            matmul.set_backend(self.settings.cpu_matmul)  # the same products as the server's
+        sam = build_sam(archive.spec, archive.checkpoint).to(self.device)
         self.predictor = SamPredictor(sam)
-        self.limits = Limits(self.settings.max_prompts, self.settings.max_points_per_prompt)
+        self.limits = Limits.from_settings(self.settings)
         self.initialized = True
 
     def handle(self, data: list[dict[str, Any]], context: Any) -> list[bytes]:

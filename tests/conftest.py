@@ -20,6 +20,7 @@ from samclient.rest_client import RestClient
 from samclient.server import Ports, TorchServe
 from samserve import matmul
 from samserve.models import build_sam, random_checkpoint, spec_by_name
+from samserve.store import STORE_URL_ENV
 
 REPO = Path(__file__).resolve().parent.parent
 # The project's server settings, wherever pytest runs from (clients read the current
@@ -35,6 +36,13 @@ PORTS = Ports.offset(int(os.environ.get("SAMSERVE_TEST_PORT_OFFSET", "11000")))
 # sam_small_cache.mar multiplies with the backend "auto" does not pick on this host.
 OTHER_CPU_MATMUL = {"onednn": "torch", "torch": "onednn"}[matmul.resolve_backend("auto")]
 SMALL_CACHE_MB = 0.2  # holds one sam_micro image (64 KiB embedding, 96 KiB projections), not two
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Test servers keep embeddings to their own workers unless a test gives them a store:
+    the default one-host store would carry embeddings from one test (and one run) into
+    the next, and counts of encoder runs and cache misses would depend on test order."""
+    os.environ.setdefault(STORE_URL_ENV, "none")
 
 
 @pytest.fixture(autouse=True)

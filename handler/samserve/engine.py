@@ -21,6 +21,8 @@ from .cache import LRUCache
 from .decoder import ImageProjections, predict_masks, project_image
 from .masks import Mapper, MaskRuns
 from .process import MIB
+from .store import SharedStore
+from .store_codec import Entry, EntrySpec
 from .timing import stage
 from .upscale import compile_mask_pass, upscale_masks
 
@@ -153,7 +155,9 @@ class SamEngine:
     """Runs one SAM model with an embedding cache keyed by ``image_id``.
 
     The image encoder runs once per image; every later prompt on that image runs only
-    the prompt encoder and mask decoder against the cached embedding.
+    the prompt encoder and mask decoder against the cached embedding. Embeddings and
+    stored logits live in two tiers: this process's LRU caches, then, when given, a
+    ``SharedStore`` that every worker (and, with Redis, every host) reads and writes.
     """
 
     def __init__(
@@ -163,8 +167,10 @@ class SamEngine:
         logits_cache_bytes: int = 256 * MIB,
         encoder_batch_size: int = 1,
         decoder_batch_size: int = 4,
+        store: SharedStore | None = None,
     ) -> None:
         self.model = model.eval()
+        self.store = store
         self.transform = ResizeLongestSide(model.image_encoder.img_size)
         self.encoder_batch_size = max(1, encoder_batch_size)
         self.decoder_batch_size = max(1, decoder_batch_size)
@@ -178,6 +184,14 @@ class SamEngine:
             # The dense embedding of prompts without a mask input ("no mask"), 1xCxhxw.
             self.no_mask_dense = model.prompt_encoder(points=None, boxes=None, masks=None)[1]
         compile_mask_pass()
+        channels, (height, width) = model.prompt_encoder.embed_dim, self.image_pe.shape[-2:]
+        self._embedding_spec = EntrySpec(
+            {"embedding": ((1, channels, height, width), "float32")},
+            {"input_size": "pair", "original_size": "pair"},
+        )
+        self._logits_spec = EntrySpec(
+            {"logits": ((1, 4 * height, 4 * width), "float32")}, {"image_id": "str"}
+        )
 
     @property
     def device(self) -> torch.device:
@@ -239,11 +253,34 @@ class SamEngine:
             for image_id in chunk:
                 if image_id in out:
                     self.embeddings.put(image_id, out[image_id])
+                    self._share_embedding(image_id, out[image_id])
         return out
 
     def cached_embedding(self, image_id: str) -> ImageEmbedding | None:
-        """The cached embedding of ``image_id`` or None (counts a cache hit or miss)."""
-        return self.embeddings.get(image_id)
+        """The embedding of ``image_id`` from this process's cache, else from the shared
+        store (then kept in this process's cache too), else None. Counts a hit or a miss
+        in each tier it looks in."""
+        embedding = self.embeddings.get(image_id)
+        if embedding is not None or self.store is None:
+            return embedding
+        entry = self.store.get_embedding(image_id, self._embedding_spec)
+        if entry is None:
+            return None
+        features = torch.from_numpy(entry.arrays["embedding"]).to(self.device)
+        embedding = self.image_embedding(
+            features, tuple(entry.meta["input_size"]), tuple(entry.meta["original_size"])
+        )
+        self.embeddings.put(image_id, embedding)
+        return embedding
+
+    def _share_embedding(self, image_id: str, embedding: ImageEmbedding) -> None:
+        """Write a fresh embedding to the shared store (the exact float32 values; its
+        projections follow from them and are made again by the reader)."""
+        if self.store is None:
+            return
+        features = embedding.embedding.float().contiguous().cpu().numpy()
+        meta = {"input_size": embedding.input_size, "original_size": embedding.original_size}
+        self.store.put_embedding(image_id, Entry({"embedding": features}, meta))
 
     @torch.inference_mode()
     def _encode(self, images: Sequence[np.ndarray]) -> list[ImageEmbedding]:
@@ -432,10 +469,23 @@ class SamEngine:
         )
 
     def store_logits(self, stored: StoredLogits) -> str:
-        """Keep low-res logits for reuse as ``mask_input``; returns their ``logits_id``."""
+        """Keep low-res logits for reuse as ``mask_input``, in this process's cache and
+        the shared store; returns their ``logits_id``."""
         self.logits.put(stored.logits_id, stored)
+        if self.store is not None:
+            entry = Entry({"logits": stored.logits}, {"image_id": stored.image_id})
+            self.store.put_logits(stored.logits_id, entry)
         return stored.logits_id
 
     def stored_logits(self, logits_id: str) -> StoredLogits | None:
-        """Logits stored under ``logits_id``, or None if never stored or evicted."""
-        return self.logits.get(logits_id)
+        """Logits stored under ``logits_id`` in this process's cache, else in the shared
+        store, or None if never stored or evicted from both."""
+        stored = self.logits.get(logits_id)
+        if stored is not None or self.store is None:
+            return stored
+        entry = self.store.get_logits(logits_id, self._logits_spec)
+        if entry is None:
+            return None
+        stored = StoredLogits(str(entry.meta["image_id"]), entry.arrays["logits"], logits_id)
+        self.logits.put(logits_id, stored)
+        return stored

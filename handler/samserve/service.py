@@ -28,6 +28,7 @@ from .masks import Mapper, encode_mask_groups, record_payload
 from .process import MIB, release_freed_memory
 from .protocol import Limits, PromptRequest, SegmentRequest, parse_request
 from .settings import Settings
+from .store import SharedStore
 from .timing import ms_since, stage, timed_stages
 
 logger = logging.getLogger(__name__)
@@ -107,14 +108,18 @@ class SegmentService:
         )
 
     @classmethod
-    def for_model(cls, model: Sam, settings: Settings) -> SegmentService:
-        """A service for ``model`` with an engine sized by ``settings``."""
+    def for_model(
+        cls, model: Sam, settings: Settings, store: SharedStore | None = None
+    ) -> SegmentService:
+        """A service for ``model`` with an engine sized by ``settings`` whose second cache
+        tier is ``store`` (none: this process's caches only)."""
         engine = SamEngine(
             model,
             embedding_cache_bytes=int(settings.embedding_cache_mb * MIB),
             logits_cache_bytes=int(settings.logits_cache_mb * MIB),
             encoder_batch_size=settings.encoder_batch_size,
             decoder_batch_size=settings.decoder_batch_size,
+            store=store,
         )
         return cls(engine, settings)
 
@@ -413,6 +418,7 @@ class SegmentService:
             "encoder_runs": self.engine.encoder_runs,
             "embedding_cache": vars(self.engine.embeddings.stats()),
             "logits_cache": vars(self.engine.logits.stats()),
+            "shared_store": None if self.engine.store is None else self.engine.store.stats(),
             "device": str(self.engine.device),
             "cpu_matmul": matmul.backend(),
         }

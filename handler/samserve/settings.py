@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .matmul import check_backend
+from .store import DEFAULT_STORE_URL, StoreOptions
 
 # The smallest max_response_bytes: room for any error reply, whose message of at most
 # errors.MAX_MESSAGE_BYTES grows at most sixfold when JSON escapes it.
@@ -42,10 +43,14 @@ class Settings:
     decoder_batch_size: int = 4  # prompts per mask-decoder call (see SamEngine.predict)
     torch_threads: int = 0  # 0: the machine's cores divided among the model's workers
     prompt_threads: int = 0  # threads decoding prompts and encoding masks; 0: torch threads
+    # The shared embedding store (samserve.store's URL grammar); SAMSERVE_STORE_URL
+    # overrides it.
+    store_url: str = DEFAULT_STORE_URL
     cpu_matmul: str = "auto"  # float32 products on a CPU: auto, onednn or torch (samserve.matmul)
 
     def __post_init__(self) -> None:
         check_backend(self.cpu_matmul)
+        StoreOptions.from_url(self.store_url)  # a bad URL fails at registration
         if self.max_response_bytes < MIN_RESPONSE_BYTES:
             raise ValueError(
                 f"max_response_bytes must be at least {MIN_RESPONSE_BYTES}: an error reply must fit"
