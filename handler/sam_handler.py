@@ -14,6 +14,7 @@ from typing import Any
 
 from ts.torch_handler.base_handler import BaseHandler
 
+from samserve import worker_stats
 from samserve.archive import ArchiveConfig
 from samserve.models import build_sam
 from samserve.process import release_freed_memory, tune_process
@@ -27,6 +28,8 @@ JSON = "application/json"
 # The response header by which TorchServe's frontend ends a streamed gRPC call
 # (RequestInput.TS_STREAM_NEXT in pytorch/serve's frontend).
 STREAM_NEXT = "ts_stream_next"
+# Where in the model's directory its workers publish their counters (samserve.worker_stats).
+STATS_DIR = ".samserve-workers"
 
 
 class SamHandler(BaseHandler):
@@ -52,6 +55,9 @@ class SamHandler(BaseHandler):
         release_freed_memory()
         self.model = sam
         self.manifest = context.manifest
+        # The model's workers share its directory: each publishes its counters there.
+        self.stats_dir = Path(context.system_properties["model_dir"]) / STATS_DIR
+        worker_stats.publish(self.stats_dir, os.getpid(), self.service.stats())
         self.initialized = True
         shared = "none" if store is None else store.name
         logger.info(
@@ -77,7 +83,9 @@ class SamHandler(BaseHandler):
         return requests
 
     def inference(self, data: list[tuple[Any, str | None]], *args: Any, **kwargs: Any) -> list:
-        return self.service.handle(data)
+        replies = self.service.handle(data)
+        worker_stats.publish(self.stats_dir, os.getpid(), self.service.stats())
+        return replies
 
     def postprocess(self, data: list[Reply]) -> list[bytes]:
         """Compact JSON bodies; each request's own status (4xx for bad input); over gRPC,
@@ -99,8 +107,14 @@ class SamHandler(BaseHandler):
         return out
 
     def describe_handle(self) -> str:
-        """Cache and encoder counters, shown by describe with ``?customized=true``."""
-        return json.dumps(self.service.stats())
+        """Counters shown by describe with ``?customized=true``: this worker's (cache tiers,
+        encoder runs, device), every running worker's as last published (``workers``),
+        and their sums (``total``)."""
+        stats = self.service.stats()
+        worker_stats.publish(self.stats_dir, os.getpid(), stats)
+        workers = worker_stats.collect(self.stats_dir)
+        total = worker_stats.summed(workers)
+        return json.dumps({**stats, "pid": os.getpid(), "workers": workers, "total": total})
 
     def _over_grpc(self, index: int) -> bool:
         """Whether request ``index`` came through TorchServe's gRPC inference API: its
