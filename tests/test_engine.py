@@ -326,3 +326,32 @@ def test_openmp_spin_warning_only_without_a_wait_policy():
     assert warning and "GOMP_SPINCOUNT=20000" in warning
     assert openmp_spin_warning({"GOMP_SPINCOUNT": "20000"}) is None
     assert openmp_spin_warning({"OMP_WAIT_POLICY": "PASSIVE"}) is None
+
+
+def test_a_second_engine_reads_embeddings_and_logits_from_the_shared_store(micro_sam, tmp_path):
+    """Two engines (two workers) on one disk store: what one encodes and stores, the other
+    finds without its encoder, and its clicks and refinements answer the same."""
+    from samserve.store import StoreOptions, open_store
+
+    options = StoreOptions.from_url(f"disk://{tmp_path}/store")
+    first = SamEngine(micro_sam, store=open_store(options, "micro"))
+    second = SamEngine(micro_sam, store=open_store(options, "micro"))
+    image = make_image(120, 90, seed=12)
+    embedding = first.embed({"img": image})["img"]
+    prompts = [_as_prompt(kw) for kw in _prompts(120, 90).values()]
+    expected = first.predict(embedding, prompts)
+    logits_ids = [first.store_logits(p.logits_to_store("img")) for p in expected]
+
+    shared = second.cached_embedding("img")
+    assert shared is not None and second.encoder_runs == 0
+    assert shared.original_size == (120, 90) and shared.input_size == embedding.input_size
+    assert torch.equal(shared.embedding, embedding.embedding)
+    for want, got in zip(expected, second.predict(shared, prompts)):
+        np.testing.assert_array_equal(got.scores, want.scores)
+        assert [m.counts for m in got.masks] == [m.counts for m in want.masks]
+    for logits_id, prediction in zip(logits_ids, expected):
+        stored = second.stored_logits(logits_id)
+        assert stored is not None and stored.image_id == "img"
+        np.testing.assert_array_equal(stored.logits, prediction.logits_to_store("img").logits)
+    assert second.embeddings.stats().misses == 1 and "img" in second.embeddings
+    assert SamEngine(micro_sam, store=open_store(options, "other")).cached_embedding("img") is None

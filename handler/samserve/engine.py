@@ -9,8 +9,9 @@ calls them, so results match the predictor for the same model.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -25,6 +26,8 @@ from .store import SharedStore
 from .store_codec import Entry, EntrySpec
 from .timing import stage
 from .upscale import compile_mask_pass, upscale_masks
+
+V = TypeVar("V")
 
 Points = tuple[torch.Tensor, torch.Tensor]
 """BxNx2 point coordinates (X, Y) in the model's input frame and their BxN labels."""
@@ -260,18 +263,19 @@ class SamEngine:
         """The embedding of ``image_id`` from this process's cache, else from the shared
         store (then kept in this process's cache too), else None. Counts a hit or a miss
         in each tier it looks in."""
-        embedding = self.embeddings.get(image_id)
-        if embedding is not None or self.store is None:
-            return embedding
+        return _from_tiers(self.embeddings, image_id, self._shared_embedding)
+
+    def _shared_embedding(self, image_id: str) -> ImageEmbedding | None:
+        """The embedding of ``image_id`` from the shared store (its projections made
+        again here), or None."""
+        if self.store is None:
+            return None
         entry = self.store.get_embedding(image_id, self._embedding_spec)
         if entry is None:
             return None
         features = torch.from_numpy(entry.arrays["embedding"]).to(self.device)
-        embedding = self.image_embedding(
-            features, tuple(entry.meta["input_size"]), tuple(entry.meta["original_size"])
-        )
-        self.embeddings.put(image_id, embedding)
-        return embedding
+        input_size, original_size = entry.meta["input_size"], entry.meta["original_size"]
+        return self.image_embedding(features, tuple(input_size), tuple(original_size))
 
     def _share_embedding(self, image_id: str, embedding: ImageEmbedding) -> None:
         """Write a fresh embedding to the shared store (the exact float32 values; its
@@ -480,12 +484,24 @@ class SamEngine:
     def stored_logits(self, logits_id: str) -> StoredLogits | None:
         """Logits stored under ``logits_id`` in this process's cache, else in the shared
         store, or None if never stored or evicted from both."""
-        stored = self.logits.get(logits_id)
-        if stored is not None or self.store is None:
-            return stored
+        return _from_tiers(self.logits, logits_id, self._shared_logits)
+
+    def _shared_logits(self, logits_id: str) -> StoredLogits | None:
+        """Logits stored under ``logits_id`` in the shared store, or None."""
+        if self.store is None:
+            return None
         entry = self.store.get_logits(logits_id, self._logits_spec)
         if entry is None:
             return None
-        stored = StoredLogits(str(entry.meta["image_id"]), entry.arrays["logits"], logits_id)
-        self.logits.put(logits_id, stored)
-        return stored
+        return StoredLogits(str(entry.meta["image_id"]), entry.arrays["logits"], logits_id)
+
+
+def _from_tiers(cache: LRUCache[V], key: str, shared: Callable[[str], V | None]) -> V | None:
+    """``key``'s value from this process's ``cache``, else from the shared store through
+    ``shared``, then kept in ``cache`` too."""
+    value = cache.get(key)
+    if value is None:
+        value = shared(key)
+        if value is not None:
+            cache.put(key, value)
+    return value
