@@ -121,6 +121,20 @@ def test_a_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(tmp_path, t
         assert torch.equal(whole[key], resumed[key]), key
 
 
+def test_a_resumed_run_keeps_its_length_unless_extended(tmp_path, tiny):
+    """The command line's default ``total_steps`` must not shorten a resumed run: only
+    ``extend_to`` changes its length."""
+    from training.train import _session_config, config_from_args
+
+    first = tiny(tmp_path, session_steps=1, total_steps=7)
+    train(first, log=quiet)
+    path = tmp_path / "local" / "tiny" / "checkpoint.pth"
+    again, _ = _session_config(config_from_args(["--resume", str(path)]))
+    assert again.total_steps == 7
+    longer, _ = _session_config(config_from_args(["--resume", str(path), "--extend-to", "40"]))
+    assert longer.total_steps == 40
+
+
 def test_a_compact_checkpoint_resumes_close_to_the_exact_one(tmp_path, tiny):
     first = tiny(tmp_path, session_steps=2)
     train(first, log=quiet)

@@ -57,13 +57,15 @@ SESSION_FIELDS = (
     "compile",
     "log_every",
     "resume",
-    "total_steps",
+    "extend_to",
     "data_root",
     "committed_root",
     "local_root",
 )
-"""Settings a resumed run may change: how this session runs, not what the run computes
-(``total_steps`` too, which then stretches the schedule from that step on)."""
+"""Settings a resumed run may change: how this session runs, not what the run computes.
+A resumed run keeps its ``total_steps`` unless ``extend_to`` names a new one (which then
+stretches the schedule from that step on): a default on the command line must never
+shorten a run."""
 
 
 @dataclass(frozen=True)
@@ -80,7 +82,8 @@ class TrainConfig:
     ``compile`` the encoder and decoder with ``torch.compile``. Session: ``minutes`` of
     training before checkpointing and stopping (0: until ``total_steps``), or
     ``session_steps`` steps (0: no limit), ``checkpoint_minutes`` between checkpoints,
-    ``run`` names the run's folders under ``committed_root`` and ``local_root``.
+    ``run`` names the run's folders under ``committed_root`` and ``local_root``;
+    ``extend_to``, when resuming, the run's new ``total_steps`` (0: keep the saved one).
     """
 
     run: str = "default"
@@ -108,6 +111,7 @@ class TrainConfig:
     checkpoint_minutes: float = 5.0
     log_every: int = 50
     resume: str = ""
+    extend_to: int = 0
     committed_root: str = "training/runs"
     local_root: str = "build/runs"
 
@@ -302,6 +306,8 @@ def _session_config(config: TrainConfig) -> tuple[TrainConfig, dict[str, Any] | 
     checkpoint = checkpoints.load(Path(config.resume))
     saved = TrainConfig.from_dict(checkpoint["config"])
     session = {name: getattr(config, name) for name in SESSION_FIELDS}
+    if config.extend_to:
+        session["total_steps"] = config.extend_to
     return dataclasses.replace(saved, **session), checkpoint
 
 
