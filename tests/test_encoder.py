@@ -6,8 +6,15 @@ import pytest
 import torch
 from segment_anything.modeling.image_encoder import Attention
 
-from samserve import matmul
-from samserve.encoder import SlicedAttention, head_groups, sliced_attention
+from samserve import encoder, matmul
+from samserve.encoder import (
+    EncoderOptions,
+    SdpaAttention,
+    SlicedAttention,
+    head_groups,
+    sliced_attention,
+    use_sdpa,
+)
 from samserve.models import assemble_sam, build_sam, spec_by_name, swap_modules
 
 BACKENDS = ["torch"] + (["onednn"] if torch.backends.mkldnn.is_available() else [])
@@ -117,3 +124,80 @@ def test_with_autograd_it_is_sams_forward_and_gradients():
         module(x).square().sum().backward()
         grads.append(x.grad.clone())
     assert torch.equal(grads[0], grads[1])
+
+
+# SAM's 14x14 windows (a batch of them), and global grids: 32x32 and a 40x48 rectangle.
+SDPA_SHAPES = [(25, 14, 14), (2, 32, 32), (2, 40, 48)]
+
+
+@pytest.mark.parametrize("batch, height, width", SDPA_SHAPES)
+@pytest.mark.parametrize("mask_elements", [1, encoder.SDPA_MASK_ELEMENTS])  # image by image
+def test_sdpa_attention_is_sams(monkeypatch, batch, height, width, mask_elements):
+    monkeypatch.setattr(encoder, "SDPA_MASK_ELEMENTS", mask_elements)
+    attn = _attention((height, width))
+    x = torch.randn(batch, height, width, 64, generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        got = SdpaAttention.from_attention(attn)(x)
+        torch.testing.assert_close(got, attn(x), atol=1e-5, rtol=1e-5)
+
+
+def test_sdpa_attention_without_relative_positions_is_sams():
+    attn = Attention(32, 4, qkv_bias=False).eval()
+    x = torch.randn(2, 14, 14, 32)
+    with torch.inference_mode():
+        torch.testing.assert_close(SdpaAttention.from_attention(attn)(x), attn(x))
+
+
+def test_use_sdpa_swaps_every_block_keeping_parameters():
+    sam = build_sam(spec_by_name("sam_micro"))
+    keys = list(sam.state_dict())
+    before = {n: m for n, m in sam.image_encoder.named_modules() if isinstance(m, Attention)}
+    assert use_sdpa(sam.image_encoder) == len(before) == len(sam.image_encoder.blocks)
+    assert use_sdpa(sam.image_encoder) == 0  # already swapped
+    assert list(sam.state_dict()) == keys
+    after = dict(sam.image_encoder.named_modules())
+    for name, old in before.items():
+        assert type(after[name]) is SdpaAttention
+        assert after[name].qkv is old.qkv and after[name].rel_pos_h is old.rel_pos_h
+
+
+def test_sdpa_encoder_is_within_rounding_of_sams():
+    """Windowed and global blocks of a full-size (1024, 64x64 tokens) encoder."""
+    matmul.set_backend("torch")
+    torch.manual_seed(0)
+    reference = assemble_sam(spec_by_name("sam_tiny")).eval()
+    with torch.no_grad():
+        for block in reference.image_encoder.blocks:
+            block.attn.rel_pos_h.normal_(0, 0.5)
+            block.attn.rel_pos_w.normal_(0, 0.5)
+    built = build_sam(spec_by_name("sam_tiny"))
+    built.load_state_dict(reference.state_dict())
+    use_sdpa(built.image_encoder)
+    x = torch.randn(1, 3, 1024, 1024, generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        expected = reference.image_encoder(x)
+        torch.testing.assert_close(built.image_encoder(x), expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "options, device, dtype, sdpa",
+    [
+        (EncoderOptions(), "cpu", None, False),
+        (EncoderOptions(), "cuda", torch.bfloat16, True),
+        (EncoderOptions("float32"), "cuda", None, True),
+        (EncoderOptions("float16", "sliced"), "cuda", torch.float16, False),
+        (EncoderOptions("bfloat16", "sdpa"), "cpu", torch.bfloat16, True),
+    ],
+)
+def test_encoder_options_resolve_by_device(options, device, dtype, sdpa):
+    assert options.autocast_dtype(torch.device(device)) == dtype
+    assert options.uses_sdpa(torch.device(device)) == sdpa
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [dict(dtype="fp16"), dict(dtype="half"), dict(attention="flash"), dict(compile="false")],
+)
+def test_encoder_options_refuse_unknown_values(kwargs):
+    with pytest.raises(ValueError):
+        EncoderOptions(**kwargs)

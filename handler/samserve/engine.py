@@ -20,6 +20,7 @@ from segment_anything.utils.transforms import ResizeLongestSide
 
 from .cache import LRUCache
 from .decoder import ImageProjections, predict_masks, project_image
+from .encoder import EncoderOptions, use_sdpa
 from .masks import Mapper, MaskRuns
 from .process import MIB
 from .store import SharedStore
@@ -161,6 +162,11 @@ class SamEngine:
     the prompt encoder and mask decoder against the cached embedding. Embeddings and
     stored logits live in two tiers: this process's LRU caches, then, when given, a
     ``SharedStore`` that every worker (and, with Redis, every host) reads and writes.
+
+    The image encoder runs as ``encoder`` (``EncoderOptions``) says for the model's
+    device, chosen once here: on CUDA by default with ``SdpaAttention`` in place of its
+    attention modules (the model is changed in place) under bfloat16 autocast. Embeddings
+    are kept as float32 whatever the encoder computed in, on the model's device.
     """
 
     def __init__(
@@ -171,9 +177,16 @@ class SamEngine:
         encoder_batch_size: int = 1,
         decoder_batch_size: int = 4,
         store: SharedStore | None = None,
+        encoder: EncoderOptions | None = None,
     ) -> None:
         self.model = model.eval()
         self.store = store
+        self.encoder_options = encoder = encoder or EncoderOptions()
+        if encoder.uses_sdpa(self.device):
+            use_sdpa(model.image_encoder)
+        self._image_encoder: Callable[[torch.Tensor], torch.Tensor] = model.image_encoder
+        if encoder.compile:
+            self._image_encoder = torch.compile(model.image_encoder)
         self.transform = ResizeLongestSide(model.image_encoder.img_size)
         self.encoder_batch_size = max(1, encoder_batch_size)
         self.decoder_batch_size = max(1, decoder_batch_size)
@@ -195,6 +208,25 @@ class SamEngine:
         self._logits_spec = EntrySpec(
             {"logits": ((1, 4 * height, 4 * width), "float32")}, {"image_id": "str"}
         )
+        if encoder.compile:
+            self._warm_up()
+
+    @torch.inference_mode()
+    def _warm_up(self) -> None:
+        """Run the compiled encoder on blank batches of one image and of
+        ``encoder_batch_size``, so that no request waits for the compiler: the second
+        size makes ``torch.compile`` mark the batch dimension dynamic, which covers every
+        smaller chunk too."""
+        size = self.model.image_encoder.img_size
+        for batch in sorted({1, self.encoder_batch_size}):
+            self._run_encoder(torch.zeros(batch, 3, size, size, device=self.device))
+
+    def _run_encoder(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The image encoder on Bx3xSxS preprocessed pixels (S = ``img_size``), as
+        ``encoder_options`` say, to BxCxhxw float32 features."""
+        with self.encoder_options.autocast(self.device):
+            features = self._image_encoder(pixels)
+        return features.float()
 
     @property
     def device(self) -> torch.device:
@@ -296,7 +328,7 @@ class SamEngine:
             tensor = torch.as_tensor(resized, device=self.device).permute(2, 0, 1).contiguous()
             inputs.append(self.model.preprocess(tensor[None]))
             input_sizes.append(tuple(tensor.shape[-2:]))
-        features = self.model.image_encoder(torch.cat(inputs))
+        features = self._run_encoder(torch.cat(inputs))
         self.encoder_runs += len(images)
         return [
             self.image_embedding(features[i : i + 1], input_sizes[i], tuple(image.shape[:2]))

@@ -20,6 +20,7 @@ import torch
 from segment_anything.modeling import Sam
 
 from . import matmul
+from .encoder import EncoderOptions
 from .engine import ImageEmbedding, MaskOptions, Prompt, SamEngine, StoredLogits
 from .errors import RequestError, quote
 from .everything import EverythingLimits, plan_everything, segment_everything
@@ -120,6 +121,9 @@ class SegmentService:
             encoder_batch_size=settings.encoder_batch_size,
             decoder_batch_size=settings.decoder_batch_size,
             store=store,
+            encoder=EncoderOptions(
+                settings.encoder_dtype, settings.encoder_attention, settings.compile
+            ),
         )
         return cls(engine, settings)
 

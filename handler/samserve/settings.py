@@ -6,6 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from .encoder import EncoderOptions
 from .matmul import check_backend
 from .store import DEFAULT_STORE_URL, StoreOptions
 
@@ -47,9 +48,17 @@ class Settings:
     # overrides it.
     store_url: str = DEFAULT_STORE_URL
     cpu_matmul: str = "auto"  # float32 products on a CPU: auto, onednn or torch (samserve.matmul)
+    # The image encoder (samserve.encoder.EncoderOptions): its autocast dtype (auto:
+    # bfloat16 on CUDA, float32 on a CPU), its attention (auto: sdpa on CUDA, sliced on
+    # a CPU), and torch.compile, paid by a warm-up encode when the worker starts.
+    encoder_dtype: str = "auto"
+    encoder_attention: str = "auto"
+    compile: bool = False
 
     def __post_init__(self) -> None:
         check_backend(self.cpu_matmul)
+        # A bad encoder setting fails at registration.
+        EncoderOptions(self.encoder_dtype, self.encoder_attention, self.compile)
         StoreOptions.from_url(self.store_url)  # a bad URL fails at registration
         if self.max_response_bytes < MIN_RESPONSE_BYTES:
             raise ValueError(

@@ -1,0 +1,156 @@
+"""The image encoder's GPU settings: SDPA attention, autocast precision, torch.compile.
+
+What a CPU can check runs here (autocast supports bfloat16 on a CPU, and SDPA runs on a
+CPU too); the CUDA tests skip without a GPU and run in ``scripts/gpu_check.sh``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from segment_anything import SamPredictor
+
+from samserve import matmul
+from samserve.encoder import EncoderOptions, SdpaAttention, SlicedAttention
+from samserve.engine import MaskOptions, Prompt, SamEngine
+from samserve.models import assemble_sam, build_sam, spec_by_name
+from samserve.settings import Settings
+from training.evaluate import heldout
+from training.prompts import mask_box, random_pixel
+
+SHIPPED = Path(__file__).resolve().parent.parent / "models" / "sam_small_shapes.pth"
+IMAGES = 4
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def _shipped(device: str = "cpu") -> torch.nn.Module:
+    """A fresh copy of the shipped model (engines may swap its attention in place)."""
+    return build_sam(spec_by_name("sam_small"), SHIPPED).to(device)
+
+
+def _prompts(masks: np.ndarray, rng: np.random.Generator) -> list[Prompt]:
+    """A click and a box on each instance of one sample (HxW bool ``masks``)."""
+    prompts = []
+    for mask in masks:
+        click = np.array([random_pixel(mask, rng)])
+        prompts.append(Prompt(point_coords=click, point_labels=np.array([1])))
+        prompts.append(Prompt(box=np.array(mask_box(mask))))
+    return prompts
+
+
+def mask_agreement(engine: SamEngine, reference: SamEngine, count: int = IMAGES) -> float:
+    """The fraction of full-size mask pixels (all three masks of a click and a box on
+    every instance of ``count`` held-out images) on which two engines agree."""
+    rng = np.random.default_rng(0)
+    equal = total = 0
+    for index, sample in enumerate(heldout(count)):
+        prompts = _prompts(sample.masks, rng)
+        answers = []
+        for each in (engine, reference):
+            embedding = each.embed({str(index): sample.image})[str(index)]
+            answers.append([p.dense_masks() for p in each.predict(embedding, prompts)])
+        for got, expected in zip(*answers):
+            equal += int((got == expected).sum())
+            total += got.size
+    return equal / total
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("encoder_dtype", "fp16"),
+        ("encoder_dtype", "float64"),
+        ("encoder_attention", "flash"),
+        ("compile", "false"),
+        ("compile", 1),
+    ],
+)
+def test_settings_refuse_bad_encoder_values(field, value):
+    with pytest.raises(ValueError):
+        Settings.from_dict({field: value})
+
+
+def test_settings_take_encoder_values():
+    settings = Settings.from_dict(
+        {"encoder_dtype": "bfloat16", "encoder_attention": "sdpa", "compile": True}
+    )
+    assert (settings.encoder_dtype, settings.encoder_attention, settings.compile) == (
+        "bfloat16",
+        "sdpa",
+        True,
+    )
+
+
+def test_cpu_engine_keeps_sliced_attention_and_float32():
+    engine = SamEngine(_shipped())
+    assert engine.encoder_options.autocast_dtype(engine.device) is None
+    kinds = {type(b.attn) for b in engine.model.image_encoder.blocks}
+    assert kinds == {SlicedAttention}
+
+
+def test_bfloat16_sdpa_encoder_agrees_with_float32_on_cpu():
+    """The CUDA default (bf16 autocast, SDPA), run on a CPU: the embedding is kept as
+    float32 and the masks agree with the float32 encoder's on almost every pixel."""
+    matmul.set_backend("torch")  # autocast casts torch's products, not oneDNN's
+    engine = SamEngine(_shipped(), encoder=EncoderOptions("bfloat16", "sdpa"))
+    assert {type(b.attn) for b in engine.model.image_encoder.blocks} == {SdpaAttention}
+    reference = SamEngine(_shipped())
+    image = heldout(1)[0].image
+    embedding = engine.embed({"a": image})["a"]
+    assert embedding.embedding.dtype == torch.float32
+    agreement = mask_agreement(engine, reference)
+    print(f"bf16 vs float32 encoder on CPU: masks agree on {agreement:.5f} of pixels")
+    assert agreement >= 0.99
+
+
+def test_float32_sdpa_engine_matches_float32_sliced_engine():
+    engine = SamEngine(_shipped(), encoder=EncoderOptions("float32", "sdpa"))
+    assert mask_agreement(engine, SamEngine(_shipped()), count=2) >= 0.9999
+
+
+@cuda
+def test_cuda_float32_masks_match_predictor_on_the_same_device():
+    torch.backends.cuda.matmul.allow_tf32 = False
+    spec = spec_by_name("sam_small")
+    reference = assemble_sam(spec)  # segment_anything's own modules
+    reference.load_state_dict(torch.load(SHIPPED, map_location="cpu", weights_only=True))
+    predictor = SamPredictor(reference.eval().to("cuda"))
+    engine = SamEngine(_shipped("cuda"), encoder=EncoderOptions("float32"))
+    assert isinstance(engine.model.image_encoder.blocks[0].attn, SdpaAttention)
+    rng = np.random.default_rng(0)
+    for index, sample in enumerate(heldout(IMAGES)):
+        predictor.set_image(sample.image)
+        embedding = engine.embed({str(index): sample.image})[str(index)]
+        torch.testing.assert_close(embedding.embedding, predictor.features, atol=1e-3, rtol=1e-3)
+        prompts = _prompts(sample.masks, rng)
+        for prompt, got in zip(prompts, engine.predict(embedding, prompts, MaskOptions())):
+            masks, scores, _ = predictor.predict(
+                prompt.point_coords, prompt.point_labels, prompt.box
+            )
+            np.testing.assert_allclose(got.scores, scores, atol=1e-3)
+            assert (got.dense_masks() == masks).mean() >= 0.999
+
+
+@cuda
+def test_cuda_bfloat16_agrees_with_float32_and_caches_on_the_device():
+    engine = SamEngine(_shipped("cuda"))  # auto: bfloat16, SDPA
+    assert engine.encoder_options.autocast_dtype(engine.device) == torch.bfloat16
+    embedding = engine.embed({"a": heldout(1)[0].image})["a"]
+    cached = engine.cached_embedding("a")
+    assert cached is embedding and cached.embedding.device.type == "cuda"
+    assert cached.embedding.dtype == torch.float32
+    reference = SamEngine(_shipped("cuda"), encoder=EncoderOptions("float32"))
+    agreement = mask_agreement(engine, reference)
+    print(f"bf16 vs float32 encoder on CUDA: masks agree on {agreement:.5f} of pixels")
+    assert agreement >= 0.99
+
+
+@cuda
+def test_cuda_compiled_encoder_agrees_with_eager():
+    engine = SamEngine(_shipped("cuda"), encoder_batch_size=2, encoder=EncoderOptions(compile=True))
+    runs = engine.encoder_runs
+    assert mask_agreement(engine, SamEngine(_shipped("cuda")), count=2) >= 0.99
+    assert engine.encoder_runs - runs == 2  # the warm-up is not counted as images
