@@ -12,10 +12,13 @@ import os
 from pathlib import Path
 from typing import Any
 
+from ts.metrics.dimension import Dimension
+from ts.metrics.metric_type_enum import MetricTypes
 from ts.torch_handler.base_handler import BaseHandler
 
 from samserve import worker_stats
 from samserve.archive import ArchiveConfig
+from samserve.metrics import Sample, Stats, counter_samples, request_samples
 from samserve.models import build_sam
 from samserve.process import release_freed_memory, tune_process
 from samserve.service import Reply, SegmentService
@@ -34,6 +37,11 @@ STATS_DIR = ".samserve-workers"
 
 class SamHandler(BaseHandler):
     """initialize / preprocess / inference / postprocess around ``SegmentService``."""
+
+    # The counters last sent as metrics (None: none yet), and the metrics whose sending
+    # failed and was logged with its traceback (later failures are logged briefly).
+    _reported: Stats | None = None
+    _metric_failures: frozenset[str] = frozenset()
 
     def initialize(self, context: Any) -> None:
         """Tune the process (``samserve.process.tune_process``), then build the model from
@@ -84,8 +92,50 @@ class SamHandler(BaseHandler):
 
     def inference(self, data: list[tuple[Any, str | None]], *args: Any, **kwargs: Any) -> list:
         replies = self.service.handle(data)
-        worker_stats.publish(self.stats_dir, os.getpid(), self.service.stats())
+        stats = self.service.stats()
+        worker_stats.publish(self.stats_dir, os.getpid(), stats)
+        self._report_metrics(stats, replies)
         return replies
+
+    def _report_metrics(self, stats: Stats, replies: list[Reply]) -> None:
+        """Send the counters' increments since the last batch and each request's encoder
+        and decoder time (``samserve.metrics``) through TorchServe's metrics API. Nothing
+        here raises: a metric that cannot be sent is logged, and the batch's replies go."""
+        try:
+            first = self._reported is None
+            samples = counter_samples(self._reported, stats, zeros=first)
+            # Moved on before sending, so that a failed send is lost, never counted twice.
+            self._reported = stats
+            samples += request_samples([reply.body for reply in replies])
+            model_name = self.context.model_name
+        except Exception:
+            logger.warning("metrics of this batch not sent", exc_info=True)
+            return
+        for sample in samples:
+            try:
+                self._send_metric(sample, model_name)
+            except Exception as error:
+                name = sample.metric.name
+                known = name in self._metric_failures
+                self._metric_failures |= {name}
+                logger.warning(
+                    "metric %s not sent: %s: %s", name, type(error).__name__, error,
+                    exc_info=not known,
+                )  # fmt: skip
+
+    def _send_metric(self, sample: Sample, model_name: str) -> None:
+        """One sample to the context's metrics cache, its dimensions named and ordered as
+        metrics.yaml declares them (the frontend reads their values by position)."""
+        metric = sample.metric
+        values = sample.dimension_values(model_name)
+        self.context.metrics.add_metric(
+            metric.name,
+            sample.value,
+            metric.unit,
+            idx=sample.request,
+            dimensions=[Dimension(n, v) for n, v in zip(metric.dimensions, values)],
+            metric_type=MetricTypes(metric.kind),
+        )
 
     def postprocess(self, data: list[Reply]) -> list[bytes]:
         """Compact JSON bodies; each request's own status (4xx for bad input); over gRPC,

@@ -235,8 +235,9 @@ class TorchServe:
 
     def write_config(self) -> Path:
         """The instance's config: the project's file with this instance's paths (its
-        ``vmargs`` keep the file's JVM options and add this instance's tmpdir), its
-        ``ports`` where it has its own, and ``overrides``."""
+        ``vmargs`` keep the file's JVM options and add this instance's tmpdir; a relative
+        ``metrics_config`` is made absolute from the file's directory), its ``ports`` where
+        it has its own, and ``overrides``."""
         config = self.config.read_text().splitlines()
         keyed = {line.split("=", 1)[0].strip(): line for line in config if "=" in line}
         vmargs = keyed["vmargs"].split("=", 1)[1].strip() if "vmargs" in keyed else ""
@@ -244,6 +245,11 @@ class TorchServe:
             "model_store": str(self.model_store),
             "vmargs": f"{vmargs} -Djava.io.tmpdir={self.tmpdir}".strip(),
         }
+        metrics_config = read_properties(self.config).get("metrics_config")
+        if metrics_config:
+            # TorchServe reads a relative path from its working directory, the instance's;
+            # the file's is relative to the config that names it.
+            values["metrics_config"] = str((self.config.parent / metrics_config).resolve())
         if self.ports is not None:
             p, h = self.ports, self.host
             values |= {
