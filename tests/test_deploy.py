@@ -394,12 +394,13 @@ def test_storage_layout_is_the_one_the_runtime_starts_torchserve_with():
 
 # Settings the KServe config must keep different from config.properties, each for a reason
 # in its own comments: the wrapper's listener on loopback, no token (the wrapper sends none),
-# the model from the snapshot rather than registration.
+# the model from the snapshot rather than registration, the metrics config in the storage.
 KSERVE_DIFFERENT = {
     "inference_address",
     "management_address",
     "model_store",
     "enable_model_api",
+    "metrics_config",
 }
 # config.properties settings for browser pages, which never reach the pod's loopback.
 KSERVE_OMITTED = {"cors_allowed_origin", "cors_allowed_methods", "cors_allowed_headers"}
@@ -415,6 +416,15 @@ def kserve_config_problems(config: dict[str, str]) -> list[str]:
     for key in ("inference_address", "management_address", "metrics_address"):
         if urlsplit(config[key]).hostname != "127.0.0.1":
             problems.append(f"{key} {config[key]} is not on the pod's loopback")
+    # The metrics config: the repository's, in the storage mounted at /mnt/models (a file
+    # TorchServe cannot read stops every worker).
+    metrics_config = Path(config.get("metrics_config", ""))
+    inside = metrics_config.is_relative_to("/mnt/models")
+    stored = STORAGE / metrics_config.relative_to("/mnt/models") if inside else None
+    if stored is None or not stored.is_file():
+        problems.append(f"metrics_config {metrics_config} is not a file of the storage")
+    elif stored.read_bytes() != (REPO / ROOT_CONFIG["metrics_config"]).read_bytes():
+        problems.append(f"metrics_config {metrics_config} is not the repository's")
     snapshot = json.loads(config["model_snapshot"])
     versions = snapshot["models"].get(MODEL_NAME, {})
     if snapshot["modelCount"] != len(snapshot["models"]) or len(versions) != 1:
@@ -440,6 +450,9 @@ def test_kserve_config_agrees_with_config_properties_and_the_archive():
         ("inference_address", "http://0.0.0.0:8085"),
         ("allowed_urls", ".*"),
         ("model_snapshot", '{"modelCount":1,"models":{"mnist":{"1.0":{"marName":"m.mar"}}}}'),
+        ("metrics_config", "/mnt/models/config/missing.yaml"),
+        ("metrics_config", "/mnt/models/config/config.properties"),
+        ("metrics_config", "metrics.yaml"),
     ],
 )
 def test_kserve_config_check_rejects_a_disagreeing_config(key, value):
@@ -846,6 +859,11 @@ def dockerfile_problems(text: str, ignore: list[str]) -> list[str]:
     check = dockerfile_healthcheck(text)
     if copies.get("deploy/docker/healthcheck.py") not in check:
         problems.append(f"HEALTHCHECK {check} does not run the copied health check")
+    # A metrics config TorchServe cannot read stops every worker.
+    metrics_config = container_config().get("metrics_config")
+    metrics_yaml = ROOT_CONFIG["metrics_config"]
+    if copies.get(metrics_yaml) != metrics_config:
+        problems.append(f"metrics_config {metrics_config} is not where {metrics_yaml} is copied")
     return problems
 
 
@@ -871,6 +889,7 @@ def test_dockerfile_agrees_with_the_repository():
         ("-c /home/model-server/samserve/torch-constraints.txt", ""),
         ("/home/model-server/samserve/container.properties \\", "\\"),
         ('CMD ["python", "/home/model-server/samserve/healthcheck.py"]', 'CMD ["true"]'),
+        ("metrics.yaml /home/model-server/samserve/metrics.yaml", "metrics.yaml /tmp/m.yaml"),
     ],
 )
 def test_dockerfile_check_rejects_a_broken_dockerfile(old, new):
@@ -892,7 +911,7 @@ def container_config() -> dict[str, str]:
     )
 
 
-def test_container_config_changes_only_addresses_and_the_model_store():
+def test_container_config_changes_only_addresses_and_paths():
     config = container_config()
     assert config_ports(config) == config_ports(ROOT_CONFIG)
     changed = {k for k in config if config[k] != ROOT_CONFIG.get(k)}
@@ -903,6 +922,7 @@ def test_container_config_changes_only_addresses_and_the_model_store():
         "grpc_inference_address",
         "grpc_management_address",
         "model_store",
+        "metrics_config",  # absolute: where the Dockerfile copies it (dockerfile_problems)
     }
     assert config.get("disable_token_authorization", "false") == "false"
     assert config["allowed_urls"] == "^$"
