@@ -3,6 +3,8 @@ config.properties says, and samserve-serve renews keys."""
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import requests
 
@@ -66,6 +68,8 @@ def test_serve_script_listens_where_the_config_says_and_renews_keys(tmp_path):
         .replace("=7071", f"={ports.grpc_management}")
         .replace("=9000", f"={ports.worker}")
     )
+    # The metrics config the copy names, beside it: without it no worker could start.
+    shutil.copy(CONFIG.parent / "metrics.yaml", tmp_path / "metrics.yaml")
     args = ["--config", str(config), "--workdir", str(tmp_path / "run")]
     args += ["--model-store", str(tmp_path / "store")]
     (tmp_path / "store").mkdir()

@@ -26,9 +26,9 @@ and then its own, with Hostname added by the frontend:
 Tier is ``embedding_cache`` or ``logits_cache`` (each worker's own caches, named as in
 describe's counters) or ``shared_store`` (the store the workers share; no evictions); Op
 is ``get`` or ``put``. Counters are sums over the model's workers; the shared-store
-metrics are absent while a model has no store. Times are seconds, which fit the
-Prometheus client's default histogram buckets (5 ms to 10 s). The encoder time is that of
-the batch's encoder call, which every request whose image it encoded waited for.
+metrics are absent while a model has no store. Times are seconds, the unit of the
+Prometheus client's default histogram buckets, which TorchServe uses. The encoder time is
+that of the batch's encoder call, which every request whose image it encoded waited for.
 """
 
 from __future__ import annotations
