@@ -154,3 +154,26 @@ def test_cuda_compiled_encoder_agrees_with_eager():
     runs = engine.encoder_runs
     assert mask_agreement(engine, SamEngine(_shipped("cuda")), count=2) >= 0.99
     assert engine.encoder_runs - runs == 2  # the warm-up is not counted as images
+
+
+@cuda
+@pytest.mark.parametrize("batch, height, width", [(25, 14, 14), (2, 64, 64)])
+def test_cuda_sdpa_attention_is_sams(batch, height, width):
+    """SAM's windowed and global blocks on CUDA: float32 within rounding of SAM's own
+    Attention, bfloat16 autocast close to it."""
+    from segment_anything.modeling.image_encoder import Attention
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.manual_seed(0)
+    attn = Attention(256, 8, use_rel_pos=True, input_size=(height, width)).eval().cuda()
+    with torch.no_grad():
+        attn.rel_pos_h.normal_(0, 0.5)
+        attn.rel_pos_w.normal_(0, 0.5)
+    x = torch.randn(batch, height, width, 256, device="cuda")
+    sdpa = SdpaAttention.from_attention(attn)
+    with torch.inference_mode():
+        expected = attn(x)
+        torch.testing.assert_close(sdpa(x), expected, atol=1e-4, rtol=1e-4)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            low = sdpa(x).float()
+        assert (low - expected).abs().mean() < 0.05 * expected.abs().mean()
