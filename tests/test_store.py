@@ -8,7 +8,6 @@ import multiprocessing
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -19,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import RedisServer, free_port, needs_redis
 from samserve.store import (
     DEFAULT_BACKOFF_S,
     DEFAULT_STORE_URL,
@@ -46,11 +46,6 @@ from samserve.store_codec import (
 
 MODEL = model_identity("sam_test", "0" * 64)
 OTHER_MODEL = model_identity("sam_test", "1" * 64)
-REDIS_SERVER = shutil.which("redis-server")
-needs_redis = pytest.mark.skipif(
-    REDIS_SERVER is None,
-    reason="redis-server is not installed (scripts/setup.sh installs Debian's redis-server)",
-)
 # Generous for calls that must succeed on a loaded machine; the failure tests set their own.
 TIMEOUT_MS = 2000
 
@@ -82,88 +77,6 @@ def assert_same_entry(got: Entry | None, want: Entry) -> None:
         assert got.arrays[name].dtype == array.dtype
         assert got.arrays[name].shape == array.shape
         assert got.arrays[name].tobytes() == array.tobytes()
-
-
-def free_port() -> int:
-    """A TCP port no one listens on now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class RedisServer:
-    """A redis-server of our own on a free port, with no persistence."""
-
-    def __init__(self, directory: Path, *args: str) -> None:
-        self.directory = directory
-        self.port = free_port()
-        self.args = args
-        self.process: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        command = [
-            REDIS_SERVER,
-            "--port",
-            str(self.port),
-            "--bind",
-            "127.0.0.1",
-            "--dir",
-            str(self.directory),
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--maxmemory",
-            "64mb",
-            "--maxmemory-policy",
-            "allkeys-lru",
-            *self.args,
-        ]
-        log = open(self.directory / "redis.log", "ab")  # noqa: SIM115 (the server holds it)
-        self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
-        log.close()
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as sock:
-                    sock.sendall(b"PING\r\n")
-                    reply = sock.recv(64)
-                    if reply.startswith((b"+PONG", b"-NOAUTH")):
-                        return
-            except OSError:
-                pass
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                log_text = (self.directory / "redis.log").read_text()[-2000:]
-                raise RuntimeError(f"redis-server did not start:\n{log_text}")
-            time.sleep(0.02)
-
-    def kill(self) -> None:
-        """Stop the server abruptly (SIGKILL) and wait for it."""
-        assert self.process is not None
-        self.process.kill()
-        self.process.wait()
-
-    def url(self, query: str = "", auth: str = "", scheme: str = "redis") -> str:
-        return f"{scheme}://{auth}127.0.0.1:{self.port}/0{query}"
-
-    def client(self, **kwargs):
-        """A plain redis-py client, to look at the server from outside the store."""
-        import redis
-
-        return redis.Redis(host="127.0.0.1", port=self.port, **kwargs)
-
-
-@pytest.fixture
-def redis_server(tmp_path: Path):
-    """A running redis-server, killed after the test."""
-    if REDIS_SERVER is None:
-        pytest.skip("redis-server is not installed (scripts/setup.sh installs it)")
-    server = RedisServer(tmp_path)
-    server.start()
-    yield server
-    if server.process is not None and server.process.poll() is None:
-        server.process.send_signal(signal.SIGCONT)
-        server.kill()
 
 
 def disk_store(path: Path, max_mb: float = 64.0, model_id: str = MODEL) -> SharedStore:
