@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 from conftest import RedisServer, free_port, needs_redis
+from samserve import store_codec
 from samserve.store import (
     DEFAULT_BACKOFF_S,
     DEFAULT_STORE_URL,
@@ -33,16 +34,7 @@ from samserve.store import (
     open_store,
     resolve_store_url,
 )
-from samserve.store_codec import (
-    EMBEDDING,
-    LOGITS,
-    Entry,
-    EntrySpec,
-    InvalidEntry,
-    decode_entry,
-    encode_entry,
-    spec_of,
-)
+from samserve.store_codec import EMBEDDING, LOGITS, Entry, EntrySpec, spec_of
 
 MODEL = model_identity("sam_test", "0" * 64)
 OTHER_MODEL = model_identity("sam_test", "1" * 64)
@@ -113,7 +105,9 @@ def test_codec_round_trip_is_exact():
         },
         {"input_size": (np.int64(1024), 768), "original_size": (6, 4), "image_id": "x", "n": 3},
     )
-    decoded = decode_entry(encode_entry(entry, MODEL, EMBEDDING), MODEL, EMBEDDING, spec_of(entry))
+    decoded = store_codec.decode_entry(
+        store_codec.encode_entry(entry, MODEL, EMBEDDING), MODEL, EMBEDDING, spec_of(entry)
+    )
     assert decoded.arrays["special"].tobytes() == special.tobytes()  # NaN bits and -0.0 too
     assert decoded.arrays["embedding"].tobytes() == entry.arrays["embedding"].tobytes()
     assert np.array_equal(decoded.arrays["big_endian"], entry.arrays["big_endian"])
@@ -132,8 +126,8 @@ def test_codec_round_trip_is_exact():
 
 def test_codec_views_without_copy_are_read_only():
     entry = embedding_entry()
-    blob = encode_entry(entry, MODEL, EMBEDDING)
-    decoded = decode_entry(blob, MODEL, EMBEDDING, EMBEDDING_SPEC, copy=False)
+    blob = store_codec.encode_entry(entry, MODEL, EMBEDDING)
+    decoded = store_codec.decode_entry(blob, MODEL, EMBEDDING, EMBEDDING_SPEC, copy=False)
     assert not decoded.arrays["embedding"].flags.writeable
     assert_same_entry(decoded, entry)
 
@@ -141,7 +135,7 @@ def test_codec_views_without_copy_are_read_only():
 def test_codec_rejects_every_mismatch():
     """Corrupted, truncated or foreign bytes and unexpected arrays raise InvalidEntry."""
     entry = embedding_entry()
-    blob = encode_entry(entry, MODEL, EMBEDDING)
+    blob = store_codec.encode_entry(entry, MODEL, EMBEDDING)
     payload_byte = len(blob) // 2
     flipped = blob[:payload_byte] + bytes([blob[payload_byte] ^ 0x01]) + blob[payload_byte + 1 :]
     header_flip = blob[:30] + bytes([blob[30] ^ 0x20]) + blob[31:]
@@ -187,29 +181,29 @@ def test_codec_rejects_every_mismatch():
         ),
     }
     for case, args in cases.items():
-        with pytest.raises(InvalidEntry):
-            decode_entry(*args)
+        with pytest.raises(store_codec.InvalidEntry):
+            store_codec.decode_entry(*args)
             pytest.fail(case)
 
 
 def test_codec_refuses_what_it_cannot_hold():
     with pytest.raises(ValueError, match="cannot be stored"):
-        encode_entry(Entry({"x": np.array([object()])}), MODEL, EMBEDDING)
+        store_codec.encode_entry(Entry({"x": np.array([object()])}), MODEL, EMBEDDING)
     with pytest.raises(ValueError, match="meta values"):
-        encode_entry(Entry({}, {"size": (1.5, 2)}), MODEL, EMBEDDING)
+        store_codec.encode_entry(Entry({}, {"size": (1.5, 2)}), MODEL, EMBEDDING)
     with pytest.raises(ValueError, match="kind"):
-        encode_entry(Entry({}), MODEL, "other")
+        store_codec.encode_entry(Entry({}), MODEL, "other")
     with pytest.raises(ValueError, match="kind must be one of"):
         EntrySpec({}, {"size": "float"})
 
 
 def test_forged_headers_are_invalid_never_an_error():
     """Headers changed at random, their checksum made valid again, decode to an entry
-    or raise InvalidEntry, never anything else."""
+    or raise store_codec.InvalidEntry, never anything else."""
     rng = np.random.default_rng(1)
     entry = Entry({"logits": np.ones((1, 8, 8), np.float32)}, {"image_id": "image-0"})
     spec = spec_of(entry)
-    blob = encode_entry(entry, MODEL, LOGITS)
+    blob = store_codec.encode_entry(entry, MODEL, LOGITS)
     header_end = blob.index(b"}]}") + 3
     outcomes = {"valid": 0, "invalid": 0}
     for _ in range(300):
@@ -218,9 +212,9 @@ def test_forged_headers_are_invalid_never_an_error():
             mutated[index] = int(rng.integers(0, 256))
         mutated += zlib.crc32(mutated).to_bytes(4, "little")
         try:
-            decode_entry(bytes(mutated), MODEL, LOGITS, spec)
+            store_codec.decode_entry(bytes(mutated), MODEL, LOGITS, spec)
             outcomes["valid"] += 1
-        except InvalidEntry:
+        except store_codec.InvalidEntry:
             outcomes["invalid"] += 1
     assert outcomes["invalid"] > 250
 
@@ -228,37 +222,35 @@ def test_forged_headers_are_invalid_never_an_error():
 # Both backends.
 
 
-def test_disk_round_trip_is_exact(tmp_path: Path):
-    store = disk_store(tmp_path / "store")
+def assert_round_trip(store: SharedStore) -> dict:
+    """Put an embedding and a logits entry, read each back bit for bit (after a first
+    miss), and check that an image id is not a logits id (one namespace per kind);
+    returns the store's counters, closed."""
     entry, logits = embedding_entry(), logits_entry()
     assert store.get_embedding("image-0", EMBEDDING_SPEC) is None
     assert store.put_embedding("image-0", entry)
     assert store.put_logits("logits-0", logits)
     assert_same_entry(store.get_embedding("image-0", EMBEDDING_SPEC), entry)
     assert_same_entry(store.get_logits("logits-0", LOGITS_SPEC), logits)
-    # One namespace per kind: an image id is not a logits id.
     assert store.get_logits("image-0", LOGITS_SPEC) is None
     stats = store.stats()
+    store.close()
+    return stats
+
+
+def test_disk_round_trip_is_exact(tmp_path: Path):
+    stats = assert_round_trip(disk_store(tmp_path / "store"))
     assert (stats["hits"], stats["misses"], stats["writes"]) == (2, 2, 2)
     assert (stats["invalid"], stats["errors"], stats["skipped"]) == (0, 0, 0)
     assert stats["gets"] == 4 and stats["puts"] == 2
     assert stats["get_seconds"] > 0 and stats["put_seconds"] > 0
     assert stats["available"] is True
-    store.close()
 
 
 @needs_redis
 def test_redis_round_trip_is_exact(redis_server: RedisServer):
-    store = redis_store(redis_server)
-    entry, logits = embedding_entry(), logits_entry()
-    assert store.get_embedding("image-0", EMBEDDING_SPEC) is None
-    assert store.put_embedding("image-0", entry)
-    assert store.put_logits("logits-0", logits)
-    assert_same_entry(store.get_embedding("image-0", EMBEDDING_SPEC), entry)
-    assert_same_entry(store.get_logits("logits-0", LOGITS_SPEC), logits)
-    stats = store.stats()
-    assert (stats["hits"], stats["misses"], stats["writes"], stats["errors"]) == (2, 1, 2, 0)
-    store.close()
+    stats = assert_round_trip(redis_store(redis_server))
+    assert (stats["hits"], stats["misses"], stats["writes"], stats["errors"]) == (2, 2, 2, 0)
 
 
 @needs_redis
@@ -359,7 +351,7 @@ def test_disk_store_stays_within_its_bound_least_recently_read_first(tmp_path: P
     max_bytes = 4 * 2**20
     store = disk_store(tmp_path / "store", max_mb=max_bytes / 2**20)
     entry = logits_entry()  # a quarter MiB: the bound holds fifteen, with the index
-    entry_bytes = len(encode_entry(entry, MODEL, LOGITS))
+    entry_bytes = len(store_codec.encode_entry(entry, MODEL, LOGITS))
     store.put_logits("kept", entry)
     sizes = []
     for index in range(60):
