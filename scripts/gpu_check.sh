@@ -8,8 +8,8 @@
 #
 # `run` installs into /tmp/site only the carried wheels whose module the machine's
 # python3 (3.12, with its own torch) lacks, then runs the CUDA tests (tests/test_gpu.py
-# -k cuda) and the in-process benchmark through SegmentService (scripts/gpu_bench.py:
-# vit_h and vit_b with random weights). Each step has its own time limit, so the whole
+# and tests/test_device_masks.py, -k cuda) and the in-process benchmark through
+# SegmentService (scripts/gpu_bench.py: vit_h and vit_b with random weights). Each step has its own time limit, so the whole
 # fits in 8 minutes; a step that fails or runs out does not stop the next.
 # DEVICE=cpu runs the same on a CPU as a smoke test (with --quick counts), e.g. here:
 #   OUT=/tmp/gpu-check DEVICE=cpu PYTHON=.venv/bin/python bash scripts/gpu_check.sh run
@@ -78,7 +78,7 @@ torch.cuda.is_available(), 'numpy', numpy.__version__, 'numba', numba.__version_
     # The CUDA tests (they skip without a GPU); tests/conftest.py is left out: it needs
     # the TorchServe client stack, and these tests use none of its fixtures.
     timeout "${TEST_SECONDS:-200}" "$PYTHON" -m pytest -q -s -rs -p no:cacheprovider --noconftest \
-        tests/test_gpu.py -k cuda 2>&1 | tee "$OUT/pytest.log" || status=1
+        tests/test_gpu.py tests/test_device_masks.py -k cuda 2>&1 | tee "$OUT/pytest.log" || status=1
     quick=()
     [ "$DEVICE" = cpu ] && quick=(--quick)
     timeout "${BENCH_SECONDS:-330}" "$PYTHON" scripts/gpu_bench.py --device "$DEVICE" \

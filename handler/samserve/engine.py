@@ -20,6 +20,7 @@ from segment_anything.utils.transforms import ResizeLongestSide
 
 from .cache import LRUCache
 from .decoder import ImageProjections, predict_masks, project_image
+from .device_masks import upscale_masks_on_device
 from .encoder import EncoderOptions, use_sdpa
 from .masks import Mapper, MaskRuns
 from .process import MIB
@@ -405,11 +406,14 @@ class SamEngine:
             low_res, iou = self.predict_torch(
                 embedding, *self._prompt_tensors(embedding, prompts), options
             )
+            on_device = low_res
             low_res, iou = low_res.float().cpu(), iou.float().cpu()  # waits for a GPU
         with stage("upscale"):
-            # All the call's masks in one map: a pool's threads share them.
-            masks = upscale_masks(
-                low_res.flatten(0, 1),
+            # All the call's masks in one map: a pool's threads share them. On CUDA they
+            # are made where the logits are, and only their bits cross to the CPU.
+            upscale = upscale_masks_on_device if on_device.is_cuda else upscale_masks
+            masks = upscale(
+                on_device.flatten(0, 1),
                 embedding.input_size,
                 embedding.original_size,
                 self.model.image_encoder.img_size,
