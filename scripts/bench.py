@@ -12,6 +12,14 @@ against this machine's matmul rate. Writes
     python scripts/bench.py                              # sam_small and vit_b, minutes
     python scripts/bench.py --quick --models sam_small   # smoke run
 
+The ``shared-cache`` section (``--sections shared-cache``, alone or after ``main``)
+measures the shared embedding store on a TorchServe of its own: clicks by ``image_id``
+with 1, 2 and 4 workers, store on and off, and a click served from the shared tier
+against one from the worker's own cache (``disk://`` and ``redis://``, a private
+redis-server). Alone it writes ``<out>/<label>-shared.json`` and ``.md``::
+
+    python scripts/bench.py --sections shared-cache      # sam_small and vit_b
+
 Times are milliseconds, sizes bytes (MiB where named), rates GFLOP/s.
 """
 
@@ -26,11 +34,14 @@ import json
 import math
 import os
 import platform
+import shutil
+import socket
+import subprocess
 import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -41,11 +52,20 @@ from PIL import Image
 from segment_anything import SamAutomaticMaskGenerator, SamPredictor
 from segment_anything.modeling import Sam
 
-from bench_report import OUTPUT_FORMATS, checks, derived, plot, render_markdown
+from bench_report import (
+    OUTPUT_FORMATS,
+    checks,
+    derived,
+    hit_rate,
+    plot,
+    ratio,
+    render_markdown,
+)
 from build_mar import HANDLER, build_archive
 from samclient.body import point_prompt, segment_request
 from samclient.errors import SamServeError
 from samclient.grpc_client import GrpcClient
+from samclient.resend import ResendOptions, SentImages
 from samclient.rest_client import RestClient
 from samclient.server import Ports, TorchServe
 from samserve import matmul
@@ -55,6 +75,7 @@ from samserve.models import SamSpec, build_sam, random_checkpoint, spec_by_name
 from samserve.process import tune_process
 from samserve.service import parallel_parts, part_size, prompt_work
 from samserve.settings import Settings
+from samserve.store import DEFAULT_DISK_ROOT, STORE_URL_ENV
 from training.prompts import random_pixel
 from training.synthetic import make_sample
 
@@ -598,6 +619,19 @@ class Served:
         custom = description.get("customizedMetadata")
         return json.loads(custom) if isinstance(custom, str) else (custom or {})
 
+    def scale(self, workers: int, timeout: float = 600.0) -> None:
+        """Scale the model to ``workers`` through the management API and wait until every
+        one of them is READY."""
+        self.rest.scale_workers(self.model, workers)
+        deadline = time.monotonic() + timeout
+        while True:
+            listed = self.rest.describe_model(self.model)[0]["workers"]
+            if len(listed) == workers and all(w.get("status") == "READY" for w in listed):
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{self.model}: not {workers} READY workers: {listed}")
+            time.sleep(0.5)
+
     def close(self) -> None:
         self.grpc.close()
 
@@ -696,6 +730,395 @@ def registered(server: TorchServe, model: str) -> Iterator[Served]:
         served.close()
 
 
+# -- the shared embedding store ------------------------------------------------------------
+
+SECTIONS = ("main", "shared-cache")
+"""The benchmark's sections: ``main`` (everything above, one worker per model) and
+``shared-cache`` (the shared embedding store, on a TorchServe of its own)."""
+
+
+@dataclass(frozen=True)
+class SharedCounts:
+    """How much of the shared-cache section a run does."""
+
+    clicks: int = 40  # clicks by image_id after the image is sent once, per configuration
+    workers: tuple[int, ...] = (1, 2, 4)
+    rounds: int = 20  # tiers: rounds of two images, each clicked from the store then its LRU
+    warmup_rounds: int = 1
+
+
+SHARED_QUICK = SharedCounts(clicks=8, rounds=3)
+
+# The tier run's worker cache, in cached images: room for one, never for two, so that a
+# click on the other image evicts this one.
+LRU_IMAGES = 1.5
+# The private redis-server's bound: the section's entries (two embeddings and a click's
+# logits each) many times over, with eviction on as deploy/ configures it.
+REDIS_MAXMEMORY_MB = 256
+
+
+def parse_sections(text: str) -> tuple[str, ...]:
+    """The sections named in ``text`` (comma-separated), in run order.
+
+    Raises:
+      ValueError: for an unknown name, or none at all.
+    """
+    names = {name.strip() for name in text.split(",") if name.strip()}
+    unknown = names - set(SECTIONS)
+    if unknown or not names:
+        raise ValueError(f"sections must be some of {SECTIONS}, got {text!r}")
+    return tuple(name for name in SECTIONS if name in names)
+
+
+def result_label(base: str, sections: Sequence[str], quick: bool) -> str:
+    """The name of a run's results: ``base``, ``-shared`` when the shared-cache section ran
+    alone (its results must not replace a full run's), ``-quick`` for smoke runs."""
+    shared = "-shared" if tuple(sections) == ("shared-cache",) else ""
+    return base + shared + ("-quick" if quick else "")
+
+
+def one_image_cache_mb(cached_image_bytes: int) -> float:
+    """An ``embedding_cache_mb`` that holds one cached image of ``cached_image_bytes`` (its
+    embedding and projections) and never two."""
+    return round(LRU_IMAGES * cached_image_bytes / 2**20, 3)
+
+
+def requests_per_worker(workers: Sequence[dict[str, Any]]) -> list[int]:
+    """Requests each worker served, from its describe counters: every request looks its
+    image up in the worker's own cache once (a hit or a miss)."""
+    return [w["embedding_cache"]["hits"] + w["embedding_cache"]["misses"] for w in workers]
+
+
+def counter_deltas(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
+    """How far each number of ``after`` (nested counters, as describe's ``total``) moved
+    from ``before``; anything not a number in both is left out."""
+    out: dict[str, Any] = {}
+    for key, value in after.items():
+        old = before.get(key)
+        if isinstance(value, dict) and isinstance(old, dict):
+            out[key] = counter_deltas(old, value)
+        elif _number(value) and _number(old):
+            out[key] = round(value - old, 6)
+    return out
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def mean_ms(seconds: float | None, count: int | None) -> float | None:
+    """Milliseconds per call of ``count`` calls that took ``seconds`` in all; None for none."""
+    if not count or seconds is None:
+        return None
+    return round(seconds * 1000.0 / count, 3)
+
+
+def default_store_root(cache: Path) -> Path:
+    """Where the section's private disk stores go: beside the default store's directory
+    (a tmpfs, as ``samserve.store`` picks), else under ``cache``."""
+    if os.path.isdir(DEFAULT_DISK_ROOT):
+        return Path(DEFAULT_DISK_ROOT) / f"samserve-bench-{os.getuid()}"
+    return cache / "stores"
+
+
+class CountingSentImages(SentImages):
+    """The client's resend memory, also counting the requests on which it attached an image
+    after a resend (``attached``; ``resends`` counts the ``image_not_cached`` answers)."""
+
+    def __init__(self, options: ResendOptions) -> None:
+        super().__init__(options)
+        self.attached = 0
+
+    def prepare(self, body: Any) -> Any:
+        prepared = super().prepare(body)
+        self.attached += prepared is not body
+        return prepared
+
+
+@contextmanager
+def environment_without(name: str) -> Iterator[str | None]:
+    """The block runs with environment variable ``name`` unset (a server started in it
+    does not inherit it); yields its value, put back afterwards."""
+    saved = os.environ.pop(name, None)
+    try:
+        yield saved
+    finally:
+        if saved is not None:
+            os.environ[name] = saved
+
+
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextmanager
+def redis_server(directory: Path, maxmemory_mb: int) -> Iterator[int]:
+    """A private redis-server on a free loopback port, as deploy/ runs one (``maxmemory``
+    with ``allkeys-lru``) but without persistence; yields its port, stops it afterwards."""
+    executable = shutil.which("redis-server")
+    if executable is None:
+        raise RuntimeError("redis-server is not installed (scripts/setup.sh installs it)")
+    directory.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    command = [
+        executable, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(directory),
+        "--save", "", "--appendonly", "no", "--maxmemory", f"{maxmemory_mb}mb",
+        "--maxmemory-policy", "allkeys-lru",
+    ]  # fmt: skip
+    with open(directory / "redis.log", "ab") as log:
+        process = subprocess.Popen(
+            command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+        )
+    try:
+        deadline = time.monotonic() + 10
+        while not _redis_answers(port):
+            if process.poll() is not None or time.monotonic() > deadline:
+                tail = (directory / "redis.log").read_text()[-2000:]
+                raise RuntimeError(f"redis-server did not start:\n{tail}")
+            time.sleep(0.05)
+        yield port
+    finally:
+        process.terminate()
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def _redis_answers(port: int) -> bool:
+    """Whether a Redis server on loopback ``port`` answers PING."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.2) as sock:
+            sock.sendall(b"PING\r\n")
+            return sock.recv(64).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+def cached_image_bytes(spec: SamSpec, checkpoint: Path, original_size: tuple[int, int]) -> int:
+    """Bytes one image of ``original_size`` takes in a worker's cache (its embedding and
+    first-block projections), as the engine makes them from an encoder output."""
+    engine = SamEngine(build_sam(spec, checkpoint))
+    side = spec.embedding_size
+    features = torch.zeros(1, spec.prompt_embed_dim, side, side)
+    with torch.inference_mode():
+        cached = engine.image_embedding(features, engine.input_size(original_size), original_size)
+    return cached.nbytes
+
+
+@contextmanager
+def store_archive(
+    server: TorchServe, spec: SamSpec, checkpoint: Path, archive: str, settings: dict[str, Any]
+) -> Iterator[Served]:
+    """Archive ``archive`` with handler ``settings``, registered with one worker while the
+    block runs, and removed afterwards (a vit_b archive holds its 360 MB checkpoint)."""
+    build_archive(spec, checkpoint, server.model_store, archive, settings=settings,
+                  archive_format="no-archive")  # fmt: skip
+    try:
+        with registered(server, archive) as served:
+            # The project's client, counting the requests it sent with the image.
+            served.rest.sent_images = CountingSentImages(ResendOptions())
+            yield served
+    finally:
+        shutil.rmtree(server.model_store / archive, ignore_errors=True)
+
+
+def send_image(served: Served, image: BenchImage) -> tuple[float, dict[str, Any]]:
+    """The image with one click, its first request: (ms, response); the encoder runs."""
+    ms, response = served.predict(
+        segment_request(image.jpeg, prompts=click_prompts(image.clicks(1)))
+    )
+    if response["cached"]:
+        raise RuntimeError(
+            f"{served.model}: a fresh image came back cached: the store was not empty"
+        )
+    return ms, response
+
+
+def clicks_by_image_id(
+    server: TorchServe, archive: str, settings: dict[str, Any], spec: SamSpec,
+    checkpoint: Path, workers: int, image: BenchImage, clicks: int,
+) -> dict[str, Any]:  # fmt: skip
+    """``image`` sent once, then ``clicks`` clicks by ``image_id``, one after another, on
+    the model scaled to ``workers``: image_not_cached answers (the project's client sends
+    the click again with its image, and the image with its next few requests), the
+    workers' encoder runs and store hits (describe's totals), latency."""
+    with store_archive(server, spec, checkpoint, archive, settings) as served:
+        served.scale(workers)
+        sent = served.rest.sent_images
+        cold_ms, cold = send_image(served, image)
+        times, responses = [], []
+        for click in image.clicks(clicks, seed=4):
+            body = segment_request(image_id=cold["image_id"], prompts=click_prompts([click]))
+            ms, response = served.predict(body)
+            times.append(ms)
+            responses.append(response)
+        stats = served.stats()
+    total = stats.get("total", {})
+    store = total.get("shared_store") or {}
+    return {
+        "store_url": settings["store_url"],
+        "workers": workers,
+        "clicks": clicks,
+        "image_not_cached": sent.resends,
+        "hit_rate": hit_rate(clicks, sent.resends),
+        "requests_with_image": sent.resends + sent.attached,
+        "encoder_runs": total.get("encoder_runs"),
+        "store_hits": store.get("hits"),
+        "requests_per_worker": requests_per_worker(stats.get("workers", [])),
+        "image_ms": round(cold_ms, 3),
+        "image_server_ms": cold["timing_ms"],
+        "latency": summarize(times) | {"samples": [round(ms, 3) for ms in times]},
+        "server_ms": server_timing(responses),
+    }
+
+
+def tier_clicks(
+    server: TorchServe, archive: str, settings: dict[str, Any], spec: SamSpec,
+    checkpoint: Path, images: Sequence[BenchImage], counts: SharedCounts,
+) -> dict[str, Any]:  # fmt: skip
+    """One worker whose own cache holds one image; two images take turns, each clicked
+    twice with the same click: the first click finds it in the shared store (the other
+    image's clicks evicted it from the worker's cache), the second in the worker's own
+    cache. Both kinds alternate click by click, so they see the same machine load; the
+    describe counters over the timed rounds show where each click was served from."""
+    with store_archive(server, spec, checkpoint, archive, settings) as served:
+        sent = served.rest.sent_images
+        sent_images = [send_image(served, image) for image in images[:2]]
+        ids = [response["image_id"] for _, response in sent_images]
+        rounds = counts.warmup_rounds + counts.rounds
+        clicks = [image.clicks(rounds, seed=5) for image in images[:2]]
+        times: dict[str, list[float]] = {"shared": [], "own": []}
+        responses: dict[str, list[dict[str, Any]]] = {"shared": [], "own": []}
+        before: dict[str, Any] = {}
+        for index in range(rounds):
+            if index == counts.warmup_rounds:
+                before = served.stats().get("total", {})
+            for image_id, image_clicks in zip(ids, clicks):
+                body = segment_request(
+                    image_id=image_id, prompts=click_prompts([image_clicks[index]])
+                )
+                for tier in ("shared", "own"):
+                    ms, response = served.predict(body)
+                    if index >= counts.warmup_rounds:
+                        times[tier].append(ms)
+                        responses[tier].append(response)
+        moved = counter_deltas(before, served.stats().get("total", {}))
+    store = moved.get("shared_store", {})
+    tiers = {
+        tier: summarize(times[tier])
+        | {"samples": [round(ms, 3) for ms in times[tier]],
+           "server_ms": server_timing(responses[tier])}
+        for tier in times
+    }  # fmt: skip
+    return {
+        "store_url": settings["store_url"],
+        **tiers,
+        "served_from": {
+            "own_cache_hits": moved.get("embedding_cache", {}).get("hits"),
+            "store_hits": store.get("hits"),
+            "store_misses": store.get("misses"),
+            "encoder_runs": moved.get("encoder_runs"),
+        },
+        "store_get_ms": mean_ms(store.get("get_seconds"), store.get("gets")),
+        "store_put_ms": mean_ms(store.get("put_seconds"), store.get("puts")),
+        "store_puts_per_click": ratio(store.get("puts"), len(times["own"]) * 2),
+        "image_not_cached": sent.resends,
+        "image_ms": [round(ms, 3) for ms, _ in sent_images],
+        "encoder_ms": [response["timing_ms"].get("encoder") for _, response in sent_images],
+    }
+
+
+def bench_shared_cache(
+    name: str, server: TorchServe, cache: Path, store_root: Path,
+    images: Sequence[BenchImage], counts: SharedCounts, threads: int,
+) -> dict[str, Any]:  # fmt: skip
+    """The shared-cache section for one model: clicks by image_id with each worker count,
+    store on (a private, empty ``disk://`` directory each time) and off; then the shared
+    tier against the worker's own cache, with ``disk://`` and a private ``redis://``."""
+    spec, checkpoint, weights = checkpoint_for(name, cache)
+    root = store_root / name
+    shutil.rmtree(root, ignore_errors=True)  # a store left by an interrupted run: not empty
+    out: dict[str, Any] = {"weights": weights, "clicks": counts.clicks, "runs": []}
+    for store in ("disk", "none"):
+        for workers in counts.workers:
+            url = f"disk://{root / f'store-{workers}'}" if store == "disk" else "none"
+            print(f"[{name}] shared cache: {workers} workers, store {url}", flush=True)
+            settings = {"torch_threads": threads, "store_url": url}
+            out["runs"].append(
+                clicks_by_image_id(server, f"shared_{name}_{store}_{workers}w", settings, spec,
+                                   checkpoint, workers, images[0], counts.clicks)
+            )  # fmt: skip
+    size = cached_image_bytes(spec, checkpoint, images[0].pixels.shape[:2])
+    cache_mb = one_image_cache_mb(size)
+    tiers: dict[str, Any] = {
+        "cached_image_mib": round(size / 2**20, 3),
+        "embedding_cache_mb": cache_mb,
+        "rounds": counts.rounds,
+        "backends": {},
+    }
+    for backend in ("disk", "redis"):
+        store_server = (
+            redis_server(root / "redis", REDIS_MAXMEMORY_MB)
+            if backend == "redis"
+            else nullcontext()
+        )
+        with store_server as port:
+            url = (
+                f"disk://{root / 'store-tiers'}" if port is None else f"redis://127.0.0.1:{port}/0"
+            )
+            print(f"[{name}] shared tier vs own cache: store {url}", flush=True)
+            settings = {"torch_threads": threads, "store_url": url, "embedding_cache_mb": cache_mb}
+            tiers["backends"][backend] = tier_clicks(
+                server, f"shared_{name}_tiers_{backend}", settings, spec, checkpoint, images,
+                counts,
+            )  # fmt: skip
+    out["tiers"] = tiers
+    shutil.rmtree(root, ignore_errors=True)
+    return out
+
+
+def shared_cache_section(
+    args: argparse.Namespace, models: Sequence[str], images: Sequence[BenchImage],
+    counts: SharedCounts, results: dict[str, Any],
+) -> None:  # fmt: skip
+    """Run the shared-cache section for ``models`` on a TorchServe of its own, started
+    without ``SAMSERVE_STORE_URL`` (which would override every archive's store), and add
+    each model's results (``shared_cache``) to ``results["models"]``."""
+    store_root = (args.store_root or default_store_root(args.cache)).resolve()
+    server = TorchServe(
+        args.cache / "run-shared", args.cache / "model_store", Ports.offset(args.port_offset + 100)
+    )
+    server.stop()  # a leftover from an interrupted run of ours
+    server.model_store.mkdir(parents=True, exist_ok=True)
+    with environment_without(STORE_URL_ENV) as ignored:
+        if ignored is not None:
+            print(f"shared cache: {STORE_URL_ENV}={ignored} ignored: the section sets each "
+                  "archive's store", flush=True)  # fmt: skip
+        server.start()
+    try:
+        for name in models:
+            result = results["models"].setdefault(name, {"model": name})
+            try:
+                shared = bench_shared_cache(name, server, args.cache, store_root, images,
+                                            counts, args.threads)  # fmt: skip
+                result.setdefault("weights", shared["weights"])
+                print(f"[{name}] shared cache done", flush=True)
+            except Exception as err:
+                print(f"[{name}] shared cache FAILED: {type(err).__name__}: {err}",
+                      file=sys.stderr)  # fmt: skip
+                shared = {"error": f"{type(err).__name__}: {err}"}
+            result["shared_cache"] = shared
+    finally:
+        server.stop()
+        with suppress(OSError):  # each model removed its own stores; others' files stay
+            store_root.rmdir()
+
+
 # -- main ----------------------------------------------------------------------------------
 
 
@@ -727,7 +1150,23 @@ def main(argv: list[str] | None = None) -> int:
         help="checkpoints, archives and the server's workdir",
     )
     parser.add_argument("--port-offset", type=int, default=15000)
+    parser.add_argument(
+        "--sections",
+        default="main",
+        help=f"comma-separated, of {', '.join(SECTIONS)} (default main): shared-cache "
+        "measures the shared embedding store; alone, its results are <label>-shared",
+    )
+    parser.add_argument(
+        "--store-root",
+        type=Path,
+        help="shared-cache: the private disk stores' directory (default: beside the default "
+        "store's, on its tmpfs)",
+    )
     args = parser.parse_args(argv)
+    try:
+        sections = parse_sections(args.sections)
+    except ValueError as err:
+        parser.error(str(err))
 
     counts = QUICK if args.quick else Counts()
     if args.repeats:
@@ -738,13 +1177,18 @@ def main(argv: list[str] | None = None) -> int:
     height, width = (int(v) for v in args.image_size.lower().split("x"))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tune_process(device, args.threads)  # as the handler tunes a worker (cpu_matmul auto)
-    label = args.label or (
+    label = args.label or result_label(
         f"gpu-{torch.cuda.get_device_name(0).split()[-1].lower()}"
         if device.type == "cuda"
-        else cpu_label(os.cpu_count() or 1)
-    ) + ("-quick" if args.quick and not args.label else "")
+        else cpu_label(os.cpu_count() or 1),
+        sections,
+        args.quick,
+    )
+    shared_counts = SHARED_QUICK if args.quick else SharedCounts()
 
-    n_images = max(counts.cold, counts.max_cached, max(counts.concurrency), counts.size_images)
+    n_images = 2  # the shared-cache section's two images
+    if "main" in sections:
+        n_images = max(counts.cold, counts.max_cached, max(counts.concurrency), counts.size_images)
     print(f"bench {label}: {models}, {n_images} images of {height}x{width}", flush=True)
     images = bench_images(n_images, height, width)
     results: dict[str, Any] = {
@@ -755,12 +1199,41 @@ def main(argv: list[str] | None = None) -> int:
         "matmul": matmul_gflops(device, counts.matmul_repeats),
         "models": {},
     }
+    if "shared-cache" in sections:
+        results["shared_counts"] = asdict(shared_counts)
     # The rate this machine gives varies by tens of percent over a run (shared host), so
     # it is measured around every model and the highest is the reference: the
     # conservative one for "share of the matmul rate".
     rates = [results["matmul"]["gflops"]]
     print(f"matmul: {rates[0]} GFLOP/s", flush=True)
 
+    if "main" in sections:
+        main_section(args, models, images, counts, device, results, rates)
+    if "shared-cache" in sections:
+        shared_cache_section(args, models, images, shared_counts, results)
+    results["machine"]["load_avg_1min_at_end"] = round(os.getloadavg()[0], 2)
+    results["checks"] = checks(results)
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"{label}.json").write_text(json.dumps(results, indent=1) + "\n")
+    markdown = render_markdown(results)
+    (args.out / f"{label}.md").write_text(markdown + "\n")
+    if "main" in sections:
+        plot(results, args.out / f"{label}.png")
+    print(markdown)
+    print(f"wrote {args.out / label}.json, .md" + (", .png" if "main" in sections else ""))
+    failed = any(
+        "error" in r or "error" in r.get("shared_cache", {}) for r in results["models"].values()
+    )
+    return 1 if failed else 0
+
+
+def main_section(
+    args: argparse.Namespace, models: Sequence[str], images: list[BenchImage], counts: Counts,
+    device: torch.device, results: dict[str, Any], rates: list[float],
+) -> None:  # fmt: skip
+    """Every model's main measurements on one TorchServe, the matmul rate after each
+    (appended to ``rates``), and their ratios (``derived``)."""
     server = TorchServe(
         args.cache / "run", args.cache / "model_store", Ports.offset(args.port_offset)
     )
@@ -785,17 +1258,6 @@ def main(argv: list[str] | None = None) -> int:
     for result in results["models"].values():
         if "error" not in result:
             result["derived"] = derived(result, results["matmul"]["gflops"])
-    results["machine"]["load_avg_1min_at_end"] = round(os.getloadavg()[0], 2)
-    results["checks"] = checks(results)
-
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{label}.json").write_text(json.dumps(results, indent=1) + "\n")
-    markdown = render_markdown(results)
-    (args.out / f"{label}.md").write_text(markdown + "\n")
-    plot(results, args.out / f"{label}.png")
-    print(markdown)
-    print(f"wrote {args.out / label}.json, .md, .png")
-    return 0 if all("error" not in r for r in results["models"].values()) else 1
 
 
 if __name__ == "__main__":

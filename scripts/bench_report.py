@@ -19,6 +19,9 @@ TARGETS = {
     "per_prompt_vs_single": (0.8, True),
     "achieved_vs_matmul": (0.6, False),
     "rle_vs_packed": (0.05, True),
+    "shared_vs_own": (1.5, True),  # applies to vit_b only
+    "workers_not_cached": (0, True),
+    "workers_encoder_runs": (1, True),
 }
 
 
@@ -27,6 +30,14 @@ def ratio(numerator: float | None, denominator: float | None) -> float | None:
     if numerator is None or not denominator:
         return None
     return round(numerator / denominator, 4)
+
+
+def hit_rate(clicks: int, not_cached: int) -> float | None:
+    """The share of ``clicks`` by ``image_id`` answered without ``image_not_cached``, to 4
+    decimals; None without clicks."""
+    if clicks <= 0:
+        return None
+    return round((clicks - not_cached) / clicks, 4)
 
 
 # The series of requests with 1..64 prompts: key in the results, words in the report.
@@ -95,37 +106,56 @@ def _series_ratios(
     }
 
 
+def shared_derived(shared: dict[str, Any]) -> dict[str, Any]:
+    """The shared-cache section's figures of one model: per store backend, the p50 of a
+    click from the shared tier over one from the worker's own cache, and the encoder's
+    time over a shared-tier click; and the run with the store on and the most workers
+    (``most_workers``: its worker count, image_not_cached answers and encoder runs)."""
+    out: dict[str, Any] = {"shared_vs_own": {}, "encoder_vs_shared": {}}
+    tiers = shared.get("tiers", {})
+    for backend, tier in tiers.get("backends", {}).items():
+        out["shared_vs_own"][backend] = ratio(tier["shared"].get("p50"), tier["own"].get("p50"))
+        out["encoder_vs_shared"][backend] = ratio(
+            _median(tier.get("encoder_ms", [])), tier["shared"].get("p50")
+        )
+    with_store = [run for run in shared.get("runs", []) if run["store_url"] != "none"]
+    if with_store:
+        most = max(with_store, key=lambda run: run["workers"])
+        out["most_workers"] = {
+            key: most[key] for key in ("workers", "image_not_cached", "encoder_runs")
+        }
+    return out
+
+
+def _shared_items(shared: dict[str, Any]) -> list[tuple[str, str, Any]]:
+    """The shared-cache section's "must show" rows: (check, target key, value)."""
+    d = shared_derived(shared)
+    items = [
+        (f"click from the shared store ({backend}) p50 / from the worker's own cache p50",
+         "shared_vs_own", value)
+        for backend, value in d["shared_vs_own"].items()
+    ]  # fmt: skip
+    if "most_workers" in d:
+        most = d["most_workers"]
+        words = f"{most['workers']} workers, clicks by image_id, store on"
+        items += [
+            (f"{words}: image_not_cached answers", "workers_not_cached", most["image_not_cached"]),
+            (f"{words}: encoder runs, all workers", "workers_encoder_runs", most["encoder_runs"]),
+        ]
+    return items
+
+
 def checks(results: dict[str, Any]) -> list[dict[str, Any]]:
     """The "must show" rows of every measured model: value, target, pass (None: n/a)."""
     rows = []
     for name, result in results["models"].items():
         d = result.get("derived")
-        if not d:
-            continue
-        items = [
-            ("warm REST p50 / in-process floor p50", "warm_rest_vs_floor", d["warm_rest_vs_floor"]),
-            ("naive p50 / warm REST p50", "naive_vs_warm_rest", d["naive_vs_warm_rest"]),
-        ]
-        for series, words in PROMPT_SERIES.items():
-            if series not in d:
-                continue
-            achieved = d[series]["achieved"].get("16", {})
-            items += [
-                (f"per-prompt time: {count} prompts / 1-prompt request, {words}",
-                 "per_prompt_vs_single", v)
-                for count, v in d[series]["per_prompt_vs_single"].items()
-            ]  # fmt: skip
-            items += [
-                (f"16 prompts: achieved / {rate} GFLOP/s, {kind.replace('_', '-')}, {words}",
-                 "achieved_vs_matmul", achieved.get(f"vs_{key}_{kind}"))
-                for kind in ("decoder", "end_to_end")
-                for key, rate in (("matmul", "fastest matmul"),
-                                  ("round_matmul", "same-round matmul"))
-                if key == "matmul" or f"vs_{key}_{kind}" in achieved
-            ]  # fmt: skip
-        items.append(
-            ("RLE response bytes / raw packed bitmask bytes", "rle_vs_packed", d["rle_vs_packed"])
-        )
+        items = []
+        if d:
+            items += _main_items(d)
+        shared = result.get("shared_cache")
+        if shared and "error" not in shared:
+            items += _shared_items(shared)
         for check, key, value in items:
             bound, at_most = TARGETS[key]
             applies = _applies(key, name, result)
@@ -139,11 +169,41 @@ def checks(results: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
+def _main_items(d: dict[str, Any]) -> list[tuple[str, str, Any]]:
+    """The main section's "must show" rows of one model's ratios: (check, target key, value)."""
+    items = [
+        ("warm REST p50 / in-process floor p50", "warm_rest_vs_floor", d["warm_rest_vs_floor"]),
+        ("naive p50 / warm REST p50", "naive_vs_warm_rest", d["naive_vs_warm_rest"]),
+    ]
+    for series, words in PROMPT_SERIES.items():
+        if series not in d:
+            continue
+        achieved = d[series]["achieved"].get("16", {})
+        items += [
+            (f"per-prompt time: {count} prompts / 1-prompt request, {words}",
+             "per_prompt_vs_single", v)
+            for count, v in d[series]["per_prompt_vs_single"].items()
+        ]  # fmt: skip
+        items += [
+            (f"16 prompts: achieved / {rate} GFLOP/s, {kind.replace('_', '-')}, {words}",
+             "achieved_vs_matmul", achieved.get(f"vs_{key}_{kind}"))
+            for kind in ("decoder", "end_to_end")
+            for key, rate in (("matmul", "fastest matmul"),
+                              ("round_matmul", "same-round matmul"))
+            if key == "matmul" or f"vs_{key}_{kind}" in achieved
+        ]  # fmt: skip
+    items.append(
+        ("RLE response bytes / raw packed bitmask bytes", "rle_vs_packed", d["rle_vs_packed"])
+    )
+    return items
+
+
 def _applies(key: str, name: str, result: dict[str, Any]) -> bool:
     """Whether a target is about this model: the naive ratio and the GFLOP/s rate are set
     for the vit_b-sized decoder (3.6 GFLOP per prompt) and encoder; mask sizes need real
-    masks, which random weights do not make."""
-    if key in ("naive_vs_warm_rest", "achieved_vs_matmul"):
+    masks, which random weights do not make. The shared tier's target is set for vit_b's
+    4 MiB embeddings against its tens-of-milliseconds click."""
+    if key in ("naive_vs_warm_rest", "achieved_vs_matmul", "shared_vs_own"):
         return name == "vit_b"
     if key == "rle_vs_packed":
         return not str(result.get("weights", "")).startswith("random")
@@ -177,13 +237,23 @@ def _latency_row(path: str, stats: dict[str, Any]) -> list[Any]:
 
 
 def model_section(name: str, r: dict[str, Any], image_size: str) -> list[str]:
-    """One model's tables: latency, prompts per request, throughput, sizes, memory."""
+    """One model's tables: latency, prompts per request, throughput, sizes, memory; and
+    the shared embedding store's, where that section ran."""
     out = [f"## {name}", ""]
     if "error" in r:
-        return [*out, f"**Not measured**: {r['error']}", ""]
+        out += [f"**Not measured**: {r['error']}", ""]
+    elif "warm_rest" in r:
+        out += _main_tables(r, image_size)
+    if "shared_cache" in r:
+        out += shared_section(r["shared_cache"], image_size)
+    return out
+
+
+def _main_tables(r: dict[str, Any], image_size: str) -> list[str]:
+    """The main section's tables of one model."""
     random = r["weights"].startswith("random")
     note = " Random weights give noise masks: their sizes say little." if random else ""
-    out += [
+    out = [
         f"{r['weights']} weights, {r['parameters']:,} parameters, image embedding "
         f"{r['embedding_mib']} MiB ({r.get('cached_image_mib', '-')} MiB cached per image, with "
         f"its first-block projections); {image_size} JPEG images "
@@ -289,6 +359,75 @@ def model_section(name: str, r: dict[str, Any], image_size: str) -> list[str]:
         [[m["cached"], m["rss_mib"]] for m in r["memory"]["rss"]],
     )
     return out
+
+
+def shared_section(shared: dict[str, Any], image_size: str) -> list[str]:
+    """The shared-cache section's tables of one model: clicks by image_id with 1-4
+    workers, store on and off; a click from the shared tier against one from the worker's
+    own cache, per store backend."""
+    out = ["### The shared embedding store", ""]
+    if "error" in shared:
+        return [*out, f"**Not measured**: {shared['error']}", ""]
+    d = shared_derived(shared)
+    out += [
+        f"{shared['weights']} weights, {image_size} JPEG images. One image sent once (with "
+        f"a click: the encoder runs), then {shared['clicks']} clicks by `image_id` from one "
+        "client, one after another; the model registered with one worker and scaled through "
+        "the management API; the store `disk://` in a private, empty directory, or `none`. "
+        "A click answered `image_not_cached` is sent again with its image by the project's "
+        "client, which also attaches the image to its next requests on it (`ResendOptions`); "
+        "its latency counts both. Encoder runs and store hits are describe's totals over "
+        "the workers; requests per worker come from each worker's own-cache lookups.",
+        "",
+    ]
+    out += table(
+        ["store", "workers", "image_not_cached", "hit rate", "requests carrying the image",
+         "encoder runs", "store hits", "requests per worker", "click p50 ms", "click p99 ms",
+         "image sent: ms"],
+        [[run["store_url"].split(":", 1)[0], run["workers"], run["image_not_cached"],
+          run["hit_rate"], run["requests_with_image"], run["encoder_runs"], run["store_hits"],
+          " / ".join(map(str, run["requests_per_worker"])), run["latency"].get("p50"),
+          run["latency"].get("p99"), run["image_ms"]] for run in shared["runs"]],
+    )  # fmt: skip
+    tiers = shared.get("tiers")
+    if not tiers:
+        return out
+    out += [
+        f"A click from the shared tier against one from the worker's own cache: one worker "
+        f"whose cache holds one image ({tiers['embedding_cache_mb']:g} MB for "
+        f"{tiers['cached_image_mib']:g} MiB per image), two images taking turns, each "
+        "clicked twice with the same click: the first finds it in the store (the other "
+        "image's clicks evicted it from the worker's cache) and rebuilds its projections, "
+        f"the second in the worker's cache; {tiers['rounds']} rounds after one untimed. "
+        "Store read and write: mean ms per call over the timed rounds (every click "
+        "writes its low-res logits).",
+        "",
+    ]
+    rows = []
+    for backend, tier in tiers["backends"].items():
+        own, shared_tier, served = tier["own"], tier["shared"], tier["served_from"]
+        rows.append(
+            [backend, own.get("p50"), own.get("p99"), shared_tier.get("p50"),
+             shared_tier.get("p99"), d["shared_vs_own"][backend], own["n"],
+             own["server_ms"].get("total"), shared_tier["server_ms"].get("total"),
+             tier["store_get_ms"], tier["store_put_ms"],
+             f"{served['own_cache_hits']} / {served['store_hits']}", tier["image_not_cached"],
+             _median(tier["encoder_ms"]), d["encoder_vs_shared"][backend]]
+        )  # fmt: skip
+    out += table(
+        ["store", "own cache p50 ms", "own p99", "shared tier p50 ms", "shared p99",
+         "shared / own p50", "clicks each", "server total own", "server total shared",
+         "store read ms", "store write ms", "own-cache / store hits", "image_not_cached",
+         "encoder ms (server)", "encoder / shared-tier click"],
+        rows,
+    )  # fmt: skip
+    return out
+
+
+def _median(values: Sequence[float | None]) -> float | None:
+    """The median of the values that are not None; None if none are."""
+    present = [v for v in values if v is not None]
+    return round(statistics.median(present), 3) if present else None
 
 
 def _outside(row: dict[str, Any]) -> float | None:

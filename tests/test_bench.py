@@ -7,8 +7,22 @@ from pathlib import Path
 
 import pytest
 
-from bench import bench_images, cpu_label, decoder_streams, microarchitecture, summarize
-from bench_report import checks, derived, fmt, plot, render_markdown
+from bench import (
+    CountingSentImages,
+    bench_images,
+    counter_deltas,
+    cpu_label,
+    decoder_streams,
+    mean_ms,
+    microarchitecture,
+    one_image_cache_mb,
+    parse_sections,
+    redis_server,
+    requests_per_worker,
+    result_label,
+    summarize,
+)
+from bench_report import checks, derived, fmt, hit_rate, plot, render_markdown, shared_derived
 from conftest import MODEL
 
 
@@ -246,3 +260,167 @@ def test_matmul_rate_is_the_faster_librarys() -> None:
     libraries = ["torch_mm"] + (["onednn"] if torch.backends.mkldnn.is_available() else [])
     assert rate["n"] == 2048 and set(rate) == {"n", "gflops", *libraries}
     assert rate["gflops"] == max(rate[name] for name in libraries) > 0
+
+
+# -- the shared-cache section ----------------------------------------------------------------
+
+
+def test_hit_rate_counts_clicks_answered_without_image_not_cached() -> None:
+    assert hit_rate(40, 0) == 1.0
+    assert hit_rate(40, 39) == 0.025
+    assert hit_rate(3, 1) == 0.6667
+    assert hit_rate(0, 0) is None
+
+
+def test_sections_and_their_label() -> None:
+    assert parse_sections("main") == ("main",)
+    assert parse_sections(" shared-cache , main") == ("main", "shared-cache")  # run order
+    for bad in ("shared", "main,workers", "", ","):
+        with pytest.raises(ValueError, match="sections must be some of"):
+            parse_sections(bad)
+    # Alone, the section's results must not replace a full run's files.
+    assert result_label("cpu-intel-2core", ("shared-cache",), False) == "cpu-intel-2core-shared"
+    assert result_label("cpu-intel-2core", ("main",), True) == "cpu-intel-2core-quick"
+    both = ("main", "shared-cache")
+    assert result_label("cpu-intel-2core", both, False) == "cpu-intel-2core"
+
+
+@pytest.mark.parametrize("image_bytes", [983_040, 10_485_760, 10_485_760 + 12_345, 1000])
+def test_one_image_cache_holds_one_image_and_never_two(image_bytes: int) -> None:
+    """The tier run's worker cache, as the service sizes it from embedding_cache_mb: a
+    second image evicts the first."""
+    from samserve.cache import LRUCache
+    from samserve.process import MIB
+
+    cache = LRUCache(int(one_image_cache_mb(image_bytes) * MIB), lambda size: size)
+    assert cache.put("a", image_bytes)
+    assert cache.put("b", image_bytes)
+    assert "a" not in cache and "b" in cache
+
+
+def test_requests_per_worker_and_counter_deltas() -> None:
+    workers = [
+        {"pid": 1, "embedding_cache": {"hits": 9, "misses": 1}},
+        {"pid": 2, "embedding_cache": {"hits": 10, "misses": 0}},
+    ]
+    assert requests_per_worker(workers) == [10, 10]
+    before = {
+        "encoder_runs": 2,
+        "device": "cpu",
+        "embedding_cache": {"hits": 3},
+        "shared_store": {"hits": 1, "get_seconds": 0.5, "available": True},
+    }
+    after = {"encoder_runs": 2, "device": "cpu", "embedding_cache": {"hits": 43},
+             "shared_store": {"hits": 41, "get_seconds": 0.9, "available": True},
+             "new": 5}  # fmt: skip
+    assert counter_deltas(before, after) == {
+        "encoder_runs": 0, "embedding_cache": {"hits": 40},
+        "shared_store": {"hits": 40, "get_seconds": 0.4},
+    }  # fmt: skip
+    assert mean_ms(0.4, 40) == 10.0
+    assert mean_ms(None, 40) is None and mean_ms(0.4, 0) is None
+
+
+def test_counting_sent_images_counts_resends_and_attached_requests() -> None:
+    from samclient.errors import SamServeError
+    from samclient.resend import ResendOptions
+
+    sent = CountingSentImages(ResendOptions(attach_after_resend=2))
+    sent.remember("abc", b"jpeg")
+    body = {"image_id": "abc", "prompts": []}
+    assert sent.prepare(body) is body and sent.attached == 0
+    assert "image" in sent.recover(body, SamServeError("image_not_cached", "not here"))
+    assert [("image" in sent.prepare(body)) for _ in range(3)] == [True, True, False]
+    assert (sent.resends, sent.attached) == (1, 2)
+
+
+def test_private_redis_server_starts_and_stops(tmp_path: Path) -> None:
+    import shutil
+    import socket
+
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed (scripts/setup.sh installs it)")
+    with redis_server(tmp_path, 16) as port:
+        with socket.create_connection(("127.0.0.1", port), timeout=2) as sock:
+            sock.sendall(b"CONFIG GET maxmemory-policy\r\n")
+            assert b"allkeys-lru" in sock.recv(256)
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", port), timeout=0.5)
+
+
+def _tier(own_p50: float, shared_p50: float) -> dict:
+    return {
+        "store_url": "disk:///tmp/s",
+        "own": _stats(own_p50) | {"server_ms": {"total": own_p50 - 5}},
+        "shared": _stats(shared_p50) | {"server_ms": {"total": shared_p50 - 5}},
+        "served_from": {"own_cache_hits": 3, "store_hits": 3, "store_misses": 0,
+                        "encoder_runs": 0},
+        "store_get_ms": 2.5, "store_put_ms": 1.0, "store_puts_per_click": 1.0,
+        "image_not_cached": 0, "image_ms": [8000.0, 7000.0], "encoder_ms": [7000.0, None],
+    }  # fmt: skip
+
+
+def _run(store: str, workers: int, not_cached: int, encoder_runs: int) -> dict:
+    return {
+        "store_url": "none" if store == "none" else f"disk:///tmp/store-{workers}",
+        "workers": workers, "clicks": 40, "image_not_cached": not_cached,
+        "hit_rate": hit_rate(40, not_cached), "requests_with_image": not_cached * 4,
+        "encoder_runs": encoder_runs, "store_hits": None if store == "none" else workers - 1,
+        "requests_per_worker": [41 // workers] * workers, "image_ms": 7500.0,
+        "image_server_ms": {"encoder": 7000.0}, "latency": _stats(40.0), "server_ms": {},
+    }  # fmt: skip
+
+
+def _shared_result(shared_p50: dict[str, float], encoder_runs_4: int = 1) -> dict:
+    """A shared-cache section's result: own-cache clicks at 40 ms."""
+    return {
+        "weights": "random (seed 0)", "clicks": 40,
+        "runs": [_run("disk", 1, 0, 1), _run("disk", 4, 0, encoder_runs_4),
+                 _run("none", 2, 1, 2), _run("none", 4, 3, 4)],
+        "tiers": {"cached_image_mib": 10.0, "embedding_cache_mb": 15.0, "rounds": 3,
+                  "backends": {b: _tier(40.0, p50) for b, p50 in shared_p50.items()}},
+    }  # fmt: skip
+
+
+def test_shared_cache_checks_and_report() -> None:
+    """The section's "must show" rows beside the main ones, in a run of both sections and
+    of the section alone (no main measurements: no ratios, no plot)."""
+    shared = _shared_result({"disk": 50.0, "redis": 70.0})
+    d = shared_derived(shared)
+    assert d["shared_vs_own"] == {"disk": 1.25, "redis": 1.75}
+    assert d["encoder_vs_shared"]["disk"] == 140.0  # the encoders that ran: 7000 ms
+    assert d["most_workers"] == {"workers": 4, "image_not_cached": 0, "encoder_runs": 1}
+
+    both = {
+        "label": "test", "image_size": "64x96", "counts": {"matmul_repeats": 3},
+        "matmul": {"n": 2048, "gflops": 100.0}, "machine": {"cpu": "test"},
+        "models": {"vit_b": _fake_result(11.0) | {"shared_cache": shared},
+                   "sam_small": {"model": "sam_small", "weights": "trained",
+                                 "shared_cache": _shared_result({"disk": 90.0}, 2)},
+                   "broken": {"model": "broken", "shared_cache": {"error": "OSError: x"}}},
+    }  # fmt: skip
+    both["models"]["vit_b"]["derived"] = derived(both["models"]["vit_b"], 100.0)
+    both["checks"] = checks(both)
+    verdicts = {(c["model"], c["check"]): (c["value"], c["pass"]) for c in both["checks"]}
+    own = "p50 / from the worker's own cache p50"
+    assert verdicts[("vit_b", f"click from the shared store (disk) {own}")] == (1.25, True)
+    assert verdicts[("vit_b", f"click from the shared store (redis) {own}")] == (1.75, False)
+    # The tier target is set for vit_b sizes; the worker checks hold for every model.
+    assert verdicts[("sam_small", f"click from the shared store (disk) {own}")] == (2.25, None)
+    words = "4 workers, clicks by image_id, store on"
+    assert verdicts[("vit_b", f"{words}: image_not_cached answers")] == (0, True)
+    assert verdicts[("vit_b", f"{words}: encoder runs, all workers")] == (1, True)
+    assert verdicts[("sam_small", f"{words}: encoder runs, all workers")] == (2, False)
+    assert ("vit_b", "warm REST p50 / in-process floor p50") in verdicts  # main rows kept
+    assert not [c for c in both["checks"] if c["model"] == "broken"]
+
+    markdown = render_markdown(both)
+    assert markdown.count("### The shared embedding store") == 3
+    assert "### One click (ms, client-side; server stages p50)" in markdown  # vit_b's main
+    assert "**Not measured**: OSError: x" in markdown
+    assert "| none | 4 | 3 | 0.925 | 12 | 4 | - | 10 / 10 / 10 / 10 | 40 |" in markdown
+    assert "| redis | 40 | 80 | 70 | 140 | 1.75 | 3 | 35 | 65 | 2.5 | 1 | 3 / 3 | 0 | 7,000 |" in (
+        markdown
+    )
+    row = "| 4 workers, clicks by image_id, store on: encoder runs, all workers | sam_small | 2 |"
+    assert f"{row} <= 1 | **fail** |" in markdown
