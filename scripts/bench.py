@@ -836,13 +836,16 @@ class CountingSentImages(SentImages):
 
 
 @contextmanager
-def environment_without(name: str) -> Iterator[str | None]:
-    """The block runs with environment variable ``name`` unset (a server started in it
-    does not inherit it); yields its value, put back afterwards."""
+def environment(name: str, value: str | None) -> Iterator[str | None]:
+    """The block runs with environment variable ``name`` set to ``value`` (unset for None;
+    a server started in it inherits that); yields the value it had, put back afterwards."""
     saved = os.environ.pop(name, None)
+    if value is not None:
+        os.environ[name] = value
     try:
         yield saved
     finally:
+        os.environ.pop(name, None)
         if saved is not None:
             os.environ[name] = saved
 
@@ -1095,7 +1098,7 @@ def shared_cache_section(
     )
     server.stop()  # a leftover from an interrupted run of ours
     server.model_store.mkdir(parents=True, exist_ok=True)
-    with environment_without(STORE_URL_ENV) as ignored:
+    with environment(STORE_URL_ENV, None) as ignored:
         if ignored is not None:
             print(f"shared cache: {STORE_URL_ENV}={ignored} ignored: the section sets each "
                   "archive's store", flush=True)  # fmt: skip
@@ -1239,7 +1242,16 @@ def main_section(
     )
     server.stop()  # a leftover from an interrupted run of ours
     server.model_store.mkdir(parents=True, exist_ok=True)
-    server.start()
+    # The shipped default, the disk store, but empty: entries of an earlier run would make
+    # a "cold" request warm. A store the environment names (none, for an A/B) is kept.
+    store = os.environ.get(STORE_URL_ENV)
+    if not store:
+        directory = default_store_root(args.cache) / "main"
+        shutil.rmtree(directory, ignore_errors=True)
+        store = f"disk://{directory}"
+    results["machine"]["store"] = store
+    with environment(STORE_URL_ENV, store):
+        server.start()
     try:
         for name in models:
             try:
