@@ -13,8 +13,8 @@
 # fits in 8 minutes; a step that fails or runs out does not stop the next.
 # DEVICE=cpu runs the same on a CPU as a smoke test (with --quick counts), e.g. here:
 #   OUT=/tmp/gpu-check DEVICE=cpu PYTHON=.venv/bin/python bash scripts/gpu_check.sh run
-# LEAN=1 fetch leaves out numba and llvmlite (about 60 MiB of the 64 a call can carry),
-# for a machine that has them.
+# All the wheels come to about 63 MiB of the 64 a call can carry, llvmlite most of it:
+# LEAN=1 fetch leaves out numba and llvmlite, for a machine that has them.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 mode=${1:-}
@@ -27,13 +27,15 @@ WHEELS=(
     "orjson:orjson"
     "numba:numba llvmlite"
     "pytest:pytest pluggy iniconfig"
+    "packaging:packaging"
+    "pygments:pygments"
 )
 
 case "$mode" in
 fetch)
     set -e
     mkdir -p .whl
-    packages=(pycocotools segment-anything==1.0 orjson pytest pluggy iniconfig)
+    packages=(pycocotools segment-anything==1.0 orjson pytest pluggy iniconfig packaging pygments)
     [ "${LEAN:-0}" = 1 ] || packages+=(numba==0.68.1 llvmlite==0.50.0)
     python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
         --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
