@@ -35,7 +35,7 @@ def test_the_same_masks_as_upscale_masks_bit_for_bit(original_size, padded, low,
     for seed in range(3):
         logits = _logits(low, seed)
         expected = upscale_masks(logits, input_size, original_size, padded, rle=rle)
-        got = upscale_masks_on_device(logits, input_size, original_size, padded, rle=rle)
+        got = upscale_masks_on_device(logits, (input_size, original_size, padded), rle=rle)
         assert got == expected  # runs (compressed), box and area
 
 
@@ -55,4 +55,5 @@ def test_nothing_set_is_the_empty_mask():
 def test_cuda_masks_are_upscale_masks_bit_for_bit(original_size, padded, low, input_size):
     logits = _logits(low, 0)
     expected = upscale_masks(logits, input_size, original_size, padded)
-    assert upscale_masks_on_device(logits.cuda(), input_size, original_size, padded) == expected
+    frame = (input_size, original_size, padded)
+    assert upscale_masks_on_device(logits.cuda(), frame) == expected

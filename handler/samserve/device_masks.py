@@ -114,24 +114,22 @@ def window_runs(
     return MaskRuns.of_runs(runs, size, box, area, rle)
 
 
+Frame = tuple[tuple[int, int], tuple[int, int], int]
+"""A mask's frames: (H', W') of the resized image inside the padded square, (H, W) of the
+image as decoded, and the side of the model's square input (``img_size``)."""
+
+
 def upscale_masks_on_device(
-    low_res: torch.Tensor,
-    input_size: tuple[int, int],
-    original_size: tuple[int, int],
-    padded_size: int,
-    threshold: float = 0.0,
-    map_fn: Mapper = map,
+    low_res: torch.Tensor, frame: Frame, threshold: float = 0.0, map_fn: Mapper = map,
     rle: bool = True,
-) -> list[MaskRuns]:
+) -> list[MaskRuns]:  # fmt: skip
     """``upscale_masks`` with each mask made where ``low_res`` is (see the module
-    docstring); the same arguments and the same masks.
+    docstring): the same masks.
 
     Arguments:
       low_res (torch.Tensor): Cxhxw logits in the padded input frame, on any device.
-      input_size (tuple(int, int)): (H', W') of the resized image inside the padded
-        square, before padding.
-      original_size (tuple(int, int)): (H, W) of the image as decoded.
-      padded_size (int): the side of the model's square input (``img_size``).
+      frame (Frame): the input size, original size and padded size, as ``upscale_masks``
+        takes them one by one.
       threshold (float): SAM's ``mask_threshold``.
       map_fn (Mapper): ``map``, or a thread pool's; finds one mask's runs per item.
       rle (bool): make each mask's COCO RLE; else box and area only.
@@ -139,6 +137,7 @@ def upscale_masks_on_device(
     Returns:
       (list(MaskRuns)): C masks of HxW in the original frame, in the order of ``low_res``.
     """
+    input_size, original_size, padded_size = frame
     low_res = low_res.float()
     device = low_res.device
     row_map, *rows = _device_map(

@@ -411,16 +411,18 @@ class SamEngine:
         with stage("upscale"):
             # All the call's masks in one map: a pool's threads share them. On CUDA they
             # are made where the logits are, and only their bits cross to the CPU.
-            upscale = upscale_masks_on_device if on_device.is_cuda else upscale_masks
-            masks = upscale(
-                on_device.flatten(0, 1),
+            frame = (
                 embedding.input_size,
                 embedding.original_size,
                 self.model.image_encoder.img_size,
-                self.model.mask_threshold,
-                map_fn,
-                options.rle,
             )
+            threshold = self.model.mask_threshold
+            if on_device.is_cuda:
+                masks = upscale_masks_on_device(
+                    on_device.flatten(0, 1), frame, threshold, map_fn, options.rle
+                )
+            else:
+                masks = upscale_masks(low_res.flatten(0, 1), *frame, threshold, map_fn, options.rle)
         per_prompt = low_res.shape[1]
         return [
             Prediction(
