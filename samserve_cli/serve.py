@@ -1,6 +1,7 @@
 """Start TorchServe with config.properties, register the model, renew keys, stop it.
 
     samserve-serve start --register sam.mar   # healthy, then registered
+    samserve-serve start --redis --register sam.mar   # workers share a Redis store
     samserve-serve status
     samserve-serve renew-key --api inference  # a new key in run/key_file.json
     samserve-serve stop
@@ -11,17 +12,26 @@ file live there), so the clients started in that folder find its keys without co
 them, and takes archives from its ``model_store/``. It listens where its
 config.properties says (``inference_address``, ``grpc_inference_address``, ...). An
 expired key is renewed through TorchServe's token API when a call is refused.
+
+With ``--redis`` it first starts a redis-server of its own for the shared embedding store
+(``samserve_cli.store_server``) and gives the workers its URL (``SAMSERVE_STORE_URL``);
+``stop`` stops it too. Other hosts' servers join it with that URL (``run/store_url``;
+start it with ``--redis-bind`` on an address they reach).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 from samclient.keys import APIS
 from samclient.rest_client import RestClient
 from samclient.server import TorchServe
+from samserve.store import STORE_URL_ENV
+
+from .store_server import DEFAULT_MAXMEMORY_MB, DEFAULT_PORT, StoreServer
 
 
 def default_workers() -> int:
@@ -57,13 +67,25 @@ def main(argv: list[str] | None = None, root: Path | None = None) -> int:
     parser.add_argument("--workdir", type=Path, default=root / "run")
     parser.add_argument("--model-store", type=Path, default=root / "model_store")
     parser.add_argument("--config", type=Path, default=root / "config.properties")
+    parser.add_argument("--redis", action="store_true", help="start a Redis shared store too")
+    parser.add_argument("--redis-port", type=int, default=DEFAULT_PORT)
+    parser.add_argument("--redis-bind", default="127.0.0.1", help="address other hosts reach")
+    parser.add_argument("--redis-maxmemory-mb", type=int, default=DEFAULT_MAXMEMORY_MB)
     args = parser.parse_args(argv)
 
     server = TorchServe(args.workdir, args.model_store, config=args.config)
+    store = StoreServer(args.workdir, args.redis_port, args.redis_bind, args.redis_maxmemory_mb)
     if args.command in ("stop", "restart"):
         server.stop()
         print("TorchServe stopped")
+        if store.stop():
+            print("Redis stopped")
     if args.command in ("start", "restart"):
+        if args.redis:
+            # The workers inherit the frontend's environment, which is this one.
+            os.environ[STORE_URL_ENV] = store.start()
+            print(f"Redis shared store on {args.redis_bind}:{args.redis_port} "
+                  f"(its URL, with the password, in {store.url_file})")  # fmt: skip
         server.start()
         print(f"TorchServe healthy: inference {server.inference_url}, "
               f"management {server.management_url}, logs in {server.log_dir}")  # fmt: skip

@@ -4,14 +4,18 @@ config.properties says, and samserve-serve renews keys."""
 from __future__ import annotations
 
 import shutil
+import socket
+from pathlib import Path
 
 import pytest
 import requests
 
-from conftest import CONFIG, PORTS
+from conftest import CONFIG, PORTS, free_port
 from samclient.keys import read_keys
 from samclient.server import Addresses, Ports, TorchServe
+from samserve.store import STORE_URL_ENV
 from samserve_cli import serve
+from samserve_cli.store_server import StoreServer
 
 
 def test_addresses_follow_the_config_and_reach_wildcard_binds_through_loopback():
@@ -56,7 +60,7 @@ def test_without_ports_of_its_own_an_instance_keeps_the_configs_addresses(tmp_pa
 
 
 @pytest.mark.integration
-def test_serve_script_listens_where_the_config_says_and_renews_keys(tmp_path):
+def test_serve_script_listens_where_the_config_says_and_renews_keys(tmp_path, monkeypatch):
     ports = Ports.offset(PORTS.inference - 8080 + 820)
     config = tmp_path / "config.properties"
     config.write_text(
@@ -73,8 +77,16 @@ def test_serve_script_listens_where_the_config_says_and_renews_keys(tmp_path):
     args = ["--config", str(config), "--workdir", str(tmp_path / "run")]
     args += ["--model-store", str(tmp_path / "store")]
     (tmp_path / "store").mkdir()
-    assert serve.main(["start", *args]) == 0
+    # --redis sets the store URL in this process's environment, which the server inherits.
+    monkeypatch.setenv(STORE_URL_ENV, "none")
+    redis_port = free_port()
+    assert serve.main(["start", "--redis", "--redis-port", str(redis_port), *args]) == 0
     try:
+        url = (tmp_path / "run" / "store_url").read_text().strip()
+        assert url.startswith("redis://:") and url.endswith(f"@127.0.0.1:{redis_port}/0")
+        frontend = TorchServe(tmp_path / "run", tmp_path / "store", config=config).pid()
+        environ = Path(f"/proc/{frontend}/environ").read_bytes().split(b"\0")
+        assert f"{STORE_URL_ENV}={url}".encode() in environ
         keys = read_keys(tmp_path / "run" / "key_file.json")
         ping = requests.get(
             f"http://127.0.0.1:{ports.inference}/ping",
@@ -88,3 +100,33 @@ def test_serve_script_listens_where_the_config_says_and_renews_keys(tmp_path):
         assert renewed.management != keys.management and renewed.inference == keys.inference
     finally:
         assert serve.main(["stop", *args]) == 0
+    assert not (tmp_path / "run" / "store_url").exists()  # the Redis server stopped too
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", redis_port), timeout=1).close()
+
+
+@pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server")
+def test_the_store_server_runs_as_deploy_runs_redis_and_stops(tmp_path):
+    """samserve-serve --redis's server: a password, maxmemory with allkeys-lru, no
+    persistence, its URL readable by this user only; stop ends it."""
+    import redis
+
+    server = StoreServer(tmp_path / "run", free_port(), maxmemory_mb=64)
+    url = server.start()
+    try:
+        assert (tmp_path / "run" / "store_url").read_text().strip() == url
+        assert (tmp_path / "run" / "store_url").stat().st_mode & 0o077 == 0
+        with pytest.raises(redis.AuthenticationError):
+            redis.Redis(port=server.port).ping()
+        client = redis.Redis.from_url(url)
+        assert client.ping()
+        config = client.config_get("*")
+        assert config["maxmemory-policy"] == "allkeys-lru"
+        assert int(config["maxmemory"]) == 64 * 2**20
+        assert config["save"] == "" and config["appendonly"] == "no"
+        client.close()
+    finally:
+        assert server.stop()
+    assert not server.stop()  # nothing left to stop
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", server.port), timeout=1).close()
