@@ -121,3 +121,19 @@ def test_prompts_targets_and_loss_of_a_batch(micro_sam):
     assert "refine" in parts and len(parts["refine"]) == 1  # the second image has no instance
     loss.backward()
     assert embeddings.grad is not None and np.isfinite(embeddings.grad.numpy()).all()
+
+
+def test_random_points_stay_inside_when_a_draw_rounds_up_to_the_box_edge(monkeypatch):
+    """u just below 1 times a 256-pixel side is 256.0 in float32: the point must still be
+    the box's last pixel (this draw once stopped a long training run with an IndexError)."""
+    masks = torch.ones(2, 256, 256, dtype=torch.bool)
+    masks[1, :, 200:] = False
+    real_rand = torch.rand
+
+    def almost_one(*size, **kwargs):
+        return torch.full(size[0] if isinstance(size[0], tuple) else size, 0.99999994)
+
+    monkeypatch.setattr(torch, "rand", almost_one)
+    points = random_points(masks, torch.Generator().manual_seed(0))
+    monkeypatch.setattr(torch, "rand", real_rand)
+    assert points.tolist() == [[255.5, 255.5], [199.5, 255.5]]

@@ -85,8 +85,11 @@ def random_points(masks: torch.Tensor, generator: torch.Generator, tries: int = 
     rows = torch.arange(len(masks))
     boxes = mask_boxes(masks)
     u = torch.rand(len(masks), tries, 2, generator=generator)
+    # float32 rounds u * side up to the side itself for u just below 1: clamp to the box.
+    last = boxes[:, None, 2:].long() - 1
     xs = (boxes[:, None, 0] + u[..., 0] * (boxes[:, None, 2] - boxes[:, None, 0])).long()
     ys = (boxes[:, None, 1] + u[..., 1] * (boxes[:, None, 3] - boxes[:, None, 1])).long()
+    xs, ys = torch.minimum(xs, last[..., 0]), torch.minimum(ys, last[..., 1])
     inside = masks[rows[:, None], ys, xs]
     first = inside.float().argmax(dim=1)
     points = torch.stack([xs[rows, first], ys[rows, first]], dim=1)
