@@ -177,3 +177,39 @@ def test_cuda_sdpa_attention_is_sams(batch, height, width):
         with torch.autocast("cuda", dtype=torch.bfloat16):
             low = sdpa(x).float()
         assert (low - expected).abs().mean() < 0.05 * expected.abs().mean()
+
+
+def _everything(device: str) -> tuple[int, int]:
+    """Segment everything on one held-out image with the shipped model on ``device``, 64
+    points in one generator batch: (masks found, decoder calls made)."""
+    from samserve.everything import EverythingLimits, EverythingParams, segment_everything
+
+    sample = heldout(1)[0]
+    engine = SamEngine(_shipped(device))
+    calls = []
+    real = engine.predict_torch
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    engine.predict_torch = counted
+    embedding = engine.embed({"img": sample.image})["img"]
+    params = EverythingParams(points_per_side=8, points_per_batch=64, pred_iou_thresh=0.5)
+    limits = EverythingLimits(4096, 4, 10**10, 60.0)
+    result = segment_everything(engine, embedding, params, sample.image, limits)
+    return len(result.records), len(calls)
+
+
+def test_cpu_segment_everything_decodes_decoder_batch_size_points_per_call():
+    """On a CPU the generator's 64 points go through the decoder a few at a time."""
+    assert _everything("cpu")[1] == 64 // Settings().decoder_batch_size
+
+
+@cuda
+def test_cuda_segment_everything_decodes_a_generators_batch_in_one_call():
+    """On a GPU the generator's points_per_batch go through the decoder in one call, and
+    find what the CPU finds."""
+    on_cpu, on_cuda = _everything("cpu"), _everything("cuda")
+    assert on_cuda[1] == 1
+    assert abs(on_cuda[0] - on_cpu[0]) <= 1

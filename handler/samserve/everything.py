@@ -274,9 +274,13 @@ class _CachedPredictor(SamPredictor):
     def decode_points(self, coords: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Bx3xhxw low-res logits and Bx3 predicted IoUs of B single foreground points
         (Bx2, in the model's input frame), as SAM's ``predict_torch`` makes them with
-        multimask output; ``decoder_batch_size`` points per decoder call."""
+        multimask output: ``decoder_batch_size`` points per decoder call on a CPU, all B
+        in one call on a GPU."""
         labels = torch.ones(coords.shape[0], 1, dtype=torch.int, device=coords.device)
-        step = self.engine.decoder_batch_size
+        # A CPU call's image-side tensors outgrow the caches past a few prompts; a GPU
+        # keeps all of the generator's batch (points_per_batch) busy in one call.
+        on_cpu = coords.device.type == "cpu"
+        step = self.engine.decoder_batch_size if on_cpu else max(1, coords.shape[0])
         parts = [
             self.engine.predict_torch(
                 self.embedding,
