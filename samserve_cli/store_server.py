@@ -21,6 +21,7 @@ from pathlib import Path
 
 DEFAULT_PORT = 6379
 DEFAULT_MAXMEMORY_MB = 1024
+PID_FILE = "redis.pid"
 
 
 @dataclass(frozen=True)
@@ -42,11 +43,8 @@ class StoreServer:
 
     @property
     def url_file(self) -> Path:
+        """The file that holds the store's URL, with its password."""
         return self.workdir / "store_url"
-
-    @property
-    def pid_file(self) -> Path:
-        return self.workdir / "redis.pid"
 
     def start(self, timeout: float = 10.0) -> str:
         """Start the server (a running one of this folder is stopped first) and wait until
@@ -65,9 +63,10 @@ class StoreServer:
         self.workdir.mkdir(parents=True, exist_ok=True)
         password = secrets.token_hex(16)
         config = self.workdir / "redis.conf"
+        folder = self.workdir.resolve()
         config.write_text(
-            f"port {self.port}\nbind {self.bind}\ndir {self.workdir.resolve()}\n"
-            f"pidfile {self.pid_file.resolve()}\nlogfile {(self.workdir / 'redis.log').resolve()}\n"
+            f"port {self.port}\nbind {self.bind}\ndir {folder}\n"
+            f"pidfile {folder / PID_FILE}\nlogfile {folder / 'redis.log'}\n"
             f'daemonize yes\nsave ""\nappendonly no\nmaxmemory {self.maxmemory_mb}mb\n'
             f"maxmemory-policy allkeys-lru\nrequirepass {password}\n"
         )
@@ -83,7 +82,7 @@ class StoreServer:
     def stop(self) -> bool:
         """Stop the server this folder started, if it runs; whether one was stopped."""
         try:
-            pid = int(self.pid_file.read_text().split()[0])
+            pid = int((self.workdir / PID_FILE).read_text().split()[0])
             os.kill(pid, signal.SIGTERM)
         except (OSError, ValueError, IndexError):
             return False
@@ -94,7 +93,7 @@ class StoreServer:
             except ProcessLookupError:
                 break
             time.sleep(0.05)
-        self.pid_file.unlink(missing_ok=True)
+        (self.workdir / PID_FILE).unlink(missing_ok=True)
         self.url_file.unlink(missing_ok=True)
         return True
 
