@@ -36,7 +36,6 @@ import os
 import platform
 import shutil
 import socket
-import subprocess
 import sys
 import threading
 import time
@@ -76,6 +75,7 @@ from samserve.process import tune_process
 from samserve.service import parallel_parts, part_size, prompt_work
 from samserve.settings import Settings
 from samserve.store import DEFAULT_DISK_ROOT, STORE_URL_ENV
+from samserve_cli.store_server import StoreServer
 from training.prompts import random_pixel
 from training.synthetic import make_sample
 
@@ -858,48 +858,16 @@ def free_port() -> int:
 
 
 @contextmanager
-def redis_server(directory: Path, maxmemory_mb: int) -> Iterator[int]:
-    """A private redis-server on a free loopback port, as deploy/ runs one (``maxmemory``
-    with ``allkeys-lru``) but without persistence; yields its port, stops it afterwards."""
-    executable = shutil.which("redis-server")
-    if executable is None:
-        raise RuntimeError("redis-server is not installed (scripts/setup.sh installs it)")
-    directory.mkdir(parents=True, exist_ok=True)
-    port = free_port()
-    command = [
-        executable, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(directory),
-        "--save", "", "--appendonly", "no", "--maxmemory", f"{maxmemory_mb}mb",
-        "--maxmemory-policy", "allkeys-lru",
-    ]  # fmt: skip
-    with open(directory / "redis.log", "ab") as log:
-        process = subprocess.Popen(
-            command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
-        )
+def redis_server(directory: Path, maxmemory_mb: int) -> Iterator[str]:
+    """A private redis-server on a free loopback port, the one ``samserve-serve start
+    --redis`` runs (``maxmemory`` with ``allkeys-lru``, a password, no persistence);
+    yields its URL, stops it afterwards."""
+    server = StoreServer(directory, free_port(), maxmemory_mb=maxmemory_mb)
+    url = server.start()
     try:
-        deadline = time.monotonic() + 10
-        while not _redis_answers(port):
-            if process.poll() is not None or time.monotonic() > deadline:
-                tail = (directory / "redis.log").read_text()[-2000:]
-                raise RuntimeError(f"redis-server did not start:\n{tail}")
-            time.sleep(0.05)
-        yield port
+        yield url
     finally:
-        process.terminate()
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-
-def _redis_answers(port: int) -> bool:
-    """Whether a Redis server on loopback ``port`` answers PING."""
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.2) as sock:
-            sock.sendall(b"PING\r\n")
-            return sock.recv(64).startswith(b"+PONG")
-    except OSError:
-        return False
+        server.stop()
 
 
 def cached_image_bytes(spec: SamSpec, checkpoint: Path, original_size: tuple[int, int]) -> int:
@@ -1070,11 +1038,9 @@ def bench_shared_cache(
             if backend == "redis"
             else nullcontext()
         )
-        with store_server as port:
-            url = (
-                f"disk://{root / 'store-tiers'}" if port is None else f"redis://127.0.0.1:{port}/0"
-            )
-            print(f"[{name}] shared tier vs own cache: store {url}", flush=True)
+        with store_server as redis_url:
+            url = redis_url or f"disk://{root / 'store-tiers'}"
+            print(f"[{name}] shared tier vs own cache: store {backend}", flush=True)
             settings = {"torch_threads": threads, "store_url": url, "embedding_cache_mb": cache_mb}
             tiers["backends"][backend] = tier_clicks(
                 server, f"shared_{name}_tiers_{backend}", settings, spec, checkpoint, images,

@@ -340,10 +340,13 @@ def test_private_redis_server_starts_and_stops(tmp_path: Path) -> None:
 
     if shutil.which("redis-server") is None:
         pytest.skip("redis-server is not installed (scripts/setup.sh installs it)")
-    with redis_server(tmp_path, 16) as port:
-        with socket.create_connection(("127.0.0.1", port), timeout=2) as sock:
-            sock.sendall(b"CONFIG GET maxmemory-policy\r\n")
-            assert b"allkeys-lru" in sock.recv(256)
+    import redis
+
+    with redis_server(tmp_path, 16) as url:
+        port = redis.connection.parse_url(url)["port"]
+        client = redis.Redis.from_url(url)
+        assert client.config_get("maxmemory-policy") == {"maxmemory-policy": "allkeys-lru"}
+        client.close()
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", port), timeout=0.5)
 
