@@ -50,13 +50,14 @@ if [ ! -x .venv/bin/python ]; then
     echo "setup: creating .venv" >&2
     "$PYTHON" -m venv .venv
 fi
-# Both distributions, editable: the client (samclient/, which the server's requires) and
-# the server with the development tools. Reinstall only when either pyproject.toml changed.
-projects=(pyproject.toml samclient/pyproject.toml)
+# The three distributions, editable: the client (samclient/, which the server's requires),
+# the server with the development tools, and the training code (training/, which needs
+# both). Reinstall only when a pyproject.toml changed.
+projects=(pyproject.toml samclient/pyproject.toml training/pyproject.toml)
 stamp=.venv/.samserve-installed
 if [ ! -f "$stamp" ] || ! cat "${projects[@]}" | cmp -s - "$stamp"; then
     echo "setup: installing dependencies into .venv (about a minute)" >&2
     .venv/bin/python -m pip install -q --upgrade pip >/dev/null
-    .venv/bin/python -m pip install -q -e ./samclient -e '.[dev]'
+    .venv/bin/python -m pip install -q -e ./samclient -e '.[dev]' -e ./training
     cat "${projects[@]}" > "$stamp"
 fi
