@@ -27,7 +27,7 @@ EXAMPLE = REPO / "demo" / "example.jpg"
 # The server's side, and what only builds and tests use: none may come with the client.
 NOT_FOR_THE_CLIENT = {
     "torch", "torchvision", "torchserve", "torch-model-archiver", "segment-anything",
-    "numba", "opencv-python-headless", "grpcio-tools", "pytest", "samserve",
+    "numba", "opencv-python-headless", "grpcio-tools", "pytest", "samserve", "samserve-training",
 }  # fmt: skip
 
 
