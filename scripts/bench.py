@@ -68,12 +68,11 @@ from samclient.resend import ResendOptions, SentImages
 from samclient.rest_client import RestClient
 from samclient.server import Ports, TorchServe
 from samserve import matmul
-from samserve.engine import SamEngine
+from samserve.engine import SamEngine, default_decoder_batch_size
 from samserve.images import decode_image
 from samserve.models import SamSpec, build_sam, random_checkpoint, spec_by_name
 from samserve.process import tune_process
 from samserve.service import parallel_parts, part_size, prompt_work
-from samserve.settings import Settings
 from samserve.store import DEFAULT_DISK_ROOT, STORE_URL_ENV
 from samserve_cli.store_server import StoreServer
 from training.prompts import random_pixel
@@ -149,8 +148,8 @@ def decoder_streams(prompts: int, pixels_per_prompt: int, threads: int, work: in
     """Decoder calls of a ``prompts``-click request (each click ``pixels_per_prompt``
     full-size mask pixels) that run side by side in a worker with ``threads`` mask threads
     (the default) on a model of ``prompt_work`` ``work``, as ``samserve.service`` splits
-    it: its ``timing_ms`` stages are summed over them."""
-    size = part_size(pixels_per_prompt, Settings().decoder_batch_size)
+    it on a CPU: its ``timing_ms`` stages are summed over them."""
+    size = part_size(pixels_per_prompt, default_decoder_batch_size(torch.device("cpu")))
     return parallel_parts(math.ceil(prompts / size), threads, work)
 
 

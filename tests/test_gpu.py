@@ -15,7 +15,7 @@ from segment_anything import SamPredictor
 
 from samserve import matmul
 from samserve.encoder import EncoderOptions, SdpaAttention, SlicedAttention
-from samserve.engine import MaskOptions, Prompt, SamEngine
+from samserve.engine import MaskOptions, Prompt, SamEngine, default_decoder_batch_size
 from samserve.models import assemble_sam, build_sam, spec_by_name
 from samserve.settings import Settings
 from training.evaluate import heldout
@@ -203,7 +203,7 @@ def _everything(device: str) -> tuple[int, int]:
 
 def test_cpu_segment_everything_decodes_decoder_batch_size_points_per_call():
     """On a CPU the generator's 64 points go through the decoder a few at a time."""
-    assert _everything("cpu")[1] == 64 // Settings().decoder_batch_size
+    assert _everything("cpu")[1] == 64 // default_decoder_batch_size(torch.device("cpu"))
 
 
 @cuda
@@ -213,3 +213,36 @@ def test_cuda_segment_everything_decodes_a_generators_batch_in_one_call():
     on_cpu, on_cuda = _everything("cpu"), _everything("cuda")
     assert on_cuda[1] == 1
     assert abs(on_cuda[0] - on_cpu[0]) <= 1
+
+
+@cuda
+def test_cuda_service_decodes_a_batchs_prompts_on_one_image_together():
+    """On CUDA the service sizes decoder calls for the GPU and sends the prompts of a
+    batch's requests on one image through one ``SamEngine.predict`` list."""
+    import base64
+
+    from conftest import png_bytes
+    from samserve.service import SegmentService
+
+    service = SegmentService.for_model(_shipped("cuda"), Settings())
+    assert service.merge_decoder_calls and service.engine.decoder_batch_size == 64
+    calls = []
+    real = service.engine.predict
+
+    def counted(embedding, prompts, *args, **kwargs):
+        calls.append(len(prompts))
+        return real(embedding, prompts, *args, **kwargs)
+
+    service.engine.predict = counted
+    sample = heldout(1)[0]
+    image = base64.b64encode(png_bytes(sample.image)).decode()
+    rng = np.random.default_rng(0)
+    clicks = [random_pixel(sample.masks[k % len(sample.masks)], rng) for k in range(3)]
+    requests = [
+        ({"image": image, "prompts": [{"points": [click], "labels": [1]}]}, "application/json")
+        for click in clicks
+    ]
+    replies = service.handle(requests)
+    assert [r.status for r in replies] == [200] * len(requests)
+    assert calls == [len(requests)]
+    assert all(len(r.body["results"]) == 1 for r in replies)

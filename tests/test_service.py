@@ -8,6 +8,7 @@ import json
 import threading
 
 import numpy as np
+import orjson
 import pytest
 import torch
 from PIL import Image
@@ -16,7 +17,7 @@ from segment_anything import SamPredictor
 from conftest import make_image, png_bytes
 from samclient.masks import decode_segmentation
 from samserve import service as service_module
-from samserve.engine import SamEngine
+from samserve.engine import SamEngine, default_decoder_batch_size
 from samserve.service import SegmentService
 from samserve.settings import MIN_RESPONSE_BYTES, Settings
 
@@ -39,10 +40,11 @@ POINT = {"points": [[60, 50]], "labels": [1]}
 J = "application/json"
 
 
-@pytest.fixture(params=["in turn", "side by side"])
+@pytest.fixture(params=["in turn", "side by side", "merged"])
 def schedule(request, monkeypatch) -> str:
-    """Run the test with decoder calls in turn (as for small models) and side by side (as
-    for SAM-sized ones)."""
+    """Run the test with decoder calls in turn (as for small models), side by side (as
+    for SAM-sized ones) and merged across requests (as on CUDA: the test sets
+    ``merge_decoder_calls`` when the schedule is "merged")."""
     if request.param == "side by side":
         _as_large_as_sam(monkeypatch)
     return request.param
@@ -276,14 +278,17 @@ def test_stats(service):
 
 
 def test_unexpected_failure_is_a_json_500_for_that_request_only(micro_sam, monkeypatch, schedule):
+    """Merged, the broken request's prompts fail the others' call too: each request then
+    runs alone, and only the broken one fails."""
     service = SegmentService(SamEngine(micro_sam), Settings(prompt_threads=2))
+    service.merge_decoder_calls = schedule == "merged"
     image = png_bytes(make_image(100, 100))
     good = _request(image, prompts=[POINT])
     broken = _request(image, prompts=[{"box": [1, 1, 50, 50]}])
     real_predict = service.engine.predict
 
     def predict(embedding, prompts, *args, **kwargs):
-        if prompts[0].box is not None:
+        if any(prompt.box is not None for prompt in prompts):
             raise RuntimeError("simulated decoder bug")
         return real_predict(embedding, prompts, *args, **kwargs)
 
@@ -291,6 +296,7 @@ def test_unexpected_failure_is_a_json_500_for_that_request_only(micro_sam, monke
     replies = service.handle([good, broken, good])
     assert [r.status for r in replies] == [200, 500, 200]
     assert replies[1].body["error"]["code"] == "internal_error"
+    assert replies[0].body["results"] == replies[2].body["results"]
 
 
 def test_encoder_failure_fails_only_requests_that_need_it(service, monkeypatch):
@@ -703,3 +709,88 @@ def test_a_page_past_the_last_fails_alone_in_its_batch(service):
     assert bad.status == 400 and bad.body["error"]["code"] == "page_out_of_range"
     assert "2 page(s)" in bad.body["error"]["message"]
     assert good.status == 200
+
+
+# --- a batch's decoder calls merged per image (CUDA's schedule, forced on here) ---------
+
+
+def _merged(service: SegmentService) -> SegmentService:
+    """``service`` with its decoder calls merged, as on CUDA."""
+    service.merge_decoder_calls = True
+    return service
+
+
+def _clicks(count: int, seed: int) -> list[dict]:
+    """``count`` one-point prompts inside a 160x120 image."""
+    return [{"points": [[10 + 30 * k + seed, 20 + 20 * k]], "labels": [1]} for k in range(count)]
+
+
+def _without_timing(body: dict) -> bytes:
+    """The reply body as sent, less its timings (which differ from run to run)."""
+    return orjson.dumps({k: v for k, v in body.items() if k != "timing_ms"})
+
+
+def test_decoder_batch_size_and_merging_follow_the_device(micro_sam):
+    assert Settings().decoder_batch_size == 0
+    service = SegmentService.for_model(micro_sam, Settings())
+    assert service.engine.decoder_batch_size == 4 and not service.merge_decoder_calls
+    given = SegmentService.for_model(micro_sam, Settings(decoder_batch_size=7))
+    assert given.engine.decoder_batch_size == 7
+    assert default_decoder_batch_size(torch.device("cuda")) == 64
+    with pytest.raises(ValueError, match="decoder_batch_size"):
+        Settings.from_dict({"decoder_batch_size": -1})
+
+
+def test_merged_decoder_calls_answer_byte_for_byte_as_parts_do(micro_sam, monkeypatch):
+    """Requests on one image that ask the same masks share engine calls, each request's
+    masks in its own format; another image, other mask options and a bad prompt keep
+    to themselves. Every decoder call holds the same prompts either way (four a call,
+    one signature), so the replies and stored logits are the same bytes."""
+    image = png_bytes(make_image(120, 160, seed=51))
+    boxes = [{"box": [5 + 9 * k, 6 + 7 * k, 90 + 9 * k, 80 + 5 * k]} for k in range(4)]
+    requests = [
+        _request(image, prompts=_clicks(4, 0)),
+        _request(image, prompts=boxes, output="png"),
+        _request(image, prompts=_clicks(4, 5), output="png"),
+        _request(png_bytes(make_image(90, 120, seed=52)), prompts=[POINT]),
+        _request(image, prompts=[{"points": [[500, 20]], "labels": [1]}]),
+        _request(image, prompts=_clicks(1, 9), output="none"),
+    ]
+    replies, calls, logits = {}, {}, {}
+    for merge in (False, True):
+        service = SegmentService(SamEngine(micro_sam), Settings())
+        service.merge_decoder_calls = merge
+        calls[merge] = _decoder_calls(service, monkeypatch)
+        replies[merge] = service.handle(requests)
+        ids = [r["logits_id"] for reply in replies[merge] for r in reply.body.get("results", [])]
+        logits[merge] = [service.engine.stored_logits(i).logits for i in ids]
+    assert [n for n, _, _ in calls[False]] == [4, 4, 4, 1, 1]
+    assert [n for n, _, _ in calls[True]] == [12, 1, 1]
+    assert [r.status for r in replies[True]] == [200, 200, 200, 200, 400, 200]
+    assert replies[True][4].body["error"]["code"] == "point_outside_image"
+    for merged, parts in zip(replies[True], replies[False]):
+        assert merged.status == parts.status
+        assert _without_timing(merged.body) == _without_timing(parts.body)
+    assert len(logits[True]) == 14
+    assert all(np.array_equal(a, b) for a, b in zip(logits[True], logits[False], strict=True))
+    for reply in replies[True][:4]:
+        assert set(reply.body["timing_ms"]) >= {"decoder", "upscale", "encode_masks"}
+    assert "png" in replies[True][1].body["results"][0]["masks"][0]
+
+
+def test_a_merged_request_too_large_fails_alone(micro_sam, monkeypatch):
+    """The response limit holds per request where requests share decoder calls."""
+    image = png_bytes(make_image(120, 160, seed=9))
+    prompts = [{"points": [[10 + 13 * k, 15 + 9 * k]], "labels": [1]} for k in range(12)]
+    full = SegmentService(SamEngine(micro_sam), Settings()).handle(
+        [_request(image, prompts=prompts, output="png")]
+    )[0]
+    limit = len(full.encode()) // 3
+    service = _merged(SegmentService(SamEngine(micro_sam), Settings(max_response_bytes=limit)))
+    calls = _decoder_calls(service, monkeypatch)
+    reply, beside = service.handle(
+        [_request(image, prompts=prompts, output="png"), _request(image, prompts=prompts[:2])]
+    )
+    assert [n for n, _, _ in calls] == [14]
+    assert reply.status == 413 and reply.body["error"]["code"] == "response_too_large"
+    assert beside.status == 200 and len(beside.body["results"]) == 2

@@ -31,6 +31,12 @@ from .upscale import compile_mask_pass, upscale_masks
 
 V = TypeVar("V")
 
+# Prompts per mask-decoder call when ``decoder_batch_size`` is 0: on a CPU a call's
+# image-side tensors outgrow the caches past a few prompts (``SamEngine.predict``); a GPU
+# pays the same kernel launches for a call of any size and sits idle in small ones.
+CPU_DECODER_BATCH_SIZE = 4
+CUDA_DECODER_BATCH_SIZE = 64
+
 Points = tuple[torch.Tensor, torch.Tensor]
 """BxNx2 point coordinates (X, Y) in the model's input frame and their BxN labels."""
 
@@ -148,6 +154,12 @@ class StoredLogits:
         return self.logits.nbytes
 
 
+def default_decoder_batch_size(device: torch.device) -> int:
+    """Prompts per mask-decoder call on ``device`` when none is set: 64 on CUDA, 4 on a
+    CPU (and any other device)."""
+    return CUDA_DECODER_BATCH_SIZE if device.type == "cuda" else CPU_DECODER_BATCH_SIZE
+
+
 def _failed(image_id: str, error: Exception, failures: dict[str, Exception] | None) -> None:
     """Record that ``image_id`` could not be encoded, or raise ``error`` without
     ``failures``."""
@@ -176,7 +188,7 @@ class SamEngine:
         embedding_cache_bytes: int = 1024 * MIB,
         logits_cache_bytes: int = 256 * MIB,
         encoder_batch_size: int = 1,
-        decoder_batch_size: int = 4,
+        decoder_batch_size: int = 0,
         store: SharedStore | None = None,
         encoder: EncoderOptions | None = None,
     ) -> None:
@@ -190,7 +202,10 @@ class SamEngine:
             self._image_encoder = torch.compile(model.image_encoder)
         self.transform = ResizeLongestSide(model.image_encoder.img_size)
         self.encoder_batch_size = max(1, encoder_batch_size)
-        self.decoder_batch_size = max(1, decoder_batch_size)
+        # 0 (the default setting) is the device's size; a positive size is kept as given.
+        self.decoder_batch_size = max(0, decoder_batch_size) or default_decoder_batch_size(
+            self.device
+        )
         self.embeddings: LRUCache[ImageEmbedding] = LRUCache(
             embedding_cache_bytes, lambda e: e.nbytes
         )
@@ -357,16 +372,18 @@ class SamEngine:
         prompts: Sequence[Prompt],
         options: MaskOptions = MaskOptions(),
         map_fn: Mapper = map,
+        batch_size: int | None = None,
     ) -> list[Prediction]:
         """Decode ``prompts`` on one embedded image, as ``SamPredictor.predict`` does for
         each; one prediction per prompt, in order.
 
         Prompts of equal shape (same number of points, box or not, mask_input or not) go
-        through the prompt encoder and mask decoder together, ``decoder_batch_size`` per
-        call: each prompt adds NxC image-side tensors to a call, and once a tensor passes
-        glibc's ``mmap`` threshold (see ``samserve.process``) it is mapped afresh on every
-        op, so larger calls get slower per prompt. Time spent goes to the ``decoder`` and
-        ``upscale`` stages of ``samserve.timing``.
+        through the prompt encoder and mask decoder together, ``decoder_batch_size`` (or
+        ``batch_size``) per call: on a CPU each prompt adds NxC image-side tensors to a
+        call, and once a tensor passes glibc's ``mmap`` threshold (see
+        ``samserve.process``) it is mapped afresh on every op, so larger calls get slower
+        per prompt. Time spent goes to the ``decoder`` and ``upscale`` stages of
+        ``samserve.timing``.
 
         Arguments:
           embedding (ImageEmbedding): the image's cached embedding.
@@ -374,6 +391,7 @@ class SamEngine:
           options (MaskOptions): which masks to make, and whether with their RLE.
           map_fn (Mapper): makes the full-size masks, one per item (``map``, or a thread
             pool's; see ``upscale_masks``).
+          batch_size (int or None): prompts per call at most; None: ``decoder_batch_size``.
 
         Returns:
           (list(Prediction)): per prompt, C masks of HxW in the original frame
@@ -384,9 +402,10 @@ class SamEngine:
         groups: dict[tuple[int, bool, bool], list[int]] = {}
         for index, prompt in enumerate(prompts):
             groups.setdefault(prompt.signature, []).append(index)
+        step = batch_size or self.decoder_batch_size
         for group in groups.values():
-            for start in range(0, len(group), self.decoder_batch_size):
-                indices = group[start : start + self.decoder_batch_size]
+            for start in range(0, len(group), step):
+                indices = group[start : start + step]
                 answers = self._predict_batch(
                     embedding, [prompts[i] for i in indices], options, map_fn
                 )

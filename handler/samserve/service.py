@@ -21,7 +21,7 @@ from segment_anything.modeling import Sam
 
 from . import matmul
 from .encoder import EncoderOptions
-from .engine import ImageEmbedding, MaskOptions, Prompt, SamEngine, StoredLogits
+from .engine import ImageEmbedding, MaskOptions, Prediction, Prompt, SamEngine, StoredLogits
 from .errors import RequestError, quote
 from .everything import EverythingLimits, plan_everything, segment_everything
 from .images import decode_image, image_id_of
@@ -72,6 +72,11 @@ class _DecodedPart:
     timing_ms: dict[str, float]
 
 
+_Predicted = tuple[list[Prediction], dict[str, float]]
+"""Predictions of some prompts, in order, and the milliseconds of the ``decoder`` and
+``upscale`` stages that made them."""
+
+
 @dataclass
 class _Job:
     """A request on its way through a batch, with its timings so far."""
@@ -107,6 +112,10 @@ class SegmentService:
         self._prompt_pool = ThreadPoolExecutor(
             self.prompt_threads, "samserve-prompts", initializer=_one_torch_thread
         )
+        # A GPU sits idle in small decoder calls and pays each one's kernel launches, so
+        # there a batch's prompts on one image are decoded together (``_decode_merged``);
+        # a CPU keeps its requests' parts (``_decode_batch``).
+        self.merge_decoder_calls = engine.device.type == "cuda"
 
     @classmethod
     def for_model(
@@ -132,7 +141,8 @@ class SegmentService:
 
         Requests in one batch that carry the same image share one encoder run, and all
         images the cache lacks are encoded together; an image that cannot be encoded
-        fails only the requests that carry it. Every reply, error or not, is at most
+        fails only the requests that carry it. With ``merge_decoder_calls`` (CUDA) their
+        prompts share decoder calls too. Every reply, error or not, is at most
         ``max_response_bytes`` long.
         """
         replies: list[Reply | None] = [None] * len(requests)
@@ -156,7 +166,8 @@ class SegmentService:
                     replies[index] = Reply(200, self._segment_everything(job))
                 else:
                     planned[index] = (job, self._parts(job))
-        for index, done in self._decode_batch(planned):
+        decode = self._decode_merged if self.merge_decoder_calls else self._decode_batch
+        for index, done in decode(planned):
             with _replying(replies, index), closing(done):
                 replies[index] = Reply(200, self._results(planned[index][0], done))
         if self.engine.encoder_runs != encoder_runs:
@@ -277,8 +288,14 @@ class SegmentService:
             )
         # A decoder call's worth of prompts per part, its masks encoded before the part is
         # done: then only a few parts' full-size masks are alive (and in cache).
-        chunk = part_size(masks_per_prompt * width * height, self.engine.decoder_batch_size)
+        chunk = self._part_size(job)
         return [prompts[start : start + chunk] for start in range(0, len(prompts), chunk)]
+
+    def _part_size(self, job: _Job) -> int:
+        """Prompts per decoder call on the job's image (``part_size``) for its masks."""
+        height, width = job.embedding.original_size
+        pixels_per_prompt = _mask_options(job.request).masks_per_prompt * width * height
+        return part_size(pixels_per_prompt, self.engine.decoder_batch_size)
 
     def _results(self, job: _Job, parts: Iterator[_DecodedPart]) -> dict[str, Any]:
         """The job's response body from its decoded ``parts``, in order."""
@@ -331,15 +348,91 @@ class SegmentService:
 
     def _decode_part(self, job: _Job, map_fn: Mapper, prompts: list[Prompt]) -> _DecodedPart:
         """Decode ``prompts`` on the job's image and encode their masks, made by ``map_fn``."""
+        return _encoded_part(job, *self._predict(job, prompts, map_fn), map_fn)
+
+    def _predict(
+        self, job: _Job, prompts: list[Prompt], map_fn: Mapper, batch_size: int | None = None
+    ) -> _Predicted:
+        """``SamEngine.predict`` of ``prompts`` on the job's image, for its masks, timed.
+
+        Arguments:
+          job (_Job): the job whose embedding and ``MaskOptions`` the prompts are decoded
+            with.
+          prompts (list(Prompt)): the checked prompts (``_parts``), of this job or of jobs
+            that share its image and options.
+          map_fn (Mapper): makes the full-size masks, one per item.
+          batch_size (int or None): prompts per decoder call at most; None: the engine's
+            ``decoder_batch_size``.
+
+        Returns:
+          (list(Prediction)): per prompt, in order, its masks, scores and logits.
+          (dict(str, float)): milliseconds of the ``decoder`` and ``upscale`` stages.
+        """
         options = _mask_options(job.request)
         with timed_stages({"decoder": 0.0, "upscale": 0.0}) as stages:
-            predictions = self.engine.predict(job.embedding, prompts, options, map_fn)
-            with stage("encode_masks"):
-                records = encode_mask_groups(
-                    [(p.masks, p.scores) for p in predictions], job.request.output, map_fn
-                )
-        logits = [p.logits_to_store(job.image_id) for p in predictions]
-        return _DecodedPart(records, logits, stages)
+            predictions = self.engine.predict(job.embedding, prompts, options, map_fn, batch_size)
+        return predictions, stages
+
+    def _decode_merged(
+        self, planned: dict[int, tuple[_Job, list[list[Prompt]]]]
+    ) -> Iterator[tuple[int, Iterator[_DecodedPart]]]:
+        """Each planned job's index and its prompts decoded, masks encoded, with the
+        prompts of all jobs on one image that ask the same ``MaskOptions`` in one
+        ``SamEngine.predict`` list: fewer, larger decoder calls, each prompt signature's
+        prompts of the whole batch together.
+
+        Calls keep at most a part's prompts (``_part_size``), so a call's masks are as
+        bounded as on a CPU. Each job's masks are encoded in its own output format, and
+        its ``decoder`` and ``upscale`` stages are those of the calls it shared.
+
+        Arguments:
+          planned (dict(int, tuple(_Job, list(list(Prompt))))): by request index in the
+            batch, the job and its checked prompts in parts (``_parts``; joined here).
+
+        Returns:
+          (Iterator(tuple(int, Iterator(_DecodedPart)))): per job, group by group, its
+            index and one part with all its prompts' results, which raises instead
+            where its prompts failed the decoder.
+        """
+        for indices in _decoder_groups(planned).values():
+            jobs = [planned[index][0] for index in indices]
+            prompts = [[p for part in planned[index][1] for p in part] for index in indices]
+            for index, job, outcome in zip(indices, jobs, self._predict_together(jobs, prompts)):
+                yield index, _merged_part(job, outcome, self._prompt_pool.map)
+
+    def _predict_together(
+        self, jobs: list[_Job], prompts: list[list[Prompt]]
+    ) -> list[_Predicted | Exception]:
+        """The prompts of ``jobs`` (one image, one ``MaskOptions``) through one
+        ``SamEngine.predict`` list, split back per job; where that fails, each job's
+        prompts alone.
+
+        Arguments:
+          jobs (list(_Job)): jobs on one image that ask the same masks.
+          prompts (list(list(Prompt))): per job, its checked prompts.
+
+        Returns:
+          (list(tuple(list(Prediction), dict(str, float)) or Exception)): per job, its
+            predictions in order and the stages of the calls that made them, or the
+            exception its own prompts failed with.
+        """
+        size = self._part_size(jobs[0])
+        if len(jobs) > 1:
+            merged = [prompt for each in prompts for prompt in each]
+            together = self._try_predict(jobs[0], merged, size)
+            if not isinstance(together, Exception):
+                return _split(together, [len(each) for each in prompts])
+        # Run again per job, as the encoder does: bad prompts fail only their own request.
+        return [self._try_predict(job, each, size) for job, each in zip(jobs, prompts)]
+
+    def _try_predict(
+        self, job: _Job, prompts: list[Prompt], batch_size: int
+    ) -> _Predicted | Exception:
+        """``_predict`` with the masks made on the prompt pool, or the exception it raised."""
+        try:
+            return self._predict(job, prompts, self._prompt_pool.map, batch_size)
+        except Exception as err:
+            return err
 
     def _check_response_size(self, size: int) -> None:
         """413 ``response_too_large`` once a response passes ``max_response_bytes``."""
@@ -483,6 +576,52 @@ def _error_reply(error: Exception, index: int) -> Reply:
         return Reply(error.status, error.to_dict())
     logger.error("request %d of the batch failed", index, exc_info=error)
     return Reply(500, _INTERNAL.to_dict())
+
+
+def _encoded_part(
+    job: _Job, predictions: list[Prediction], stages: dict[str, float], map_fn: Mapper
+) -> _DecodedPart:
+    """The job's ``predictions`` as a done part: their masks encoded in the job's output
+    format by ``map_fn`` (timed into ``stages``, beside the decoder's) and the best mask's
+    logits of each."""
+    with timed_stages(stages), stage("encode_masks"):
+        records = encode_mask_groups(
+            [(p.masks, p.scores) for p in predictions], job.request.output, map_fn
+        )
+    logits = [p.logits_to_store(job.image_id) for p in predictions]
+    return _DecodedPart(records, logits, stages)
+
+
+def _merged_part(
+    job: _Job, outcome: _Predicted | Exception, map_fn: Mapper
+) -> Iterator[_DecodedPart]:
+    """The job's one part from its share of merged decoder calls, encoded when asked
+    for (so that a failure to encode is the job's own), or its decoder error raised."""
+    if isinstance(outcome, Exception):
+        raise outcome
+    yield _encoded_part(job, *outcome, map_fn)
+
+
+def _split(predicted: _Predicted, counts: list[int]) -> list[_Predicted]:
+    """``predicted``'s predictions in consecutive runs of ``counts``, each with a copy of
+    its stages (each job adds its own ``encode_masks``)."""
+    predictions, stages = predicted
+    runs, start = [], 0
+    for count in counts:
+        runs.append((predictions[start : start + count], dict(stages)))
+        start += count
+    return runs
+
+
+def _decoder_groups(
+    planned: dict[int, tuple[_Job, list[list[Prompt]]]],
+) -> dict[tuple[str, MaskOptions], list[int]]:
+    """The planned jobs' indices by what one decoder call's prompts share: the image and
+    the ``MaskOptions``."""
+    groups: dict[tuple[str, MaskOptions], list[int]] = {}
+    for index, (job, _) in planned.items():
+        groups.setdefault((job.image_id, _mask_options(job.request)), []).append(index)
+    return groups
 
 
 def _outcomes(futures: list[Future[_DecodedPart]]) -> Iterator[_DecodedPart]:
