@@ -9,7 +9,8 @@
 # `run` installs into /tmp/site only the carried wheels whose module the machine's
 # python3 (3.12, with its own torch) lacks, then runs the CUDA tests (tests/test_gpu.py
 # and tests/test_device_masks.py, -k cuda) and the in-process benchmark through
-# SegmentService (scripts/gpu_bench.py: vit_h and vit_b with random weights). Each step has its own time limit, so the whole
+# SegmentService (scripts/gpu_bench.py: vit_h and vit_b with random weights, their timings
+# and their bf16 masks against float32's). Each step has its own time limit, so the whole
 # fits in 8 minutes; a step that fails or runs out does not stop the next.
 # DEVICE=cpu runs the same on a CPU as a smoke test (with --quick counts), e.g. here:
 #   OUT=/tmp/gpu-check DEVICE=cpu PYTHON=.venv/bin/python bash scripts/gpu_check.sh run

@@ -13,13 +13,14 @@ import pytest
 import torch
 from segment_anything import SamPredictor
 
+import gpu_bench
 from samserve import matmul
 from samserve.encoder import EncoderOptions, SdpaAttention, SlicedAttention
-from samserve.engine import MaskOptions, Prompt, SamEngine, default_decoder_batch_size
+from samserve.engine import MaskOptions, SamEngine, default_decoder_batch_size
 from samserve.models import assemble_sam, build_sam, spec_by_name
 from samserve.settings import Settings
 from training.evaluate import heldout
-from training.prompts import mask_box, random_pixel
+from training.prompts import random_pixel
 
 SHIPPED = Path(__file__).resolve().parent.parent / "models" / "sam_small_shapes.pth"
 IMAGES = 4
@@ -31,31 +32,11 @@ def _shipped(device: str = "cpu") -> torch.nn.Module:
     return build_sam(spec_by_name("sam_small"), SHIPPED).to(device)
 
 
-def _prompts(masks: np.ndarray, rng: np.random.Generator) -> list[Prompt]:
-    """A click and a box on each instance of one sample (HxW bool ``masks``)."""
-    prompts = []
-    for mask in masks:
-        click = np.array([random_pixel(mask, rng)])
-        prompts.append(Prompt(point_coords=click, point_labels=np.array([1])))
-        prompts.append(Prompt(box=np.array(mask_box(mask))))
-    return prompts
-
-
 def mask_agreement(engine: SamEngine, reference: SamEngine, count: int = IMAGES) -> float:
     """The fraction of full-size mask pixels (all three masks of a click and a box on
     every instance of ``count`` held-out images) on which two engines agree."""
-    rng = np.random.default_rng(0)
-    equal = total = 0
-    for index, sample in enumerate(heldout(count)):
-        prompts = _prompts(sample.masks, rng)
-        answers = []
-        for each in (engine, reference):
-            embedding = each.embed({str(index): sample.image})[str(index)]
-            answers.append([p.dense_masks() for p in each.predict(embedding, prompts)])
-        for got, expected in zip(*answers):
-            equal += int((got == expected).sum())
-            total += got.size
-    return equal / total
+    samples = [(sample.image, sample.masks) for sample in heldout(count)]
+    return gpu_bench.mask_agreement(engine, reference, samples).agreement
 
 
 @pytest.mark.parametrize(
@@ -125,7 +106,7 @@ def test_cuda_float32_masks_match_predictor_on_the_same_device():
         predictor.set_image(sample.image)
         embedding = engine.embed({str(index): sample.image})[str(index)]
         torch.testing.assert_close(embedding.embedding, predictor.features, atol=1e-3, rtol=1e-3)
-        prompts = _prompts(sample.masks, rng)
+        prompts = gpu_bench.object_prompts(sample.masks, rng)
         for prompt, got in zip(prompts, engine.predict(embedding, prompts, MaskOptions())):
             masks, scores, _ = predictor.predict(
                 prompt.point_coords, prompt.point_labels, prompt.box
