@@ -536,13 +536,8 @@ def main(argv: list[str] | None = None) -> int:
     counts = Counts.quick() if args.quick else Counts()
     threads = torch.get_num_threads()
     encoder = EncoderOptions(args.encoder_dtype, args.encoder_attention, args.compile)
-    # oneDNN's float32 products (cpu_matmul auto on AMD CPUs) bypass autocast, so an
-    # encoder that autocasts on a CPU multiplies through torch's, which autocast casts.
-    autocasts_on_cpu = device.type == "cpu" and encoder.autocast_dtype(device) is not None
-    cpu_matmul = "torch" if autocasts_on_cpu else "auto"
-    tuning = tune_process(device, threads, cpu_matmul)
+    tuning = tune_process(device, threads, "auto")
     settings = Settings(
-        cpu_matmul=cpu_matmul,
         encoder_dtype=encoder.dtype,
         encoder_attention=encoder.attention,
         compile=encoder.compile,

@@ -14,7 +14,6 @@ import torch
 from segment_anything import SamPredictor
 
 import gpu_bench
-from samserve import matmul
 from samserve.encoder import EncoderOptions, SdpaAttention, SlicedAttention
 from samserve.engine import MaskOptions, SamEngine, default_decoder_batch_size
 from samserve.models import assemble_sam, build_sam, spec_by_name
@@ -75,7 +74,6 @@ def test_cpu_engine_keeps_sliced_attention_and_float32():
 def test_bfloat16_sdpa_encoder_agrees_with_float32_on_cpu():
     """The CUDA default (bf16 autocast, SDPA), run on a CPU: the embedding is kept as
     float32 and the masks agree with the float32 encoder's on almost every pixel."""
-    matmul.set_backend("torch")  # autocast casts torch's products, not oneDNN's
     engine = SamEngine(_shipped(), encoder=EncoderOptions("bfloat16", "sdpa"))
     assert {type(b.attn) for b in engine.model.image_encoder.blocks} == {SdpaAttention}
     reference = SamEngine(_shipped())

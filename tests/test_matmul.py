@@ -63,6 +63,19 @@ def test_weights_with_strided_rows_stay_on_torch():
 
 
 @pytest.mark.skipif(not ONEDNN, reason="this torch has no oneDNN")
+def test_products_under_cpu_autocast_stay_on_torch_and_are_cast():
+    """Autocast does not cast oneDNN's op: a bfloat16 encoder must not stay float32."""
+    matmul.set_backend("onednn")
+    x, weight = torch.randn(6, 16), torch.randn(8, 16)
+    with torch.inference_mode(), OpNames() as ops:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = matmul.linear(x, weight)
+        plain = matmul.linear(x, weight)
+    assert out.dtype == torch.bfloat16 and plain.dtype == torch.float32
+    assert sum(name == "_linear_pointwise" for name, _ in ops.calls) == 1  # the plain one
+
+
+@pytest.mark.skipif(not ONEDNN, reason="this torch has no oneDNN")
 def test_products_with_autograd_stay_on_torch_and_have_gradients():
     matmul.set_backend("onednn")
     x = torch.randn(5, 4, requires_grad=True)

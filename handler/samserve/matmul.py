@@ -86,12 +86,14 @@ def backend() -> str:
 
 def _on_onednn(x: Tensor) -> bool:
     """Whether products with ``x`` go through oneDNN: float32 on a CPU, that backend on,
-    autograd off (the oneDNN op has no gradient)."""
+    autograd off (the oneDNN op has no gradient), CPU autocast off (autocast does not
+    cast the oneDNN op, so a bfloat16 encoder would stay float32 there)."""
     return (
         _onednn
         and x.dtype == torch.float32
         and x.device.type == "cpu"
         and not torch.is_grad_enabled()
+        and not torch.is_autocast_enabled("cpu")
     )
 
 
