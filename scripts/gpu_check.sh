@@ -48,6 +48,7 @@ run)
     PYTHON=${PYTHON:-python3}
     DEVICE=${DEVICE:-cuda}
     OUT=${OUT:?set OUT to the folder for the results}
+    mkdir -p "$OUT"
     # A bare checkout, the project not installed: its packages are found in the checkout.
     export PYTHONPATH=$PWD:$PWD/handler:$PWD/scripts${PYTHONPATH:+:$PYTHONPATH}
     export PYTHONUNBUFFERED=1
