@@ -68,7 +68,7 @@ from samclient.resend import ResendOptions, SentImages
 from samclient.rest_client import RestClient
 from samclient.server import Ports, TorchServe
 from samserve import matmul
-from samserve.engine import SamEngine, default_decoder_batch_size
+from samserve.engine import CPU_CALL_SIZES, SamEngine
 from samserve.images import decode_image
 from samserve.models import SamSpec, build_sam, random_checkpoint, spec_by_name
 from samserve.process import tune_process
@@ -149,7 +149,7 @@ def decoder_streams(prompts: int, pixels_per_prompt: int, threads: int, work: in
     full-size mask pixels) that run side by side in a worker with ``threads`` mask threads
     (the default) on a model of ``prompt_work`` ``work``, as ``samserve.service`` splits
     it on a CPU: its ``timing_ms`` stages are summed over them."""
-    size = part_size(pixels_per_prompt, default_decoder_batch_size(torch.device("cpu")))
+    size = part_size(pixels_per_prompt, CPU_CALL_SIZES.decoder)
     return parallel_parts(math.ceil(prompts / size), threads, work)
 
 

@@ -15,7 +15,7 @@ from segment_anything import SamPredictor
 
 import gpu_bench
 from samserve.encoder import EncoderOptions, SdpaAttention, SlicedAttention
-from samserve.engine import MaskOptions, SamEngine, default_decoder_batch_size
+from samserve.engine import CPU_CALL_SIZES, MaskOptions, SamEngine
 from samserve.models import assemble_sam, build_sam, spec_by_name
 from samserve.settings import Settings
 from training.evaluate import heldout
@@ -182,7 +182,7 @@ def _everything(device: str) -> tuple[int, int]:
 
 def test_cpu_segment_everything_decodes_decoder_batch_size_points_per_call():
     """On a CPU the generator's 64 points go through the decoder a few at a time."""
-    assert _everything("cpu")[1] == 64 // default_decoder_batch_size(torch.device("cpu"))
+    assert _everything("cpu")[1] == 64 // CPU_CALL_SIZES.decoder
 
 
 @cuda

@@ -17,7 +17,7 @@ from segment_anything import SamPredictor
 from conftest import make_image, png_bytes
 from samclient.masks import decode_segmentation
 from samserve import service as service_module
-from samserve.engine import SamEngine, default_decoder_batch_size
+from samserve.engine import CPU_CALL_SIZES, CUDA_CALL_SIZES, SamEngine, default_call_sizes
 from samserve.service import SegmentService
 from samserve.settings import MIN_RESPONSE_BYTES, Settings
 
@@ -730,15 +730,21 @@ def _without_timing(body: dict) -> bytes:
     return orjson.dumps({k: v for k, v in body.items() if k != "timing_ms"})
 
 
-def test_decoder_batch_size_and_merging_follow_the_device(micro_sam):
-    assert Settings().decoder_batch_size == 0
+def test_call_sizes_and_merging_follow_the_device(micro_sam):
+    assert (Settings().encoder_batch_size, Settings().decoder_batch_size) == (0, 0)
     service = SegmentService.for_model(micro_sam, Settings())
-    assert service.engine.decoder_batch_size == 4 and not service.merge_decoder_calls
-    given = SegmentService.for_model(micro_sam, Settings(decoder_batch_size=7))
-    assert given.engine.decoder_batch_size == 7
-    assert default_decoder_batch_size(torch.device("cuda")) == 64
-    with pytest.raises(ValueError, match="decoder_batch_size"):
-        Settings.from_dict({"decoder_batch_size": -1})
+    assert not service.merge_decoder_calls
+    assert service.engine.encoder_batch_size == CPU_CALL_SIZES.encoder == 2
+    assert service.engine.decoder_batch_size == CPU_CALL_SIZES.decoder == 4
+    given = SegmentService.for_model(
+        micro_sam, Settings(encoder_batch_size=3, decoder_batch_size=7)
+    )
+    assert (given.engine.encoder_batch_size, given.engine.decoder_batch_size) == (3, 7)
+    assert default_call_sizes(torch.device("cuda")) == CUDA_CALL_SIZES
+    assert (CUDA_CALL_SIZES.encoder, CUDA_CALL_SIZES.decoder) == (8, 64)
+    for name in ("encoder_batch_size", "decoder_batch_size"):
+        with pytest.raises(ValueError, match=name):
+            Settings.from_dict({name: -1})
 
 
 def test_merged_decoder_calls_answer_byte_for_byte_as_parts_do(micro_sam, monkeypatch):

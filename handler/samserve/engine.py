@@ -31,11 +31,25 @@ from .upscale import compile_mask_pass, upscale_masks
 
 V = TypeVar("V")
 
-# Prompts per mask-decoder call when ``decoder_batch_size`` is 0: on a CPU a call's
-# image-side tensors outgrow the caches past a few prompts (``SamEngine.predict``); a GPU
-# pays the same kernel launches for a call of any size and sits idle in small ones.
-CPU_DECODER_BATCH_SIZE = 4
-CUDA_DECODER_BATCH_SIZE = 64
+
+@dataclass(frozen=True)
+class CallSizes:
+    """How much one model call takes when the settings leave it to the device (0).
+
+    Arguments:
+      encoder (int): uncached images per image-encoder call.
+      decoder (int): prompts per mask-decoder call.
+    """
+
+    encoder: int
+    decoder: int
+
+
+# On a CPU a decoder call's image-side tensors outgrow the caches past a few prompts
+# (``SamEngine.predict``) and larger encoder calls gain nothing; a GPU pays the same
+# kernel launches for a call of any size and sits idle in small ones.
+CPU_CALL_SIZES = CallSizes(encoder=2, decoder=4)
+CUDA_CALL_SIZES = CallSizes(encoder=8, decoder=64)
 
 Points = tuple[torch.Tensor, torch.Tensor]
 """BxNx2 point coordinates (X, Y) in the model's input frame and their BxN labels."""
@@ -154,10 +168,10 @@ class StoredLogits:
         return self.logits.nbytes
 
 
-def default_decoder_batch_size(device: torch.device) -> int:
-    """Prompts per mask-decoder call on ``device`` when none is set: 64 on CUDA, 4 on a
-    CPU (and any other device)."""
-    return CUDA_DECODER_BATCH_SIZE if device.type == "cuda" else CPU_DECODER_BATCH_SIZE
+def default_call_sizes(device: torch.device) -> CallSizes:
+    """The call sizes on ``device`` when none is set: ``CUDA_CALL_SIZES`` on CUDA,
+    ``CPU_CALL_SIZES`` on a CPU (and any other device)."""
+    return CUDA_CALL_SIZES if device.type == "cuda" else CPU_CALL_SIZES
 
 
 def _failed(image_id: str, error: Exception, failures: dict[str, Exception] | None) -> None:
@@ -187,7 +201,7 @@ class SamEngine:
         model: Sam,
         embedding_cache_bytes: int = 1024 * MIB,
         logits_cache_bytes: int = 256 * MIB,
-        encoder_batch_size: int = 1,
+        encoder_batch_size: int = 0,
         decoder_batch_size: int = 0,
         store: SharedStore | None = None,
         encoder: EncoderOptions | None = None,
@@ -201,11 +215,10 @@ class SamEngine:
         if encoder.compile:
             self._image_encoder = torch.compile(model.image_encoder)
         self.transform = ResizeLongestSide(model.image_encoder.img_size)
-        self.encoder_batch_size = max(1, encoder_batch_size)
-        # 0 (the default setting) is the device's size; a positive size is kept as given.
-        self.decoder_batch_size = max(0, decoder_batch_size) or default_decoder_batch_size(
-            self.device
-        )
+        # 0 (the default settings) is the device's size; a positive size is kept as given.
+        sizes = default_call_sizes(self.device)
+        self.encoder_batch_size = max(0, encoder_batch_size) or sizes.encoder
+        self.decoder_batch_size = max(0, decoder_batch_size) or sizes.decoder
         self.embeddings: LRUCache[ImageEmbedding] = LRUCache(
             embedding_cache_bytes, lambda e: e.nbytes
         )

@@ -40,9 +40,9 @@ class Settings:
     max_everything_points: int = 4096
     max_everything_crops: int = 4
     max_everything_seconds: float = 60.0
-    encoder_batch_size: int = 2
-    # Prompts per mask-decoder call (see SamEngine.predict); 0: by device, 4 on a CPU and
-    # 64 on CUDA (samserve.engine.default_decoder_batch_size).
+    # Uncached images per encoder call and prompts per mask-decoder call (see
+    # SamEngine.embed and predict); 0: by device (samserve.engine.default_call_sizes).
+    encoder_batch_size: int = 0
     decoder_batch_size: int = 0
     torch_threads: int = 0  # 0: the machine's cores divided among the model's workers
     prompt_threads: int = 0  # threads decoding prompts and encoding masks; 0: torch threads
@@ -68,8 +68,9 @@ class Settings:
             )
         if not self.max_everything_seconds > 0:
             raise ValueError("max_everything_seconds must be positive")
-        if self.decoder_batch_size < 0:
-            raise ValueError("decoder_batch_size must be positive, or 0 for the device's default")
+        for name in ("encoder_batch_size", "decoder_batch_size"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be positive, or 0 for the device's default")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Settings:
