@@ -77,9 +77,9 @@ class RestClient:
                 method, f"{base}{path}", headers=headers, timeout=self.timeout, stream=True,
                 **options,
             )  # fmt: skip
-            # The body in one read: requests' own (``Response.content``) joins 10 KiB
-            # chunks, and on a response of many masks (8 MB) that took 12 ms instead of 2
-            # (measured). A whole read hands the connection back to the session's pool.
+            # The body in one read, since requests' own (``Response.content``) joins small
+            # chunks, slow on a response of many masks (docs/performance.md, *Responses
+            # and the frontend*); a whole read hands the connection back to the pool.
             body = response.raw.read(decode_content=True)
         except (requests.ConnectionError, urllib3.exceptions.HTTPError) as err:
             raise ServerUnavailableError(None, f"cannot reach {base}: {err}") from err

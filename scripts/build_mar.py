@@ -43,10 +43,9 @@ def model_config(spec: SamSpec, settings: dict[str, Any]) -> dict[str, Any]:
     Settings.from_dict(settings)  # fail at build time, not at load time
     return {
         "batchSize": 4,
-        # Milliseconds the frontend waits for a batch to fill. Every request that finds
-        # the worker idle waits this long (a warm click took 18.8 ms with 5, 14.4 with 1,
-        # measured); requests queued while the worker is busy are batched without waiting.
-        # Not 0: a warm click then took 139 ms (measured on TorchServe 0.12).
+        # Milliseconds the frontend waits for a batch to fill: every request that finds
+        # the worker idle waits this long, and 0 makes TorchServe 0.12 slower still
+        # (docs/performance.md, *Batching in the frontend*).
         "maxBatchDelay": 1,
         "responseTimeout": 300,
         # Loading vit_h takes minutes on a CPU.
