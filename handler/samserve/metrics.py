@@ -28,7 +28,9 @@ describe's counters) or ``shared_store`` (the store the workers share; no evicti
 is ``get`` or ``put``. Counters are sums over the model's workers; the shared-store
 metrics are absent while a model has no store. Times are seconds, the unit of the
 Prometheus client's default histogram buckets, which TorchServe uses. The encoder time is
-that of the batch's encoder call, which every request whose image it encoded waited for.
+that of the batch's encoder call, which every request whose image it encoded waited for;
+likewise on CUDA, where a batch's requests on one image share decoder calls, each of them
+reports the decoder time of the calls it shared.
 """
 
 from __future__ import annotations
