@@ -16,6 +16,7 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,7 +73,7 @@ class StoreServer:
         )
         config.chmod(0o600)  # it holds the password
         subprocess.run([executable, str(config)], check=True)
-        self._wait(timeout)
+        wait_until_answering(self.port, self.workdir / "redis.log", timeout)
         host = socket.gethostname() if self.bind == "0.0.0.0" else self.bind
         url = f"redis://:{password}@{host}:{self.port}/0"
         self.url_file.write_text(url + "\n")
@@ -97,18 +98,32 @@ class StoreServer:
         self.url_file.unlink(missing_ok=True)
         return True
 
-    def _wait(self, timeout: float) -> None:
-        """Return once the server answers on its port (NOAUTH counts: it is up)."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as sock:
-                    sock.sendall(b"PING\r\n")
-                    if sock.recv(64).startswith((b"+PONG", b"-NOAUTH")):
-                        return
-            except OSError:
-                pass
-            time.sleep(0.05)
-        log = self.workdir / "redis.log"
-        tail = log.read_text()[-2000:] if log.exists() else ""
-        raise RuntimeError(f"redis-server did not answer on port {self.port}:\n{tail}")
+
+def wait_until_answering(
+    port: int, log: Path, timeout: float = 10.0, alive: Callable[[], bool] | None = None
+) -> None:
+    """Return once a redis-server answers PING on loopback ``port`` (NOAUTH counts: it is
+    up).
+
+    Arguments:
+      port (int): the port it listens on.
+      log (Path): its log file, whose tail the error quotes.
+      timeout (float): seconds to wait at most.
+      alive (callable or None): whether its process still runs; the wait ends at once
+        when it does not. None: not known (a daemon).
+
+    Raises:
+      RuntimeError: it did not answer in time, or its process ended (its log's tail).
+    """
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and (alive is None or alive()):
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2) as sock:
+                sock.sendall(b"PING\r\n")
+                if sock.recv(64).startswith((b"+PONG", b"-NOAUTH")):
+                    return
+        except OSError:
+            pass
+        time.sleep(0.02)
+    tail = log.read_text()[-2000:] if log.exists() else ""
+    raise RuntimeError(f"redis-server did not answer on port {port}:\n{tail}")

@@ -8,7 +8,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,6 +25,7 @@ from samclient.server import Ports, TorchServe
 from samserve import matmul
 from samserve.models import build_sam, random_checkpoint, spec_by_name
 from samserve.store import STORE_URL_ENV
+from samserve_cli.store_server import wait_until_answering
 
 REPO = Path(__file__).resolve().parent.parent
 # The project's server settings, wherever pytest runs from (clients read the current
@@ -230,20 +230,10 @@ class RedisServer:
         log = open(self.directory / "redis.log", "ab")  # noqa: SIM115 (the server holds it)
         self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
         log.close()
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as sock:
-                    sock.sendall(b"PING\r\n")
-                    reply = sock.recv(64)
-                    if reply.startswith((b"+PONG", b"-NOAUTH")):
-                        return
-            except OSError:
-                pass
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                log_text = (self.directory / "redis.log").read_text()[-2000:]
-                raise RuntimeError(f"redis-server did not start:\n{log_text}")
-            time.sleep(0.02)
+        process = self.process
+        wait_until_answering(
+            self.port, self.directory / "redis.log", 10, lambda: process.poll() is None
+        )
 
     def kill(self) -> None:
         """Stop the server abruptly (SIGKILL) and wait for it."""
