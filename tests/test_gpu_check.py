@@ -140,3 +140,24 @@ def test_a_cuda_run_without_a_gpu_says_so(capsys):
         pytest.skip("this machine has a GPU")
     assert gpu_bench.main(["--device", "cuda"]) == 2
     assert "--device cpu" in capsys.readouterr().err
+
+
+def test_the_check_script_runs_on_a_cpu_into_a_folder_it_makes(tmp_path):
+    """``gpu_check.sh run`` as the device tool runs it, with DEVICE=cpu: it makes $OUT
+    and leaves there the versions, the CUDA tests' log and the benchmark's results."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = tmp_path / "not" / "there"
+    env = {**os.environ, "OUT": str(out), "DEVICE": "cpu", "PYTHON": sys.executable}
+    repo = Path(__file__).resolve().parent.parent
+    done = subprocess.run(
+        ["bash", "scripts/gpu_check.sh", "run"], cwd=repo, env=env,
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "No such file" not in done.stdout + done.stderr
+    for name in ("versions.txt", "pytest.log", "bench.log", "gpu-cpu.json", "gpu-cpu.md"):
+        assert (out / name).stat().st_size > 0, name
