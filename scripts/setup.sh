@@ -28,6 +28,11 @@ if [ "$browser" = 1 ] && ! command -v chromium >/dev/null 2>&1; then
     echo "setup: installing Debian's chromium for the web demo's browser test" >&2
     apt_packages+=(chromium)
 fi
+# training/ draws glyph shapes from these fonts (training/shapes.py FONT_DIRS); its
+# tests and out-of-family evaluation need all three.
+for font in fonts-dejavu-core fonts-dejavu-extra fonts-liberation; do
+    if ! dpkg -s "$font" >/dev/null 2>&1; then apt_packages+=("$font"); fi
+done
 # The shared store's tests (tests/test_store.py) start their own redis-server.
 redis_installed=0
 if ! command -v redis-server >/dev/null 2>&1; then
