@@ -159,13 +159,15 @@ def test_second_moments_survive_their_one_byte_code():
     assert ((decoded[3:] / values[3:]) - 1).abs().max() < 0.1
 
 
-def test_init_from_a_smaller_input_size_keeps_the_weights(tmp_path, tiny):
+# A finished run's model, or any run's committed checkpoint (stage B starts from stage A's).
+@pytest.mark.parametrize("init_file", ["model.pth", "checkpoint.pth"])
+def test_init_from_a_smaller_input_size_keeps_the_weights(tmp_path, tiny, init_file):
     small = tiny(tmp_path / "small", total_steps=1)
     before = train(small, log=quiet)
     # one step at learning rate 0: the model written is the resized initialisation
     large = tiny(
         tmp_path / "large",
-        init=str(tmp_path / "small" / "committed" / "tiny" / "model.pth"),
+        init=str(tmp_path / "small" / "committed" / "tiny" / init_file),
         data=RenderConfig(count=12, image_size=512),
         total_steps=1,
         lr=0.0,

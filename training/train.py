@@ -73,8 +73,9 @@ class TrainConfig:
     """Everything that determines a training run (saved in its checkpoints).
 
     Model: ``spec`` by name, with the data's image size and ``stem_channels`` (non-empty)
-    replacing the spec's; ``init``, a state dict to start from (resized to this input size);
-    ``freeze_encoder`` trains the prompt encoder and mask decoder only.
+    replacing the spec's; ``init``, a state dict or training checkpoint to start from
+    (resized to this input size); ``freeze_encoder`` trains the prompt encoder and mask
+    decoder only.
     Data: ``data`` (the rendered dataset; its image size is the model's), ``augment``,
     ``images_per_step``. Step: ``step`` (prompts and losses). Schedule: AdamW with ``lr``
     warmed up linearly over ``warmup_steps``, then cosine to ``min_lr`` at ``total_steps``.
@@ -178,7 +179,7 @@ def prepare(config: TrainConfig) -> Prepared:
     spec = config.model_spec()
     sam = assemble_sam(spec)
     if config.init:
-        state = torch.load(config.init, map_location="cpu", weights_only=True)
+        _, state = checkpoints.model_state(Path(config.init))
         sam.load_state_dict(resized_state(state, sam))
     sam.to(device).train()
     # A frozen encoder builds no autograd graph: its forward is all a step pays for it.
