@@ -20,6 +20,7 @@ from samserve.errors import RequestError
 from samserve.everything import (
     EverythingLimits,
     EverythingParams,
+    mask_nms,
     plan_everything,
     segment_everything,
 )
@@ -276,6 +277,61 @@ def test_everything_params_default_to_sams_generator():
     signature = inspect.signature(SamAutomaticMaskGenerator).parameters
     params = EverythingParams().as_kwargs()
     assert params == {name: signature[name].default for name in params}
-    assert set(EVERYTHING_BOUNDS) == set(params)
+    # every parameter but samserve's own mask NMS is SAM's, and the protocol bounds them all
+    names = {f.name for f in dataclasses.fields(EverythingParams)}
+    assert names - set(params) == {"mask_nms_thresh"}
+    assert set(EVERYTHING_BOUNDS) == names
     assert EverythingParams.is_integer("points_per_side")
     assert not EverythingParams.is_integer("pred_iou_thresh")
+
+
+def _record(mask: np.ndarray, predicted_iou: float) -> dict:
+    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+    rle["counts"] = rle["counts"].decode()
+    return {"segmentation": rle, "predicted_iou": predicted_iou, "bbox": mask_utils.toBbox(rle)}
+
+
+def test_mask_nms_drops_a_duplicate_whose_stray_pixels_escaped_box_nms():
+    square = np.zeros((100, 100), dtype=bool)
+    square[10:40, 10:40] = True
+    stray = square.copy()
+    stray[90:93, 90:93] = True  # nine pixels far away: the box grows, the mask barely
+    other = np.zeros_like(square)
+    other[50:80, 60:90] = True
+    records = [_record(square, 0.80), _record(stray, 0.90), _record(other, 0.70)]
+    boxes = np.array([r["bbox"] for r in records[:2]])
+    # SAM's box NMS keeps both copies at its default 0.7: their boxes overlap far less
+    assert mask_utils.iou(boxes[:1], boxes[1:], [0])[0, 0] < 0.7
+    kept = mask_nms(records, 0.8)
+    assert kept == [records[1], records[2]]  # the higher predicted IoU stays, order kept
+    assert mask_nms(records, 1.0) == records
+    assert mask_nms(records, 0.995) == records  # the copies' mask IoU is 900/909
+
+
+def test_everything_with_mask_nms_keeps_a_subset_of_sams_records(shapes_sam):
+    from conftest import png_bytes
+    from samserve.service import SegmentService
+    from samserve.settings import Settings
+
+    service = SegmentService.for_model(shapes_sam, Settings())
+    sample = make_sample(np.random.default_rng([20_000, 3]), 300, 420, 6)
+    image = base64.b64encode(png_bytes(sample.image)).decode()
+    params = {"points_per_side": 8, "pred_iou_thresh": 0.3, "stability_score_thresh": 0.6}
+
+    def everything(extra: dict) -> dict:
+        reply = service.handle(
+            [({"image": image, "everything": {**params, **extra}}, "application/json")]
+        )[0]
+        assert reply.status == 200, reply.body
+        return reply.body["everything"]
+
+    sams, thinned = everything({}), everything({"mask_nms_thresh": 0.3})
+    assert 0 < thinned["count"] == len(thinned["masks"]) < sams["count"]
+    assert all(record in sams["masks"] for record in thinned["masks"])
+    rles = [record["segmentation"] for record in thinned["masks"]]
+    overlaps = mask_utils.iou(rles, rles, [0] * len(rles))
+    assert (overlaps[~np.eye(len(rles), dtype=bool)] <= 0.3).all()
+    bad = service.handle(
+        [({"image": image, "everything": {"mask_nms_thresh": 1.5}}, "application/json")]
+    )[0]
+    assert bad.status == 400 and "mask_nms_thresh" in bad.body["error"]["message"]

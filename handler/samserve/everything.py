@@ -2,7 +2,8 @@
 
 The method is ``segment_anything.SamAutomaticMaskGenerator``'s own (a grid of point
 prompts, predicted-IoU and stability filters, box NMS, optional crop layers and small
-region removal), run by that class itself. Three changes, none to the method:
+region removal), run by that class itself, and then, only when a request asks for it,
+an NMS by mask IoU (``mask_nms``). Three changes, none to the method:
 
 * When the generator asks for the embedding of the whole image and the engine has it
   cached, it gets the cached one instead of running the image encoder again (crops are
@@ -33,6 +34,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from pycocotools import mask as mask_utils
 from segment_anything import SamAutomaticMaskGenerator, SamPredictor
 from segment_anything.utils.amg import (
     MaskData,
@@ -56,7 +58,10 @@ def _sam_default(name: str) -> Any:
 
 @dataclass(frozen=True)
 class EverythingParams:
-    """The ``SamAutomaticMaskGenerator`` parameters a request may set, with SAM's defaults."""
+    """The ``SamAutomaticMaskGenerator`` parameters a request may set, with SAM's defaults,
+    and ``mask_nms_thresh``, samserve's own: after SAM's generator, a mask whose mask IoU
+    with a kept mask of higher predicted IoU exceeds it is dropped (``mask_nms``); the
+    default 1.0 drops nothing, so the records stay SAM's."""
 
     points_per_side: int = _sam_default("points_per_side")
     points_per_batch: int = _sam_default("points_per_batch")
@@ -69,6 +74,7 @@ class EverythingParams:
     crop_overlap_ratio: float = _sam_default("crop_overlap_ratio")
     crop_n_points_downscale_factor: int = _sam_default("crop_n_points_downscale_factor")
     min_mask_region_area: int = _sam_default("min_mask_region_area")
+    mask_nms_thresh: float = 1.0
 
     @classmethod
     def is_integer(cls, name: str) -> bool:
@@ -76,8 +82,35 @@ class EverythingParams:
         return {f.name: f.type for f in dataclasses.fields(cls)}[name] == "int"
 
     def as_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments for ``SamAutomaticMaskGenerator``."""
-        return dataclasses.asdict(self)
+        """Keyword arguments for ``SamAutomaticMaskGenerator`` (SAM's parameters only)."""
+        sams = inspect.signature(SamAutomaticMaskGenerator).parameters
+        return {k: v for k, v in dataclasses.asdict(self).items() if k in sams}
+
+
+def mask_nms(records: list[dict[str, Any]], threshold: float) -> list[dict[str, Any]]:
+    """The records left after greedy NMS by mask IoU, in their order.
+
+    SAM's generator suppresses by box IoU, so a second mask of the same object escapes it
+    when a few stray pixels elsewhere stretch its box; counting needs it gone, and the
+    masks themselves say so.
+
+    Arguments:
+      records (list[dict]): SAM's records, ``segmentation`` as COCO RLE.
+      threshold (float): a mask whose IoU with a kept mask of higher ``predicted_iou``
+        exceeds it is dropped; 1.0 drops nothing.
+    Returns:
+      (list[dict]): the kept records.
+    """
+    if threshold >= 1.0 or len(records) < 2:
+        return records
+    order = sorted(range(len(records)), key=lambda i: -records[i]["predicted_iou"])
+    rles = [records[i]["segmentation"] for i in order]
+    overlaps = mask_utils.iou(rles, rles, [0] * len(rles))
+    kept: list[int] = []
+    for rank in range(len(order)):
+        if not kept or overlaps[rank, kept].max() <= threshold:
+            kept.append(rank)
+    return [records[i] for i in sorted(order[rank] for rank in kept)]
 
 
 @dataclass(frozen=True)
@@ -450,7 +483,7 @@ def segment_everything(
     if limits is not None:
         generator.budget = _Budget(limits, work.points)
     started = time.perf_counter()
-    records = generator.generate(image)
+    records = mask_nms(generator.generate(image), params.mask_nms_thresh)
     seconds = time.perf_counter() - started
     for record in records:  # plain JSON types
         record["bbox"] = [int(v) for v in record["bbox"]]

@@ -103,6 +103,7 @@ EVERYTHING_BOUNDS: dict[str, tuple[float, float]] = {
     "crop_overlap_ratio": (0.0, 0.9),
     "crop_n_points_downscale_factor": (1, 8),
     "min_mask_region_area": (0, 100_000_000),
+    "mask_nms_thresh": (0.0, 1.0),
 }
 
 
