@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,6 +14,8 @@ import torch
 from samserve.models import SamSpec, build_sam
 from training import checkpoints as saved
 from training.evaluate import (
+    COUNT_PARAMS,
+    count_objects,
     evaluate,
     heldout,
     in_process_predictor,
@@ -259,6 +262,21 @@ def test_count_thresholds_are_tuned_on_the_validation_set_not_the_heldout_one(ch
     strict = next(r for r in results if r["params"]["pred_iou_thresh"] == 0.99)
     loose = next(r for r in results if r["params"]["pred_iou_thresh"] == 0.0)
     assert strict["precision"] <= 1 and loose["recall"] >= strict["recall"]
+
+
+def test_tuned_mask_nms_counts_as_the_server_counts_with_it():
+    # tune_count applies mask NMS to one run's records itself; the server must agree
+    shipped = Path(__file__).resolve().parent.parent / "models" / "sam_small_shapes.pth"
+    predict = in_process_predictor("sam_small", shipped)
+    valid = validation(2)
+    loose = {"points_per_side": 6, "pred_iou_thresh": 0.0, "stability_score_thresh": 0.0}
+    grid = {name: [value] for name, value in loose.items()} | {"mask_nms_thresh": [1.0, 0.3]}
+    tuned = {r["params"]["mask_nms_thresh"]: r for r in tune_count(predict, valid, grid)}
+    for threshold, result in tuned.items():
+        params = {**COUNT_PARAMS, **loose, "mask_nms_thresh": threshold}
+        assert result == count_objects(predict, valid, params)
+    # the NMS dropped masks: fewer of them, so fewer over-counts
+    assert tuned[0.3]["mean_abs_count_error"] < tuned[1.0]["mean_abs_count_error"]
 
 
 def test_boxes_from_masks():

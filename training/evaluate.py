@@ -133,6 +133,7 @@ COUNT_PARAMS: dict[str, Any] = {
     "stability_score_thresh": 0.9,
     "box_nms_thresh": 0.5,
     "min_mask_region_area": 20,
+    "mask_nms_thresh": 1.0,
 }
 """Segment-everything parameters for counting with the small shipped model, thresholds
 chosen by ``tune_count`` on 8 validation images (docs/model_card.md). SAM's defaults,
@@ -149,28 +150,38 @@ def count_objects(
     best IoU first) for ``recall`` and ``precision``.
     """
     params = COUNT_PARAMS if params is None else params
-    exact, errors, matched, found, truths = 0, [], 0, 0, 0
-    for sample in samples:
-        response = predict(segment_request(_png(sample.image), everything=params))
-        masks = [decode_segmentation(m) for m in response["everything"]["masks"]]
+    found = [
+        [decode_segmentation(m) for m in _everything(predict, sample, params)]
+        for sample in samples
+    ]
+    return {"images": len(samples), "params": params, **_count_scores(found, samples)}
+
+
+def _everything(predict: Predict, sample: Sample, params: dict[str, Any]) -> list[dict]:
+    """The segment-everything records of ``sample``'s image."""
+    return predict(segment_request(_png(sample.image), everything=params))["everything"]["masks"]
+
+
+def _count_scores(found: list[list[np.ndarray]], samples: list[Sample]) -> dict[str, float]:
+    """``count_objects``' scores of the masks ``found`` in each of ``samples``."""
+    exact, errors, matched, truths = 0, [], 0, 0
+    for masks, sample in zip(found, samples, strict=True):
         exact += len(masks) == len(sample.masks)
         errors.append(abs(len(masks) - len(sample.masks)))
         matched += _matches(masks, list(sample.masks))
-        found += len(masks)
         truths += len(sample.masks)
     return {
-        "images": len(samples),
-        "params": params,
         "exact_count_rate": round(exact / len(samples), 4),
         "mean_abs_count_error": round(float(np.mean(errors)), 4),
         "recall": round(matched / max(truths, 1), 4),
-        "precision": round(matched / max(found, 1), 4),
+        "precision": round(matched / max(sum(map(len, found)), 1), 4),
     }
 
 
 COUNT_GRID: dict[str, list[Any]] = {
-    "pred_iou_thresh": [0.6, 0.75],
-    "stability_score_thresh": [0.8, 0.9],
+    "pred_iou_thresh": [0.5, 0.6, 0.7],
+    "stability_score_thresh": [0.85, 0.9, 0.95],
+    "mask_nms_thresh": [1.0, 0.8, 0.6],
 }
 """What ``tune_count`` tries; the other ``COUNT_PARAMS`` stay as they are."""
 
@@ -179,12 +190,28 @@ def tune_count(
     predict: Predict, samples: list[Sample], grid: dict[str, list[Any]] | None = None
 ) -> list[dict[str, Any]]:
     """``count_objects`` for every combination of ``grid`` on ``samples`` (use the
-    validation set), best first: highest exact-count rate, then lowest count error."""
+    validation set), best first: highest exact-count rate, then lowest count error.
+
+    Mask NMS only drops records, so each image runs once per combination of the other
+    parameters, and every ``mask_nms_thresh`` is applied to those records here, by the
+    server's own ``mask_nms``.
+    """
+    from samserve.everything import mask_nms
+
     grid = COUNT_GRID if grid is None else grid
-    results = [
-        count_objects(predict, samples, {**COUNT_PARAMS, **dict(zip(grid, values))})
-        for values in itertools.product(*grid.values())
-    ]
+    thresholds = grid.get("mask_nms_thresh", [COUNT_PARAMS["mask_nms_thresh"]])
+    others = {name: values for name, values in grid.items() if name != "mask_nms_thresh"}
+    results = []
+    for values in itertools.product(*others.values()):
+        params = {**COUNT_PARAMS, **dict(zip(others, values))}
+        records = [_everything(predict, s, {**params, "mask_nms_thresh": 1.0}) for s in samples]
+        for threshold in thresholds:
+            found = [[decode_segmentation(m) for m in mask_nms(r, threshold)] for r in records]
+            results.append({
+                "images": len(samples),
+                "params": {**params, "mask_nms_thresh": threshold},
+                **_count_scores(found, samples),
+            })  # fmt: skip
     return sorted(results, key=lambda r: (-r["exact_count_rate"], r["mean_abs_count_error"]))
 
 
