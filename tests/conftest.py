@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from pycocotools import mask as mask_utils
 
 # build_mar is a script: pytest finds scripts/ through pyproject.toml's ``pythonpath``.
 from build_mar import build_archive
@@ -23,6 +24,7 @@ from samclient.grpc_client import GrpcClient
 from samclient.rest_client import RestClient
 from samclient.server import Ports, TorchServe
 from samserve import matmul
+from samserve.masks import MaskRuns
 from samserve.models import build_sam, random_checkpoint, spec_by_name
 from samserve.store import STORE_URL_ENV
 from samserve_cli.store_server import wait_until_answering
@@ -104,6 +106,18 @@ def column_runs(mask: np.ndarray) -> np.ndarray:
     flat = mask.astype(np.uint8).flatten(order="F")
     changes = np.flatnonzero(np.diff(np.concatenate(([0], flat, [1 - flat[-1]]))))
     return np.diff(changes, prepend=0).astype(np.uint32)
+
+
+def coco_rle(mask: np.ndarray) -> dict:
+    """pycocotools' COCO RLE of an HxW bool or 0/1 mask (bytes counts)."""
+    return mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+
+
+def runs_of(mask: np.ndarray) -> MaskRuns:
+    """``MaskRuns`` of an HxW bool mask, as the server makes them from their runs: its
+    column-major run lengths, found by numpy, and its box and area as pycocotools gives them."""
+    box = [int(v) for v in mask_utils.toBbox(coco_rle(mask))]
+    return MaskRuns.of_runs(column_runs(mask), mask.shape, box, int(mask.sum()))
 
 
 def png_bytes(image: np.ndarray) -> bytes:

@@ -15,6 +15,7 @@ from pycocotools import mask as mask_utils
 from segment_anything import SamAutomaticMaskGenerator
 from segment_anything.utils.amg import generate_crop_boxes
 
+from conftest import coco_rle
 from samserve.engine import SamEngine
 from samserve.errors import RequestError
 from samserve.everything import (
@@ -286,7 +287,7 @@ def test_everything_params_default_to_sams_generator():
 
 
 def _record(mask: np.ndarray, predicted_iou: float) -> dict:
-    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+    rle = coco_rle(mask)
     rle["counts"] = rle["counts"].decode()
     return {"segmentation": rle, "predicted_iou": predicted_iou, "bbox": mask_utils.toBbox(rle)}
 

@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from conftest import column_runs
+from conftest import coco_rle, runs_of
 from samclient.masks import decode_segmentation
 from samserve.masks import (
     OUTPUT_FORMATS,
@@ -42,17 +42,6 @@ def three_masks() -> tuple[np.ndarray, np.ndarray]:
 
 
 EXPECTED_ORDER = [1, 2, 0]  # by score: 0.9, 0.5, 0.2
-
-
-def coco_rle(mask: np.ndarray) -> dict:
-    return mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
-
-
-def runs_of(mask: np.ndarray) -> MaskRuns:
-    """``MaskRuns`` of an HxW bool mask: its column-major run lengths, found by numpy, and
-    its box and area as pycocotools gives them."""
-    box = [int(v) for v in mask_utils.toBbox(coco_rle(mask))]
-    return MaskRuns.of_runs(column_runs(mask), mask.shape, box, int(mask.sum()))
 
 
 def as_runs(masks: np.ndarray) -> list[MaskRuns]:

@@ -5,22 +5,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from pycocotools import mask as mask_utils
 
-from conftest import column_runs
+from conftest import coco_rle, runs_of
 from naive_handler import mask_records
 from samclient.masks import decode_segmentation
-from samserve.masks import OUTPUT_FORMATS, MaskRuns, encode_masks, mask_to_png
-
-
-def coco_rle(mask: np.ndarray) -> dict:
-    return mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
-
-
-def runs_of(mask: np.ndarray) -> MaskRuns:
-    """``MaskRuns`` of an HxW bool mask, as the server makes them from their runs."""
-    box = [int(v) for v in mask_utils.toBbox(coco_rle(mask))]
-    return MaskRuns.of_runs(column_runs(mask), mask.shape, box, int(mask.sum()))
+from samserve.masks import OUTPUT_FORMATS, encode_masks, mask_to_png
 
 
 def predicted_masks() -> tuple[np.ndarray, np.ndarray]:

@@ -8,15 +8,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-from pycocotools import mask as mask_utils
 
-from conftest import column_runs
+from conftest import coco_rle, column_runs
 from samserve import rle
 from samserve.rle import rle_of_counts
-
-
-def coco_rle(mask: np.ndarray) -> dict:
-    return mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
 
 
 def test_this_pycocotools_is_called_without_the_gil():
