@@ -21,7 +21,7 @@ from training.shapes import (
     out_of_family,
     scenes_dataset,
 )
-from training.synthetic import HELDOUT_SEED, VALIDATION_SEED, min_area
+from training.synthetic import HELDOUT_SEED, VALIDATION_SEED, Pixels, min_area
 
 
 def test_setup_installed_the_glyph_fonts():
@@ -94,3 +94,34 @@ def test_cell_clusters_touch():
         edge = (labels[:, 1:] != labels[:, :-1]) & (labels[:, 1:] > 0) & (labels[:, :-1] > 0)
         touching += bool(edge.any())
     assert touching >= 3
+
+
+@pytest.mark.parametrize("texture", TRAIN_TEXTURES + HELDOUT_TEXTURES)
+def test_every_texture_fills_every_pixel_with_more_than_one_colour(texture):
+    rng = np.random.default_rng(2)
+    mask = family_mask(rng, "ellipse", 30.0)
+    pixels = Pixels.of(mask, -(mask.shape[0] - 1) / 2, -(mask.shape[1] - 1) / 2, 30.0)
+    values = shapes._texture(rng, texture, np.array([120.0, 80.0, 40.0]), pixels)
+    assert values.shape == (int(mask.sum()), 3) and values.dtype == np.uint8
+    assert texture == "flat" or len(np.unique(values, axis=0)) > 1
+
+
+@pytest.mark.parametrize("background", TRAIN_BACKGROUNDS + HELDOUT_BACKGROUNDS)
+def test_every_background_paints_a_varied_image(background):
+    image = shapes.BACKGROUNDS[background](np.random.default_rng(5), 120, 200)
+    assert image.shape == (120, 200, 3) and image.dtype == np.uint8
+    assert image.std() > 3.0
+
+
+def test_compound_shapes_are_one_connected_piece():
+    rng = np.random.default_rng(9)
+    for _ in range(10):
+        mask = family_mask(rng, "compound", 40.0)
+        seen = np.zeros_like(mask)
+        stack = [tuple(np.argwhere(mask)[0])]
+        while stack:  # flood fill over the 4-neighbourhood
+            y, x = stack.pop()
+            if 0 <= y < mask.shape[0] and 0 <= x < mask.shape[1] and mask[y, x] and not seen[y, x]:
+                seen[y, x] = True
+                stack += [(y + 1, x), (y - 1, x), (y, x + 1), (y, x - 1)]
+        assert np.array_equal(seen, mask)

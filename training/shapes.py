@@ -5,12 +5,16 @@ seed ``HELDOUT_SEED``, stays exactly as it was). This module draws scenes from a
 catalogue, split in two so that a model can be measured on what it never saw:
 
 * training families: the four original kinds, smooth random blobs, star-like and concave
-  polygons, thin strokes, shapes with holes, letter and digit glyphs (DejaVu fonts) and
-  cell-like blobs that come in touching clusters;
+  polygons, thin strokes, shapes with holes, letter and digit glyphs (DejaVu fonts),
+  cell-like blobs that come in touching clusters, superellipses, compounds of overlapping
+  parts and disc sectors;
 * held-out families: crescents, gears, spirals, crosses and symbol glyphs (``&%@#?``...)
   from another typeface (Liberation fonts);
-* training textures and backgrounds: the original ones plus cell fills; held-out: checker,
-  dot and ring fills, and tiled (Voronoi) and cluttered backgrounds.
+* training textures: the original ones, cell fills, hatching, marbled bands, radial
+  gradients and speckle; training backgrounds: the original smooth ones, smooth ones crossed
+  by curves, marbled waves, whole-image stripes, hatching or speckle, and fractal noise;
+* held-out textures and backgrounds: checker, dot and ring fills, and tiled (Voronoi) and
+  cluttered (thin straight lines and specks) backgrounds.
 
 A scene is drawn like ``synthetic.make_sample``: objects are painted one after another, later
 ones occlude earlier ones, each instance's mask is its visible region (masks are disjoint),
@@ -46,11 +50,14 @@ TRAIN_FAMILIES = (
     "holed",
     "glyph",
     "cell",
+    "superellipse",
+    "compound",
+    "sector",
 )
 HELDOUT_FAMILIES = ("crescent", "gear", "spiral", "cross", "symbol")
-TRAIN_TEXTURES = ("flat", "gradient", "stripes", "noise")
+TRAIN_TEXTURES = ("flat", "gradient", "stripes", "noise", "hatch", "marble", "radial", "speckle")
 HELDOUT_TEXTURES = ("checker", "dots", "rings")
-TRAIN_BACKGROUNDS = ("smooth",)
+TRAIN_BACKGROUNDS = ("smooth", "curves", "waves", "patterned", "fractal")
 HELDOUT_BACKGROUNDS = ("tiles", "clutter")
 
 FONT_DIRS = ("/usr/share/fonts/truetype/dejavu", "/usr/share/fonts/truetype/liberation")
@@ -127,9 +134,22 @@ def _polygon(vertices: np.ndarray) -> np.ndarray:
     Returns:
       (np.ndarray): an (h, w) bool mask whose centre pixel is the shape's centre.
     """
-    half = int(math.ceil(np.abs(vertices).max())) + 1
+    return _union([vertices])
+
+
+def _union(parts: list[np.ndarray]) -> np.ndarray:
+    """The pixels inside any of several polygons, as one bool crop centred on the origin.
+
+    Arguments:
+      parts (list[np.ndarray]): Vx2 (x, y) vertices of each polygon, offsets from the centre.
+    Returns:
+      (np.ndarray): an (h, w) bool mask whose centre pixel is the origin.
+    """
+    half = int(math.ceil(max(np.abs(p).max() for p in parts))) + 1
     canvas = Image.new("L", (2 * half + 1, 2 * half + 1), 0)
-    ImageDraw.Draw(canvas).polygon([(x + half, y + half) for x, y in vertices], fill=1)
+    draw = ImageDraw.Draw(canvas)
+    for vertices in parts:
+        draw.polygon([(x + half, y + half) for x, y in vertices], fill=1)
     return np.asarray(canvas).astype(bool)
 
 
@@ -271,6 +291,48 @@ def _spiral(rng: np.random.Generator, radius: float) -> np.ndarray:
     return _stroke(_rotate(points, rng.uniform(0.0, 2.0 * math.pi)), width)
 
 
+def _superellipse(rng: np.random.Generator, radius: float) -> np.ndarray:
+    """|x/a|^n + |y/b|^n <= 1 for n in 0.6-4: from a four-horned astroid (n < 1) through a
+    diamond to a rounded rectangle, rotated."""
+    n = rng.uniform(0.6, 4.0)
+    turns = np.linspace(0.0, 2.0 * math.pi, 96, endpoint=False)
+    c, s = np.cos(turns), np.sin(turns)
+    x = radius * np.sign(c) * np.abs(c) ** (2.0 / n)
+    y = radius * rng.uniform(0.4, 1.0) * np.sign(s) * np.abs(s) ** (2.0 / n)
+    return _polygon(_rotate(np.stack([x, y], axis=1), rng.uniform(0.0, math.pi)))
+
+
+def _compound(rng: np.random.Generator, radius: float) -> np.ndarray:
+    """2-4 overlapping ellipses and rectangles joined into one object, each part overlapping
+    the one before, so the union is connected with concave joints."""
+    parts, centre, previous = [], np.zeros(2), 0.0
+    for index in range(int(rng.integers(2, 5))):
+        size = radius * rng.uniform(0.3, 0.55)
+        if index:
+            heading = rng.uniform(0.0, 2.0 * math.pi)
+            reach = (previous + size) * rng.uniform(0.3, 0.7)
+            centre = centre + reach * np.array([math.cos(heading), math.sin(heading)])
+        if rng.random() < 0.5:
+            turns = np.linspace(0.0, 2.0 * math.pi, 40, endpoint=False)
+            outline = np.stack([np.cos(turns), rng.uniform(0.4, 1.0) * np.sin(turns)], axis=1)
+        else:
+            outline = np.array([[-1.0, -1.0], [1.0, -1.0], [1.0, 1.0], [-1.0, 1.0]])
+            outline = outline * [1.0, rng.uniform(0.3, 1.0)]
+        parts.append(centre + _rotate(size * outline, rng.uniform(0.0, math.pi)))
+        previous = size
+    middle = np.concatenate(parts).mean(axis=0)  # re-centre so the crop centre is the object's
+    return _union([p - middle for p in parts])
+
+
+def _sector(rng: np.random.Generator, radius: float) -> np.ndarray:
+    """A disc's sector (pie slice) of 40-300 degrees, rotated."""
+    span = math.radians(rng.uniform(40.0, 300.0))
+    start = rng.uniform(0.0, 2.0 * math.pi)
+    turns = start + np.linspace(0.0, span, max(8, int(48 * span / math.pi)))
+    arc = radius * np.stack([np.cos(turns), np.sin(turns)], axis=1)
+    return _polygon(np.concatenate([[[0.0, 0.0]], arc]))
+
+
 def family_mask(rng: np.random.Generator, family: str, radius: float) -> np.ndarray:
     """A shape of ``family`` about ``radius`` pixels in radius, as a bool crop centred on it.
 
@@ -319,6 +381,12 @@ def family_mask(rng: np.random.Generator, family: str, radius: float) -> np.ndar
         return _spiral(rng, radius)
     if family == "cross":
         return _cross(rng, radius)
+    if family == "superellipse":
+        return _superellipse(rng, radius)
+    if family == "compound":
+        return _compound(rng, radius)
+    if family == "sector":
+        return _sector(rng, radius)
     raise ValueError(
         f"unknown family {family!r}: expected one of {TRAIN_FAMILIES + HELDOUT_FAMILIES}"
     )
@@ -357,13 +425,13 @@ def _texture(
     """The fill of an object's n ``pixels`` (offsets from its centre).
 
     Arguments:
-      texture (str): one of ``TRAIN_TEXTURES`` (``synthetic``'s fills) or ``HELDOUT_TEXTURES``.
+      texture (str): one of ``TRAIN_TEXTURES`` or ``HELDOUT_TEXTURES``.
       colour (np.ndarray): (3,) base RGB colour.
     Returns:
       (np.ndarray): (n, 3) uint8 RGB.
     """
     dy, dx, radius = pixels.dy, pixels.dx, pixels.radius
-    if texture in TRAIN_TEXTURES:
+    if texture in synthetic.TEXTURES:
         return synthetic._fill(rng, texture, colour, pixels)
     base = np.round(colour).astype(np.float32)
     other = np.clip(base + synthetic._random_direction(rng, rng.uniform(50.0, 110.0)), 0, 255)
@@ -371,6 +439,9 @@ def _texture(
     u = dx * np.float32(math.cos(angle)) + dy * np.float32(math.sin(angle))
     v = dy * np.float32(math.cos(angle)) - dx * np.float32(math.sin(angle))
     period = np.float32(max(4.0, radius * rng.uniform(0.15, 0.5)))
+    if texture in ("hatch", "marble", "radial", "speckle"):
+        share = _training_pattern(rng, texture, u, v, period, dy, dx, radius)
+        return _mix(base, other, share)
     if texture == "checker":
         second = (np.floor(u / period) + np.floor(v / period)) % 2 == 1
     elif texture == "dots":
@@ -380,7 +451,47 @@ def _texture(
         second = np.floor(np.sqrt(dy**2 + dx**2) / (0.6 * period)) % 2 == 1
     else:
         raise ValueError(f"unknown texture {texture!r}")
-    values = np.where(second[:, None], other, base)
+    values = np.where(second[:, None], other, base)  # not _mix: keeps the held-out set's bytes
+    return (np.clip(values, 0.0, 255.0) + 0.5).astype(np.uint8)
+
+
+def _training_pattern(
+    rng: np.random.Generator,
+    texture: str,
+    u: np.ndarray,
+    v: np.ndarray,
+    period: float,
+    dy: np.ndarray,
+    dx: np.ndarray,
+    radius: float,
+) -> np.ndarray:
+    """How much of the second colour each pixel of a training-only fill takes, (n,) in [0, 1].
+
+    hatch: thin parallel lines, sometimes crossed; marble: wavy bands that blend smoothly;
+    radial: a gradient out from a point inside the object; speckle: random pixels.
+    ``u``, ``v`` are the pixels' coordinates along a random direction and across it.
+    """
+    if texture == "hatch":
+        width = rng.uniform(0.15, 0.4)
+        lines = (u / period) % 1.0 < width
+        if rng.random() < 0.5:
+            lines |= (v / period) % 1.0 < width
+        return lines.astype(np.float32)
+    if texture == "marble":
+        wobble = rng.uniform(0.5, 3.0) * np.sin(v / (period * rng.uniform(1.0, 3.0)))
+        return (0.5 + 0.5 * np.sin(u / period * 2.0 * math.pi / 2.0 + wobble)).astype(np.float32)
+    if texture == "radial":
+        cy, cx = rng.uniform(-0.5, 0.5, 2) * radius
+        distance = np.sqrt((dy - cy) ** 2 + (dx - cx) ** 2) / np.float32(1.5 * max(radius, 1.0))
+        return np.clip(distance, 0.0, 1.0).astype(np.float32)
+    if texture == "speckle":
+        return (rng.random(dy.size) < rng.uniform(0.05, 0.3)).astype(np.float32)
+    raise ValueError(f"unknown texture {texture!r}")
+
+
+def _mix(base: np.ndarray, other: np.ndarray, share: np.ndarray) -> np.ndarray:
+    """(n, 3) uint8 pixels blending (3,) colours ``base`` and ``other`` by (n,) ``share``."""
+    values = base + share[:, None] * (other - base)
     return (np.clip(values, 0.0, 255.0) + 0.5).astype(np.uint8)
 
 
@@ -463,8 +574,68 @@ def _clutter(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
     return np.asarray(canvas).copy()
 
 
+def _noisy(rng: np.random.Generator, image: np.ndarray) -> np.ndarray:
+    """An HxWx3 float image with per-pixel Gaussian noise (sigma 3-12), as uint8."""
+    sigma = np.float32(rng.uniform(3.0, 12.0))
+    image = image + sigma * synthetic._standard_normals(rng, image.size).reshape(image.shape)
+    return np.clip(image + 0.5, 0, 255).astype(np.uint8)
+
+
+def _curves(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
+    """A smooth background crossed by 5-40 smooth curves 1-8 px wide, HxWx3 uint8."""
+    canvas = Image.fromarray(synthetic._background(rng, height, width))
+    draw = ImageDraw.Draw(canvas)
+    reach = 0.5 * max(height, width)
+    for _ in range(int(rng.integers(5, 41))):
+        colour = tuple(int(c) for c in rng.integers(0, 256, 3))
+        points = _smooth_curve(rng, reach) + [rng.uniform(0, width), rng.uniform(0, height)]
+        draw.line([tuple(p) for p in points], fill=colour, width=int(rng.integers(1, 9)))
+    return np.asarray(canvas).copy()
+
+
+def _pattern_field(rng: np.random.Generator, height: int, width: int, texture: str) -> np.ndarray:
+    """A training fill painted over a whole HxW image, HxWx3 uint8."""
+    ys, xs = np.mgrid[:height, :width].astype(np.float32)
+    pixels = synthetic.Pixels(
+        (ys - height / 2).ravel(), (xs - width / 2).ravel(), 0.5 * min(height, width)
+    )
+    colour = rng.uniform(30.0, 225.0, 3)
+    return _texture(rng, texture, colour, pixels).reshape(height, width, 3)
+
+
+def _waves(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
+    """Wavy marbled bands of two colours over the whole image, with pixel noise."""
+    return _noisy(rng, _pattern_field(rng, height, width, "marble").astype(np.float32))
+
+
+def _patterned(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
+    """A high-contrast stripe, hatch or speckle pattern over the whole image, HxWx3 uint8."""
+    texture = ("stripes", "hatch", "speckle")[int(rng.integers(3))]
+    return _pattern_field(rng, height, width, texture)
+
+
+def _fractal(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
+    """Value noise summed over 4 octaves (knots doubling, amplitude halving), colour-mapped
+    between two random colours, with pixel noise: a rough, natural-looking texture."""
+    field = np.zeros((height, width), np.float32)
+    knots, amplitude = int(rng.integers(3, 7)), 1.0
+    for _ in range(4):
+        grid = rng.uniform(-amplitude, amplitude, (knots, knots)).astype(np.float32)
+        along_y = synthetic._interpolation_matrix(height, knots)
+        along_x = synthetic._interpolation_matrix(width, knots)
+        field += along_y @ grid @ along_x.T
+        knots, amplitude = knots * 2, amplitude * rng.uniform(0.4, 0.7)
+    share = (field - field.min()) / max(float(np.ptp(field)), 1e-6)
+    low, high = rng.uniform(0.0, 255.0, (2, 3)).astype(np.float32)
+    return _noisy(rng, low + share[..., None] * (high - low))
+
+
 BACKGROUNDS: dict[str, Callable[[np.random.Generator, int, int], np.ndarray]] = {
     "smooth": synthetic._background,
+    "curves": _curves,
+    "waves": _waves,
+    "patterned": _patterned,
+    "fractal": _fractal,
     "tiles": _tiles,
     "clutter": _clutter,
 }

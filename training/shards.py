@@ -58,7 +58,7 @@ class RenderConfig:
     max_objects: most instances of a classic image. scenes: what the other images contain.
     """
 
-    version: int = 1
+    version: int = 2
     seed: int = TRAIN_SEED
     count: int = 8192
     image_size: int = 512
