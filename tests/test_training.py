@@ -17,6 +17,7 @@ from training.evaluate import (
     COUNT_PARAMS,
     count_objects,
     evaluate,
+    grid_ceiling,
     heldout,
     in_process_predictor,
     iou,
@@ -26,6 +27,7 @@ from training.evaluate import (
 from training.prompts import corrective_click, jittered_box, mask_box
 from training.shards import RenderConfig
 from training.step import StepConfig
+from training.synthetic import Sample
 from training.train import TrainConfig, config_from_args, learning_rate, train
 
 
@@ -235,6 +237,20 @@ def test_iou_andcorrective_click():
     assert label == 0 and b[int(y), int(x)] and not a[int(y), int(x)]
 
 
+def test_grid_ceiling_loses_thin_lines_not_large_discs():
+    image = np.zeros((400, 400, 3), np.uint8)
+    ys, xs = np.ogrid[:400, :400]
+    disc = (ys - 200) ** 2 + (xs - 150) ** 2 <= 80**2
+    line = np.zeros((400, 400), bool)
+    line[50:350, 320:322] = True  # 2 px wide: 0.6 of one grid cell at 256 input
+    sample = Sample(image=image, masks=np.stack([disc, line]), kinds=("ellipse", "stroke"))
+    ceiling = grid_ceiling([sample], 256)
+    assert ceiling["ellipse"] > 0.97
+    assert ceiling["stroke"] < 0.5
+    assert ceiling["all"] == pytest.approx((ceiling["ellipse"] + ceiling["stroke"]) / 2, abs=1e-4)
+    assert grid_ceiling([sample], 1024)["stroke"] > ceiling["stroke"]
+
+
 def test_heldout_set_is_fixed():
     first, second = heldout(2), heldout(2)
     assert np.array_equal(first[1].image, second[1].image)
@@ -248,6 +264,7 @@ def test_evaluation_runs_through_the_protocol(checkpoints):
         assert 0 <= metrics[key] <= 1
     assert metrics["point_oracle"] >= metrics["point"]
     assert metrics["refine_round1"] == metrics["point"]
+    assert metrics["best_score_near_best_mask"] >= metrics["best_score_is_best_mask"]
 
 
 def test_count_thresholds_are_tuned_on_the_validation_set_not_the_heldout_one(checkpoints):
