@@ -25,6 +25,7 @@ from training.evaluate import (
     validation,
 )
 from training.prompts import corrective_click, jittered_box, mask_box
+from training.shapes import TRAIN_SCENES
 from training.shards import RenderConfig
 from training.step import StepConfig
 from training.synthetic import Sample
@@ -235,6 +236,20 @@ def test_iou_andcorrective_click():
     assert label == 1 and a[int(y), int(x)]
     (x, y), label = corrective_click(b | a, a, rng)
     assert label == 0 and b[int(y), int(x)] and not a[int(y), int(x)]
+
+
+def test_a_new_run_draws_its_data_versions_catalogue():
+    # version 1 is what the shipped model's stages A and B trained on (their saved config)
+    saved_config = torch.load(
+        Path(__file__).resolve().parent.parent / "training/runs/s36-512/checkpoint.pth",
+        map_location="cpu",
+        weights_only=False,
+    )["config"]
+    assert (
+        config_from_args(["--data-version", "1"]).data == TrainConfig.from_dict(saved_config).data
+    )
+    assert config_from_args([]).data.scenes == TRAIN_SCENES
+    assert config_from_args([]).data.version == 2
 
 
 def test_grid_ceiling_loses_thin_lines_not_large_discs():

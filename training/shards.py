@@ -46,6 +46,18 @@ DATA_ROOT = Path("build/data")
 """Where datasets go by default (git-ignored), relative to the repository."""
 
 
+SCENES_BY_VERSION: dict[int, SceneConfig] = {
+    1: SceneConfig(
+        families=TRAIN_FAMILIES[: TRAIN_FAMILIES.index("cell") + 1],
+        textures=("flat", "gradient", "stripes", "noise"),
+        backgrounds=("smooth",),
+    ),
+    2: TRAIN_SCENES,
+}
+"""The training catalogue of each dataset version: a new run draws its ``--data-version``'s
+(a resumed run keeps the one its config saved)."""
+
+
 @dataclass(frozen=True)
 class RenderConfig:
     """What a rendered dataset holds.

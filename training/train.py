@@ -41,7 +41,7 @@ from samserve.models import SamSpec, assemble_sam, spec_by_name
 
 from . import checkpoints
 from .augment import AugmentConfig, Batch, batch_for_step, step_indices
-from .shards import DATA_ROOT, RenderConfig, ShardDataset, render
+from .shards import DATA_ROOT, SCENES_BY_VERSION, RenderConfig, ShardDataset, render
 from .step import Decode, StepConfig, batch_loss, decode_masks
 from .stopwatch import OFF, Stopwatch
 from .synthetic import TRAIN_SEED
@@ -483,6 +483,7 @@ def config_from_args(argv: list[str] | None = None) -> TrainConfig:
             top[path[0]] = value
     for name, values in nested.items():
         top[name] = dataclasses.replace(_default((name,)), **values)
+    top["data"] = dataclasses.replace(top["data"], scenes=SCENES_BY_VERSION[top["data"].version])
     return TrainConfig(**top)
 
 
