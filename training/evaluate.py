@@ -138,7 +138,7 @@ def evaluate(predict: Predict, samples: list[Sample], seed: int = HELDOUT_SEED) 
 COUNT_PARAMS: dict[str, Any] = {
     "points_per_side": 16,
     "pred_iou_thresh": 0.7,
-    "stability_score_thresh": 0.85,
+    "stability_score_thresh": 0.9,
     "box_nms_thresh": 0.5,
     "min_mask_region_area": 20,
     "mask_nms_thresh": 0.8,
