@@ -333,6 +333,18 @@ def _sector(rng: np.random.Generator, radius: float) -> np.ndarray:
     return _polygon(np.concatenate([[[0.0, 0.0]], arc]))
 
 
+_DRAWN_BY_RADIUS: dict[str, Callable[[np.random.Generator, float], np.ndarray]] = {
+    "crescent": _crescent,
+    "gear": _gear,
+    "spiral": _spiral,
+    "cross": _cross,
+    "superellipse": _superellipse,
+    "compound": _compound,
+    "sector": _sector,
+}
+"""The families drawn by one function of the generator and the radius alone."""
+
+
 def family_mask(rng: np.random.Generator, family: str, radius: float) -> np.ndarray:
     """A shape of ``family`` about ``radius`` pixels in radius, as a bool crop centred on it.
 
@@ -373,20 +385,8 @@ def family_mask(rng: np.random.Generator, family: str, radius: float) -> np.ndar
         return _glyph(rng, radius, GLYPH_FONTS, GLYPHS)
     if family == "symbol":
         return _glyph(rng, radius, SYMBOL_FONTS, SYMBOLS)
-    if family == "crescent":
-        return _crescent(rng, radius)
-    if family == "gear":
-        return _gear(rng, radius)
-    if family == "spiral":
-        return _spiral(rng, radius)
-    if family == "cross":
-        return _cross(rng, radius)
-    if family == "superellipse":
-        return _superellipse(rng, radius)
-    if family == "compound":
-        return _compound(rng, radius)
-    if family == "sector":
-        return _sector(rng, radius)
+    if family in _DRAWN_BY_RADIUS:
+        return _DRAWN_BY_RADIUS[family](rng, radius)
     raise ValueError(
         f"unknown family {family!r}: expected one of {TRAIN_FAMILIES + HELDOUT_FAMILIES}"
     )
