@@ -31,9 +31,10 @@ def test_shipped_model_segments_heldout_images_through_torchserve(server, rest):
     rest.register_model("sam_shapes.mar", "sam_shapes", initial_workers=1)
     predict = lambda body: rest.predict("sam_shapes", body)  # noqa: E731
     try:
-        metrics = evaluate(predict, heldout(IMAGES))
+        samples = heldout(IMAGES)
+        metrics = evaluate(predict, samples)
         # segment everything with COUNT_PARAMS, mask NMS included, over REST
-        counts = count_objects(predict, heldout(COUNT_IMAGES))
+        counts = count_objects(predict, samples[:COUNT_IMAGES])
     finally:
         rest.unregister_model("sam_shapes")
     print("held-out metrics through TorchServe:", metrics)

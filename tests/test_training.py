@@ -240,11 +240,8 @@ def test_iou_andcorrective_click():
 
 def test_a_new_run_draws_its_data_versions_catalogue():
     # version 1 is what the shipped model's stages A and B trained on (their saved config)
-    saved_config = torch.load(
-        Path(__file__).resolve().parent.parent / "training/runs/s36-512/checkpoint.pth",
-        map_location="cpu",
-        weights_only=False,
-    )["config"]
+    folder = Path(__file__).resolve().parent.parent / "training" / "runs" / "s36-512"
+    saved_config = saved.load(folder / "checkpoint.pth")["config"]
     assert (
         config_from_args(["--data-version", "1"]).data == TrainConfig.from_dict(saved_config).data
     )

@@ -236,13 +236,13 @@ def grid_ceiling(samples: list[Sample], image_size: int) -> dict[str, float]:
     """
     import torch
     import torch.nn.functional as F
+    from segment_anything.utils.transforms import ResizeLongestSide
 
     low = image_size // 4
     ious: dict[str, list[float]] = {}
     for sample in samples:
         h, w = sample.image.shape[:2]
-        scale = image_size / max(h, w)
-        fh, fw = int(h * scale + 0.5), int(w * scale + 0.5)  # ResizeLongestSide's rounding
+        fh, fw = ResizeLongestSide.get_preprocess_shape(h, w, image_size)
         for mask, kind in zip(sample.masks, sample.kinds, strict=True):
             frame = torch.zeros(1, 1, image_size, image_size)
             truth = torch.from_numpy(mask.astype(np.float32))[None, None]

@@ -440,7 +440,7 @@ def _texture(
     v = dy * np.float32(math.cos(angle)) - dx * np.float32(math.sin(angle))
     period = np.float32(max(4.0, radius * rng.uniform(0.15, 0.5)))
     if texture in ("hatch", "marble", "radial", "speckle"):
-        share = _training_pattern(rng, texture, u, v, period, dy, dx, radius)
+        share = _training_pattern(rng, texture, pixels, u, v, period)
         return _mix(base, other, share)
     if texture == "checker":
         second = (np.floor(u / period) + np.floor(v / period)) % 2 == 1
@@ -458,19 +458,19 @@ def _texture(
 def _training_pattern(
     rng: np.random.Generator,
     texture: str,
+    pixels: synthetic.Pixels,
     u: np.ndarray,
     v: np.ndarray,
     period: float,
-    dy: np.ndarray,
-    dx: np.ndarray,
-    radius: float,
 ) -> np.ndarray:
     """How much of the second colour each pixel of a training-only fill takes, (n,) in [0, 1].
 
     hatch: thin parallel lines, sometimes crossed; marble: wavy bands that blend smoothly;
     radial: a gradient out from a point inside the object; speckle: random pixels.
-    ``u``, ``v`` are the pixels' coordinates along a random direction and across it.
+    ``u``, ``v`` are the pixels' coordinates along a random direction and across it, and
+    ``period`` the pattern's scale in pixels.
     """
+    dy, dx, radius = pixels.dy, pixels.dx, pixels.radius
     if texture == "hatch":
         width = rng.uniform(0.15, 0.4)
         lines = (u / period) % 1.0 < width
@@ -479,7 +479,7 @@ def _training_pattern(
         return lines.astype(np.float32)
     if texture == "marble":
         wobble = rng.uniform(0.5, 3.0) * np.sin(v / (period * rng.uniform(1.0, 3.0)))
-        return (0.5 + 0.5 * np.sin(u / period * 2.0 * math.pi / 2.0 + wobble)).astype(np.float32)
+        return (0.5 + 0.5 * np.sin(u / period * math.pi + wobble)).astype(np.float32)
     if texture == "radial":
         cy, cx = rng.uniform(-0.5, 0.5, 2) * radius
         distance = np.sqrt((dy - cy) ** 2 + (dx - cx) ** 2) / np.float32(1.5 * max(radius, 1.0))

@@ -36,7 +36,15 @@ import torch.nn.functional as F
 from segment_anything.utils.transforms import ResizeLongestSide
 
 from .shapes import HELDOUT_FAMILIES, TRAIN_FAMILIES, TRAIN_SCENES, SceneConfig, make_scene
-from .synthetic import HELDOUT_SEED, TRAIN_SEED, VALIDATION_SEED, Sample, make_sample, sample_size
+from .synthetic import (
+    HELDOUT_SEED,
+    TEXTURES,
+    TRAIN_SEED,
+    VALIDATION_SEED,
+    Sample,
+    make_sample,
+    sample_size,
+)
 
 FAMILIES = TRAIN_FAMILIES + HELDOUT_FAMILIES
 """Family names by the index ``families.npy`` stores."""
@@ -49,7 +57,7 @@ DATA_ROOT = Path("build/data")
 SCENES_BY_VERSION: dict[int, SceneConfig] = {
     1: SceneConfig(
         families=TRAIN_FAMILIES[: TRAIN_FAMILIES.index("cell") + 1],
-        textures=("flat", "gradient", "stripes", "noise"),
+        textures=TEXTURES,
         backgrounds=("smooth",),
     ),
     2: TRAIN_SCENES,
